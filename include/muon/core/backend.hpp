@@ -1,0 +1,62 @@
+#pragma once
+// The Backend concept: the short list of operations that Newton–Schulz and the update need.
+// A backend owns no parameters; it computes on views in its memory space and owns only the
+// buffers it is asked for (optimizer state and NS workspace). Backends: muon::EigenBackend
+// (CPU, <muon/backend/eigen.hpp>); your own by providing the members below.
+//
+// Views passed to gemm/syrk may have any layout; the others may be arbitrarily strided.
+// Buffers are dense; view(buf, rows, cols) gives a dense row-major view of one.
+#include <concepts>
+#include <cstddef>
+
+#include "muon/core/matrix_view.hpp"
+#include "muon/core/options.hpp"
+
+namespace muon {
+
+/// Coefficients of the fused momentum stage (one pass over M, G and U).
+struct MomentumStep {
+  double momentum = 0.95;
+  MomentumForm form = MomentumForm::ema;
+  bool nesterov = true;
+};
+
+/// Coefficients of the fused AdamW stage, bias corrections already folded in (torch order):
+///   W *= decay; m = lerp(m, g, 1 - beta1); v = beta2 v + (1 - beta2) g^2;
+///   W -= step_size * m / (sqrt(v) / sqrt_bias2 + eps)
+struct AdamWStep {
+  double decay = 1, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, step_size = 0, sqrt_bias2 = 1;
+};
+
+template <class B, class T>
+concept Backend = requires(B& b, const B& cb, typename B::template Buffer<T>& buf,
+                           MatrixView<T, typename B::memory_space> x,
+                           MatrixView<const T, typename B::memory_space> cx, T s, double d,
+                           index_t n, T* host, const T* const_host, MomentumStep ms,
+                           AdamWStep as) {
+  typename B::memory_space;
+  // storage
+  b.resize(buf, n);
+  { b.view(buf, n, n) } -> std::same_as<MatrixView<T, typename B::memory_space>>;
+  b.copy_to_host(cx, host);          // dense row-major on the host side
+  b.copy_from_host(const_host, x);
+  // BLAS-3: C = alpha A B + beta C;  C = alpha A A^T + beta C (full symmetric result)
+  b.gemm(s, cx, cx, s, x);
+  b.syrk(s, cx, s, x);
+  // elementwise
+  b.copy(cx, x);
+  b.fill(x, s);
+  b.add_diagonal(x, s);
+  b.normalize(x, d, d);  // x /= max(scale * ||x||_F, eps), overflow-safe
+  { b.frobenius_norm(cx) } -> std::convertible_to<double>;
+  { b.all_finite(cx) } -> std::same_as<bool>;
+  b.momentum(x, cx, x, ms);       // M, G -> M, U
+  b.apply_update(x, cx, d, d);    // W <- decay W - alpha O
+  b.adamw(x, cx, x, x, as);       // W, G, m, v
+};
+
+/// float and double. Other element types (complex, integers) are refused with this message.
+template <class T>
+concept SupportedScalar = std::same_as<T, float> || std::same_as<T, double>;
+
+}  // namespace muon

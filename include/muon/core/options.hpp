@@ -1,0 +1,131 @@
+#pragma once
+// Hyper-parameters. Defaults are torch.optim.Muon's and torch.optim.AdamW's, so a model tuned
+// with PyTorch keeps its settings. Every option is checked by validate() when an optimizer or
+// group is created or changed, never inside step().
+#include <cmath>
+#include <string>
+
+#include "muon/algorithm/schedule.hpp"
+#include "muon/core/error.hpp"
+
+namespace muon {
+
+/// ema: M <- mu M + (1 - mu) G (torch, Keller).   sum: M <- mu M + G (Moonlight, dion).
+enum class MomentumForm { ema, sum };
+
+/// Per-shape factor s on the Muon update W <- W - lr * s * O, on the flattened (rows, cols):
+///   original         sqrt(max(1, rows / cols))            (Keller; torch default)
+///   match_rms_adamw  rms_factor * sqrt(max(rows, cols))   (Moonlight: update RMS = rms_factor)
+///   spectral         sqrt(rows / cols)                    (dion)
+///   none             1
+enum class ScaleMode { original, match_rms_adamw, spectral, none };
+
+/// What step() does when a gradient holds NaN or Inf. Either way nothing is modified.
+///   error: throw NonFiniteGradient naming the parameter.   skip: return a report saying so.
+enum class NonFinitePolicy { error, skip };
+
+struct NewtonSchulzOptions {
+  Schedule schedule = Schedule::keller();
+  int steps = 5;
+  double eps = 1e-7;  ///< X is divided by max(norm_scale * ||X||_F, eps)
+};
+
+struct MuonOptions {
+  double lr = 1e-3;
+  double weight_decay = 0.1;  ///< decoupled: W <- W (1 - lr * weight_decay), unscaled lr
+  double momentum = 0.95;
+  bool nesterov = true;
+  MomentumForm momentum_form = MomentumForm::ema;
+  ScaleMode scale = ScaleMode::original;
+  double rms_factor = 0.2;  ///< the target RMS of ScaleMode::match_rms_adamw
+  NewtonSchulzOptions newton_schulz{};
+};
+
+struct AdamWOptions {
+  double lr = 1e-3;
+  double beta1 = 0.9;
+  double beta2 = 0.999;
+  double eps = 1e-8;
+  double weight_decay = 0.01;
+};
+
+/// The options of one parameter group: Muon's for its matrices, AdamW's for the rest.
+struct GroupOptions {
+  MuonOptions muon{};
+  AdamWOptions adamw{};
+};
+
+struct OptimizerOptions {
+  NonFinitePolicy non_finite = NonFinitePolicy::error;
+};
+
+inline const char* to_string(MomentumForm f) { return f == MomentumForm::ema ? "ema" : "sum"; }
+inline const char* to_string(ScaleMode s) {
+  switch (s) {
+    case ScaleMode::original: return "original";
+    case ScaleMode::match_rms_adamw: return "match_rms_adamw";
+    case ScaleMode::spectral: return "spectral";
+    case ScaleMode::none: return "none";
+  }
+  return "?";
+}
+inline ScaleMode scale_mode_from_name(const std::string& name) {
+  for (ScaleMode s : {ScaleMode::original, ScaleMode::match_rms_adamw, ScaleMode::spectral,
+                      ScaleMode::none})
+    if (name == to_string(s)) return s;
+  throw InvalidArgument("muon: unknown scale mode '" + name +
+                        "' (expected original, match_rms_adamw, spectral or none)");
+}
+inline MomentumForm momentum_form_from_name(const std::string& name) {
+  if (name == "ema") return MomentumForm::ema;
+  if (name == "sum") return MomentumForm::sum;
+  throw InvalidArgument("muon: unknown momentum form '" + name + "' (expected ema or sum)");
+}
+
+namespace detail {
+
+inline void require(bool ok, const std::string& where, const char* field, double value,
+                    const char* rule) {
+  if (!ok)
+    throw InvalidArgument("muon: " + where + "." + field + " = " + std::to_string(value) +
+                          " is invalid: it must be " + rule);
+}
+
+}  // namespace detail
+
+inline void validate(const NewtonSchulzOptions& o, const std::string& where) {
+  detail::require(std::isfinite(o.eps) && o.eps > 0, where, "newton_schulz.eps", o.eps,
+                  "finite and > 0");
+  try {
+    (void)o.schedule.resolve(o.steps);
+  } catch (const InvalidArgument& e) {
+    throw InvalidArgument(std::string(e.what()) + " (in " + where + ".newton_schulz)");
+  }
+}
+
+inline void validate(const MuonOptions& o, const std::string& where = "MuonOptions") {
+  detail::require(std::isfinite(o.lr) && o.lr >= 0, where, "lr", o.lr, "finite and >= 0");
+  detail::require(std::isfinite(o.weight_decay) && o.weight_decay >= 0, where, "weight_decay",
+                  o.weight_decay, "finite and >= 0");
+  detail::require(o.momentum >= 0 && o.momentum < 1, where, "momentum", o.momentum,
+                  "in [0, 1)");
+  detail::require(std::isfinite(o.rms_factor) && o.rms_factor > 0, where, "rms_factor",
+                  o.rms_factor, "finite and > 0");
+  validate(o.newton_schulz, where);
+}
+
+inline void validate(const AdamWOptions& o, const std::string& where = "AdamWOptions") {
+  detail::require(std::isfinite(o.lr) && o.lr >= 0, where, "lr", o.lr, "finite and >= 0");
+  detail::require(std::isfinite(o.weight_decay) && o.weight_decay >= 0, where, "weight_decay",
+                  o.weight_decay, "finite and >= 0");
+  detail::require(o.beta1 >= 0 && o.beta1 < 1, where, "beta1", o.beta1, "in [0, 1)");
+  detail::require(o.beta2 >= 0 && o.beta2 < 1, where, "beta2", o.beta2, "in [0, 1)");
+  detail::require(std::isfinite(o.eps) && o.eps > 0, where, "eps", o.eps, "finite and > 0");
+}
+
+inline void validate(const GroupOptions& o, const std::string& where = "GroupOptions") {
+  validate(o.muon, where + ".muon");
+  validate(o.adamw, where + ".adamw");
+}
+
+}  // namespace muon

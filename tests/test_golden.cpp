@@ -1,0 +1,101 @@
+// Golden values from the independent NumPy float64 reference (tests/reference/
+// muon_reference.py generate tests/golden): Newton-Schulz outputs and whole Muon and AdamW
+// trajectories. Float runs start from the same float64 inputs rounded to float.
+#include <catch2/catch.hpp>
+
+#include "test_support.hpp"
+
+using namespace muon_test;
+
+namespace {
+
+/// Element k of a golden stack (leading dimension) as a row-major vector.
+template <class T>
+std::vector<T> slice(const muon::npy::Array<double>& a, std::size_t k) {
+  const std::size_t n = a.data.size() / static_cast<std::size_t>(a.shape[0]);
+  return std::vector<T>(a.data.begin() + static_cast<std::ptrdiff_t>(k * n),
+                        a.data.begin() + static_cast<std::ptrdiff_t>((k + 1) * n));
+}
+
+template <class T>
+double relative_error(const std::vector<T>& got, const std::vector<double>& want) {
+  double err = 0, scale = 1;
+  for (std::size_t i = 0; i < got.size(); ++i) {
+    err = std::max(err, std::abs(double(got[i]) - want[i]));
+    scale = std::max(scale, std::abs(want[i]));
+  }
+  return err / scale;
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("Newton-Schulz matches the NumPy reference", "[golden]", float, double) {
+  const auto cases = golden_cases("ns");
+  REQUIRE(cases.size() == 20);
+  for (const auto& c : cases) {
+    const auto stack = muon::npy::read<double>(golden_path("ns_" + c.name + ".npy"));
+    const auto m = c.shape[0], n = c.shape[1];
+    const std::vector<TestType> x = slice<TestType>(stack, 0);
+    std::vector<TestType> o(x.size());
+    muon::NewtonSchulzOptions opts;
+    opts.schedule = muon::Schedule::from_name(c.opt.at("schedule"));
+    opts.steps = std::stoi(c.opt.at("steps"));
+    muon::EigenBackend backend;
+    muon::orthogonalize(backend, muon::row_major_view<muon::HostSpace, const TestType>(x.data(), m, n),
+                        muon::row_major_view(o.data(), m, n), opts);
+    INFO(c.name);
+    CHECK(relative_error(o, slice<double>(stack, 1)) < Tol<TestType>::ns);
+  }
+}
+
+TEMPLATE_TEST_CASE("Muon trajectories match the NumPy reference", "[golden]", float, double) {
+  const auto cases = golden_cases("muon");
+  REQUIRE(cases.size() == 6);
+  for (const auto& c : cases) {
+    const auto stack = muon::npy::read<double>(golden_path("muon_" + c.name + ".npy"));
+    const std::size_t steps = (static_cast<std::size_t>(stack.shape[0]) - 1) / 2;
+    muon::GroupOptions g;
+    g.muon.lr = c.num("lr");
+    g.muon.weight_decay = c.num("wd");
+    g.muon.momentum = c.num("momentum");
+    g.muon.nesterov = c.opt.at("nesterov") == "1";
+    g.muon.momentum_form = muon::momentum_form_from_name(c.opt.at("form"));
+    g.muon.scale = muon::scale_mode_from_name(c.opt.at("scale"));
+    g.muon.rms_factor = c.num("rms");
+    g.muon.newton_schulz.schedule = muon::Schedule::from_name(c.opt.at("sched"));
+    g.muon.newton_schulz.steps = std::stoi(c.opt.at("ns_steps"));
+    muon::Optimizer<muon::EigenBackend, TestType> opt(g);
+    std::vector<TestType> w = slice<TestType>(stack, 0), grad(w.size());
+    opt.add_muon(c.name, muon::TensorView<TestType>{w.data(), c.shape},
+                 muon::TensorView<const TestType>{grad.data(), c.shape});
+    for (std::size_t t = 0; t < steps; ++t) {
+      const auto gt = slice<TestType>(stack, 1 + t);
+      std::copy(gt.begin(), gt.end(), grad.begin());
+      opt.step();
+      INFO(c.name << " step " << t + 1);
+      CHECK(relative_error(w, slice<double>(stack, 1 + steps + t)) < Tol<TestType>::trajectory);
+    }
+  }
+}
+
+TEMPLATE_TEST_CASE("AdamW trajectories match the NumPy reference", "[golden]", float, double) {
+  const auto cases = golden_cases("adamw");
+  REQUIRE(cases.size() == 2);
+  for (const auto& c : cases) {
+    const auto stack = muon::npy::read<double>(golden_path("adamw_" + c.name + ".npy"));
+    const std::size_t steps = (static_cast<std::size_t>(stack.shape[0]) - 1) / 2;
+    muon::GroupOptions g;
+    g.adamw = {c.num("lr"), c.num("beta1"), c.num("beta2"), c.num("eps"), c.num("wd")};
+    muon::Optimizer<muon::EigenBackend, TestType> opt(g);
+    std::vector<TestType> w = slice<TestType>(stack, 0), grad(w.size());
+    opt.add_adamw(c.name, muon::TensorView<TestType>{w.data(), c.shape},
+                  muon::TensorView<const TestType>{grad.data(), c.shape});
+    for (std::size_t t = 0; t < steps; ++t) {
+      const auto gt = slice<TestType>(stack, 1 + t);
+      std::copy(gt.begin(), gt.end(), grad.begin());
+      opt.step();
+      INFO(c.name << " step " << t + 1);
+      CHECK(relative_error(w, slice<double>(stack, 1 + steps + t)) < Tol<TestType>::trajectory);
+    }
+  }
+}

@@ -1,0 +1,362 @@
+// The optimizer: update semantics, routing, groups, gradients, bad input, non-finite policy.
+#include <catch2/catch.hpp>
+#include <cmath>
+#include <limits>
+
+#include "test_support.hpp"
+
+using namespace muon_test;
+using Catch::Matchers::Contains;
+using muon::EigenBackend;
+
+namespace {
+
+template <class T>
+using Opt = muon::Optimizer<EigenBackend, T>;
+
+muon::GroupOptions muon_options(double lr, double wd, double momentum = 0.95) {
+  muon::GroupOptions g;
+  g.muon.lr = lr;
+  g.muon.weight_decay = wd;
+  g.muon.momentum = momentum;
+  return g;
+}
+
+template <class T>
+bool same_bits(const Mat<T>& a, const Mat<T>& b) {
+  return a.rows() == b.rows() && a.cols() == b.cols() &&
+         std::memcmp(a.data(), b.data(), sizeof(T) * a.size()) == 0;
+}
+
+}  // namespace
+
+TEST_CASE("defaults are torch.optim.Muon's and torch.optim.AdamW's", "[optimizer]") {
+  const muon::MuonOptions m;
+  CHECK(m.lr == 1e-3);
+  CHECK(m.weight_decay == 0.1);
+  CHECK(m.momentum == 0.95);
+  CHECK(m.nesterov);
+  CHECK(m.momentum_form == muon::MomentumForm::ema);
+  CHECK(m.scale == muon::ScaleMode::original);
+  CHECK(m.newton_schulz.schedule.kind() == muon::Schedule::Kind::keller);
+  CHECK(m.newton_schulz.steps == 5);
+  CHECK(m.newton_schulz.eps == 1e-7);
+  const muon::AdamWOptions a;
+  CHECK(a.lr == 1e-3);
+  CHECK(a.beta1 == 0.9);
+  CHECK(a.beta2 == 0.999);
+  CHECK(a.eps == 1e-8);
+  CHECK(a.weight_decay == 0.01);
+}
+
+TEMPLATE_TEST_CASE("a zero gradient shrinks W by exactly (1 - lr wd)", "[optimizer]", float,
+                   double) {
+  const double lr = 0.02, wd = 0.1;
+  auto g = muon_options(lr, wd);
+  g.adamw.lr = lr;
+  g.adamw.weight_decay = wd;
+  Opt<TestType> opt(g);
+  Mat<TestType> w = gaussian<TestType>(16, 8, 1), b = gaussian<TestType>(1, 8, 2);
+  const Mat<TestType> w0 = w, b0 = b;
+  const Mat<TestType> gw = Mat<TestType>::Zero(16, 8), gb = Mat<TestType>::Zero(1, 8);
+  opt.add_muon("w", w, gw);
+  opt.add_adamw("b", b, gb);
+  opt.step();
+  const auto decay = static_cast<TestType>(1 - lr * wd);
+  CHECK(same_bits<TestType>(w, w0 * decay));
+  CHECK(same_bits<TestType>(b, b0 * decay));
+  CHECK(w.allFinite());
+}
+
+TEMPLATE_TEST_CASE("gradients are never modified", "[optimizer]", float, double) {
+  for (bool nesterov : {true, false})
+    for (auto form : {muon::MomentumForm::ema, muon::MomentumForm::sum}) {
+      auto g = muon_options(0.02, 0.1);
+      g.muon.nesterov = nesterov;
+      g.muon.momentum_form = form;
+      Opt<TestType> opt(g);
+      Mat<TestType> tall = gaussian<TestType>(20, 6, 1), wide = gaussian<TestType>(6, 20, 2);
+      Mat<TestType> bias = gaussian<TestType>(6, 1, 3);
+      const Mat<TestType> g1 = gaussian<TestType>(20, 6, 4), g2 = gaussian<TestType>(6, 20, 5);
+      const Mat<TestType> g3 = gaussian<TestType>(6, 1, 6);
+      const Mat<TestType> c1 = g1, c2 = g2, c3 = g3;
+      opt.add_muon("tall", tall, g1);
+      opt.add_muon("wide", wide, g2);
+      opt.add_adamw("bias", bias, g3);
+      for (int i = 0; i < 3; ++i) opt.step();
+      CHECK(same_bits(g1, c1));
+      CHECK(same_bits(g2, c2));
+      CHECK(same_bits(g3, c3));
+    }
+}
+
+TEMPLATE_TEST_CASE("momentum buffers follow the EMA and sum forms", "[optimizer]", float, double) {
+  for (auto form : {muon::MomentumForm::ema, muon::MomentumForm::sum}) {
+    auto opts = muon_options(0.01, 0.0, 0.9);
+    opts.muon.momentum_form = form;
+    Opt<TestType> opt(opts);
+    Mat<TestType> w = gaussian<TestType>(5, 7, 1), g = gaussian<TestType>(5, 7, 2);
+    const auto id = opt.add_muon("w", w, g);
+    const Mat<TestType> g1 = g;
+    opt.step();
+    overwrite(g, gaussian<TestType>(5, 7, 3));
+    opt.step();
+    const Eigen::MatrixXd G1 = g1.template cast<double>(), G2 = g.template cast<double>();
+    const Eigen::MatrixXd expect = form == muon::MomentumForm::ema
+                                       ? Eigen::MatrixXd(0.9 * (0.1 * G1) + 0.1 * G2)
+                                       : Eigen::MatrixXd(0.9 * G1 + G2);
+    const auto m = opt.momentum_buffer(id);
+    Eigen::MatrixXd got = muon::reference::to_double(m);
+    CHECK((got - expect).cwiseAbs().maxCoeff() < 10 * std::numeric_limits<TestType>::epsilon());
+  }
+}
+
+TEST_CASE("shape scales use the flattened shape of N-D weights", "[optimizer][scale]") {
+  // The formulas of SPEC.md section 3, evaluated independently.
+  CHECK(muon::shape_scale(muon::ScaleMode::original, 64, 18) == Approx(std::sqrt(64.0 / 18)));
+  CHECK(muon::shape_scale(muon::ScaleMode::original, 18, 64) == Approx(1.0));
+  CHECK(muon::shape_scale(muon::ScaleMode::match_rms_adamw, 18, 64, 0.2) ==
+        Approx(0.2 * std::sqrt(64.0)));
+  CHECK(muon::shape_scale(muon::ScaleMode::spectral, 18, 64) == Approx(std::sqrt(18.0 / 64)));
+  CHECK(muon::shape_scale(muon::ScaleMode::none, 18, 64) == 1.0);
+
+  // A conv kernel 64 x 2 x 3 x 3 is the matrix 64 x 18: its update is -lr s(64, 18) NS(G),
+  // not s(64, 2) (reading the kernel's dimensions) nor s(3, 3).
+  for (auto mode : {muon::ScaleMode::original, muon::ScaleMode::match_rms_adamw,
+                    muon::ScaleMode::spectral, muon::ScaleMode::none}) {
+    auto opts = muon_options(0.01, 0.0, 0.0);  // momentum 0: U = G
+    opts.muon.scale = mode;
+    Opt<double> opt(opts);
+    std::vector<muon::index_t> shape{64, 2, 3, 3};
+    Mat<double> w = gaussian<double>(64, 18, 1);
+    const Mat<double> g = gaussian<double>(64, 18, 2), w0 = w;
+    opt.add_muon("conv", muon::TensorView<double>{w.data(), shape},
+                 muon::TensorView<const double>{g.data(), shape});
+    opt.step();
+    Mat<double> o(64, 18);
+    EigenBackend backend;
+    muon::orthogonalize(backend, cview(g), muon::view(o));
+    const double s = ((w0 - w).array() / (0.01 * o.array())).mean();
+    INFO(muon::to_string(mode));
+    CHECK(s == Approx(muon::shape_scale(mode, 64, 18)).epsilon(1e-9));
+  }
+}
+
+TEST_CASE("match_rms_adamw makes the update RMS equal rms_factor", "[optimizer][scale]") {
+  for (auto [m, n] : {std::pair{64, 64}, std::pair{32, 128}, std::pair{128, 32}, std::pair{16, 256}}) {
+    auto opts = muon_options(1.0, 0.0, 0.0);
+    opts.muon.scale = muon::ScaleMode::match_rms_adamw;
+    opts.muon.newton_schulz.schedule = muon::Schedule::textbook();  // exact msign
+    opts.muon.newton_schulz.steps = 40;
+    Opt<double> opt(opts);
+    Mat<double> w = Mat<double>::Zero(m, n);
+    const Mat<double> g = gaussian<double>(m, n, 3);
+    opt.add_muon("w", w, g);
+    opt.step();
+    INFO(m << "x" << n);
+    CHECK(muon::update_rms(cview(w)) == Approx(0.2).epsilon(1e-6));
+  }
+}
+
+TEMPLATE_TEST_CASE("a parameter without a gradient is skipped entirely", "[optimizer]", float,
+                   double) {
+  Opt<TestType> opt(muon_options(0.02, 0.1));
+  Mat<TestType> a = gaussian<TestType>(6, 4, 1), b = gaussian<TestType>(6, 4, 2);
+  const Mat<TestType> ga = gaussian<TestType>(6, 4, 3), gb = gaussian<TestType>(6, 4, 4);
+  opt.add_muon("a", a, ga);
+  const auto idb = opt.add_muon("b", b, gb);
+  opt.clear_grad(idb);
+  const Mat<TestType> b0 = b;
+  const auto report = opt.step();
+  CHECK(report.applied);
+  CHECK(report.updated == 1);
+  CHECK(same_bits(b, b0));  // no weight decay either
+  CHECK(muon::reference::to_double(opt.momentum_buffer(idb)).cwiseAbs().maxCoeff() == 0);
+  opt.set_grad(idb, cview(gb));
+  CHECK(opt.step().updated == 2);
+  CHECK(!same_bits(b, b0));
+}
+
+TEMPLATE_TEST_CASE("parameter groups carry their own options", "[optimizer]", float, double) {
+  Opt<TestType> both(muon_options(0.01, 0.1));
+  const auto fast = both.add_group(muon_options(0.05, 0.0));
+  Opt<TestType> slow_only(muon_options(0.01, 0.1)), fast_only(muon_options(0.05, 0.0));
+  Mat<TestType> w1 = gaussian<TestType>(8, 8, 1), w2 = gaussian<TestType>(8, 12, 2);
+  Mat<TestType> v1 = w1, v2 = w2;
+  const Mat<TestType> g1 = gaussian<TestType>(8, 8, 3), g2 = gaussian<TestType>(8, 12, 4);
+  both.add_muon("slow", w1, g1);
+  both.add_muon("fast", w2, g2, fast);
+  slow_only.add_muon("slow", v1, g1);
+  fast_only.add_muon("fast", v2, g2);
+  for (int i = 0; i < 2; ++i) {
+    both.step();
+    slow_only.step();
+    fast_only.step();
+  }
+  CHECK(same_bits(w1, v1));
+  CHECK(same_bits(w2, v2));
+  CHECK(both.group_options(fast).muon.lr == 0.05);
+}
+
+TEST_CASE("bad hyper-parameters are refused at construction and naming the option",
+          "[optimizer][errors]") {
+  auto expect_refused = [](auto mutate, const char* field) {
+    muon::GroupOptions g;
+    mutate(g);
+    INFO(field);
+    CHECK_THROWS_WITH(Opt<float>(g), Contains(field));
+    Opt<float> opt;
+    CHECK_THROWS_AS(opt.add_group(g), muon::InvalidArgument);
+    CHECK(opt.num_groups() == 1);
+    const muon::GroupOptions before = opt.group_options();
+    CHECK_THROWS_AS(opt.set_group_options({}, g), muon::InvalidArgument);
+    CHECK(opt.group_options().muon.lr == before.muon.lr);
+  };
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  const double inf = std::numeric_limits<double>::infinity();
+  expect_refused([](auto& g) { g.muon.lr = -1e-3; }, "muon.lr");
+  expect_refused([&](auto& g) { g.muon.lr = nan; }, "muon.lr");
+  expect_refused([](auto& g) { g.muon.weight_decay = -0.1; }, "muon.weight_decay");
+  expect_refused([&](auto& g) { g.muon.weight_decay = inf; }, "muon.weight_decay");
+  expect_refused([](auto& g) { g.muon.momentum = 1.0; }, "muon.momentum");
+  expect_refused([](auto& g) { g.muon.momentum = -0.1; }, "muon.momentum");
+  expect_refused([&](auto& g) { g.muon.momentum = nan; }, "muon.momentum");
+  expect_refused([](auto& g) { g.muon.rms_factor = 0; }, "rms_factor");
+  expect_refused([](auto& g) { g.muon.newton_schulz.steps = 0; }, "steps");
+  expect_refused([](auto& g) { g.muon.newton_schulz.steps = 1000; }, "steps");
+  expect_refused([](auto& g) { g.muon.newton_schulz.eps = 0; }, "eps");
+  expect_refused([](auto& g) { g.muon.newton_schulz.schedule = muon::Schedule::custom({}); },
+                 "no coefficients");
+  expect_refused([](auto& g) { g.adamw.lr = -1; }, "adamw.lr");
+  expect_refused([](auto& g) { g.adamw.beta1 = 1.0; }, "adamw.beta1");
+  expect_refused([](auto& g) { g.adamw.beta2 = -0.5; }, "adamw.beta2");
+  expect_refused([](auto& g) { g.adamw.eps = 0; }, "adamw.eps");
+  expect_refused([&](auto& g) { g.adamw.weight_decay = nan; }, "adamw.weight_decay");
+}
+
+TEST_CASE("bad registrations name the parameter and its shape and change nothing",
+          "[optimizer][errors]") {
+  Opt<float> opt;
+  Mat<float> w = gaussian<float>(64, 32, 1), other = gaussian<float>(8, 8, 2);
+  const Mat<float> g = gaussian<float>(64, 32, 3), wrong = gaussian<float>(32, 64, 4);
+  const Mat<float> go = gaussian<float>(8, 8, 5);
+  CHECK_THROWS_WITH(opt.add_muon("fc1.weight", w, wrong),
+                    Contains("'fc1.weight' (64x32)") && Contains("32x64"));
+  opt.add_muon("fc1.weight", w, g);
+  CHECK_THROWS_WITH(opt.add_muon("fc1.weight", other, go), Contains("already registered"));
+  CHECK_THROWS_WITH(opt.add_muon("alias", w, g), Contains("registered twice"));
+  CHECK_THROWS_WITH(opt.add_adamw("alias_block", muon::view(w).block(3, 3, 2, 2),
+                                  cview(go).block(0, 0, 2, 2)),
+                    Contains("'fc1.weight'"));
+  CHECK_THROWS_WITH(opt.add_muon("self", other, other), Contains("the parameter itself"));
+  CHECK_THROWS_WITH(opt.add_muon("bad_group", other, go, muon::GroupId{7}), Contains("group"));
+  CHECK_THROWS_WITH(opt.add_muon("", other, go), Contains("name"));
+  float bias[4] = {}, gbias[4] = {};
+  CHECK_THROWS_WITH(opt.add_muon("bias", muon::TensorView<float>{bias, {4}},
+                                 muon::TensorView<const float>{gbias, {4}}),
+                    Contains("'bias' (4)") && Contains("add_adamw"));
+  CHECK_THROWS_WITH(opt.add_muon("conv", muon::TensorView<float>{bias, {2, 2}},
+                                 muon::TensorView<const float>{gbias, {1, 4}}),
+                    Contains("1x4"));
+  CHECK_THROWS_AS(opt.set_grad(muon::ParamId{0}, cview(wrong)), muon::InvalidArgument);
+  CHECK_THROWS_AS(opt.set_grad(muon::ParamId{9}, cview(g)), muon::InvalidArgument);
+  CHECK(opt.num_params() == 1);
+  CHECK_NOTHROW(opt.step());
+}
+
+TEMPLATE_TEST_CASE("empty matrices are a no-op", "[optimizer]", float, double) {
+  Opt<TestType> opt;
+  Mat<TestType> w(0, 5), b(3, 0);
+  const Mat<TestType> gw(0, 5), gb(3, 0);
+  opt.add_muon("w", w, gw);
+  opt.add_adamw("b", b, gb);
+  const auto r = opt.step();
+  CHECK(r.applied);
+  CHECK(r.updated == 0);
+}
+
+TEMPLATE_TEST_CASE("a non-finite gradient refuses the step and changes nothing", "[optimizer]",
+                   float, double) {
+  for (double bad : {std::numeric_limits<double>::quiet_NaN(),
+                     std::numeric_limits<double>::infinity()}) {
+    for (auto policy : {muon::NonFinitePolicy::error, muon::NonFinitePolicy::skip}) {
+      Opt<TestType> opt(muon_options(0.02, 0.1), {policy});
+      Mat<TestType> a = gaussian<TestType>(6, 9, 1), b = gaussian<TestType>(4, 1, 2);
+      Mat<TestType> ga = gaussian<TestType>(6, 9, 3), gb = gaussian<TestType>(4, 1, 4);
+      const auto ida = opt.add_muon("a", a, ga);
+      opt.add_adamw("b", b, gb);
+      opt.step();
+      const Mat<TestType> a1 = a, b1 = b;
+      const Eigen::MatrixXd m1 = muon::reference::to_double(opt.momentum_buffer(ida));
+      const TestType saved = gb(2, 0);
+      gb(2, 0) = static_cast<TestType>(bad);
+      if (policy == muon::NonFinitePolicy::error) {
+        CHECK_THROWS_WITH(opt.step(), Contains("'b' (4x1)") && Contains("NaN or Inf"));
+      } else {
+        const auto r = opt.step();
+        CHECK_FALSE(r.applied);
+        CHECK(r.skipped_because == "b");
+      }
+      CHECK(same_bits(a, a1));
+      CHECK(same_bits(b, b1));
+      CHECK(opt.step_count() == 1);
+      CHECK(muon::reference::to_double(opt.momentum_buffer(ida)) == m1);
+      // Recovery: the next good step is the step the refused one would have been.
+      gb(2, 0) = saved;
+      opt.step();
+      Opt<TestType> clean(muon_options(0.02, 0.1));
+      Mat<TestType> ca = gaussian<TestType>(6, 9, 1), cb = gaussian<TestType>(4, 1, 2);
+      clean.add_muon("a", ca, ga);
+      clean.add_adamw("b", cb, gb);
+      clean.step();
+      clean.step();
+      CHECK(same_bits(a, ca));
+      CHECK(same_bits(b, cb));
+    }
+  }
+}
+
+TEMPLATE_TEST_CASE("strided, column-major and mapped parameters update like dense ones",
+                   "[optimizer][views]", float, double) {
+  // Reference: dense row-major registration.
+  const Mat<TestType> w0 = gaussian<TestType>(12, 5, 1), g = gaussian<TestType>(12, 5, 2);
+  Mat<TestType> dense = w0;
+  Opt<TestType> ref(muon_options(0.02, 0.1));
+  ref.add_muon("w", dense, g);
+  ref.step();
+  ref.step();
+  auto close = [&](const auto& got) {
+    return (Mat<TestType>(got) - dense).cwiseAbs().maxCoeff() <=
+           4 * std::numeric_limits<TestType>::epsilon();
+  };
+
+  // Column-major Eigen matrix with a column-major gradient.
+  Eigen::Matrix<TestType, Eigen::Dynamic, Eigen::Dynamic> cm = w0, gcm = g;
+  Opt<TestType> o1(muon_options(0.02, 0.1));
+  o1.add_muon("w", cm, gcm);
+  o1.step();
+  o1.step();
+  CHECK(close(cm));
+
+  // Two disjoint column blocks of one fused matrix (e.g. per-head splits), registered apart.
+  Mat<TestType> fused(12, 10), gfused(12, 10);
+  fused << w0, w0;
+  gfused << g, g;
+  Opt<TestType> o2(muon_options(0.02, 0.1));
+  auto left = fused.leftCols(5), right = fused.rightCols(5);
+  o2.add_muon("left", left, gfused.leftCols(5));
+  o2.add_muon("right", right, gfused.rightCols(5));
+  o2.step();
+  o2.step();
+  CHECK(close(fused.leftCols(5)));
+  CHECK(close(fused.rightCols(5)));
+
+  // Eigen::Map over a raw buffer and an Eigen::Ref.
+  std::vector<TestType> raw(w0.data(), w0.data() + w0.size());
+  Eigen::Map<Mat<TestType>> map(raw.data(), 12, 5);
+  Opt<TestType> o3(muon_options(0.02, 0.1));
+  o3.add_muon("w", map, g);
+  o3.step();
+  o3.step();
+  CHECK(close(map));
+}

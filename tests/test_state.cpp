@@ -1,0 +1,182 @@
+// Optimizer state save/load: bit-identical resumption, and every way a file can be wrong.
+#include <catch2/catch.hpp>
+#include <filesystem>
+#include <sstream>
+
+#include "test_support.hpp"
+
+using namespace muon_test;
+using Catch::Matchers::Contains;
+
+namespace {
+
+/// A small model: a tall and a wide matrix, a conv kernel (Muon) and a bias (AdamW), with
+/// gradients that change every step in a reproducible way.
+template <class T>
+struct Model {
+  Mat<T> tall = gaussian<T>(12, 5, 1), wide = gaussian<T>(4, 9, 2), conv = gaussian<T>(3, 8, 3);
+  Mat<T> bias = gaussian<T>(1, 7, 4);
+  Mat<T> g_tall, g_wide, g_conv, g_bias;
+  muon::Optimizer<muon::EigenBackend, T> opt;
+
+  explicit Model(std::vector<muon::index_t> conv_shape = {3, 2, 2, 2}) {
+    muon::GroupOptions g;
+    g.muon.lr = 0.02;
+    g.adamw.lr = 0.01;
+    opt = muon::Optimizer<muon::EigenBackend, T>(g);
+    set_grads(0);
+    opt.add_muon("tall", tall, g_tall);
+    opt.add_muon("wide", wide, g_wide);
+    opt.add_muon("conv", muon::TensorView<T>{conv.data(), conv_shape},
+                 muon::TensorView<const T>{g_conv.data(), conv_shape});
+    opt.add_adamw("bias", bias, g_bias);
+  }
+  void set_grads(int step) {
+    if (g_tall.size() == 0) {  // first call: allocate
+      g_tall.resize(12, 5);
+      g_wide.resize(4, 9);
+      g_conv.resize(3, 8);
+      g_bias.resize(1, 7);
+    }
+    overwrite(g_tall, gaussian<T>(12, 5, 100 + step));
+    overwrite(g_wide, gaussian<T>(4, 9, 200 + step));
+    overwrite(g_conv, gaussian<T>(3, 8, 300 + step));
+    overwrite(g_bias, gaussian<T>(1, 7, 400 + step));
+  }
+  void train(int from, int to) {
+    for (int s = from; s < to; ++s) {
+      set_grads(s);
+      opt.step();
+    }
+  }
+  std::string save() {
+    std::ostringstream out;
+    opt.save_state(out);
+    return out.str();
+  }
+  void load(const std::string& bytes) {
+    std::istringstream in(bytes);
+    opt.load_state(in);
+  }
+};
+
+template <class T>
+bool same_params(const Model<T>& a, const Model<T>& b) {
+  return a.tall == b.tall && a.wide == b.wide && a.conv == b.conv && a.bias == b.bias;
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("save at step k, load into a fresh optimizer, continue: bit-identical",
+                   "[state]", float, double) {
+  Model<TestType> uninterrupted;
+  uninterrupted.train(0, 6);
+
+  Model<TestType> first;
+  first.train(0, 3);
+  const std::string bytes = first.save();
+
+  Model<TestType> resumed;  // fresh optimizer, parameters restored from the first run
+  overwrite(resumed.tall, first.tall);
+  overwrite(resumed.wide, first.wide);
+  overwrite(resumed.conv, first.conv);
+  overwrite(resumed.bias, first.bias);
+  resumed.load(bytes);
+  CHECK(resumed.opt.step_count() == 3);
+  resumed.train(3, 6);
+  CHECK(same_params(resumed, uninterrupted));
+  CHECK((resumed.save() == uninterrupted.save()));
+}
+
+TEST_CASE("state files go through a temporary and a rename", "[state]") {
+  const auto dir = std::filesystem::temp_directory_path() / "muon_state_test";
+  std::filesystem::create_directories(dir);
+  const auto path = dir / "opt.muon";
+  Model<float> a;
+  a.train(0, 2);
+  a.opt.save_state(path);
+  CHECK(std::filesystem::exists(path));
+  CHECK_FALSE(std::filesystem::exists(dir / "opt.muon.tmp"));
+  Model<float> b;
+  b.opt.load_state(path);
+  CHECK((b.save() == a.save()));
+  CHECK_THROWS_AS(b.opt.load_state(dir / "missing.muon"), muon::StateError);
+  std::filesystem::remove_all(dir);
+}
+
+TEMPLATE_TEST_CASE("every truncation and every corrupted byte is refused; nothing changes",
+                   "[state]", float, double) {
+  Model<TestType> source;
+  source.train(0, 2);
+  const std::string good = source.save();
+
+  Model<TestType> target;
+  target.train(0, 1);
+  const std::string before = target.save();
+  auto unchanged = [&] { return target.save() == before; };
+
+  for (std::size_t n = 0; n < good.size(); ++n) {
+    INFO("truncated to " << n << " of " << good.size() << " bytes");
+    CHECK_THROWS_AS(target.load(good.substr(0, n)), muon::StateError);
+  }
+  REQUIRE(unchanged());
+  for (std::size_t i = 0; i < good.size(); ++i) {
+    std::string bad = good;
+    bad[i] = static_cast<char>(bad[i] ^ 0x5a);
+    INFO("byte " << i << " changed");
+    CHECK_THROWS_AS(target.load(bad), muon::StateError);
+  }
+  REQUIRE(unchanged());
+  CHECK_THROWS_WITH(target.load(good + "x"), Contains("checksum"));
+  CHECK(unchanged());
+  // Still trains like an optimizer that never saw those files.
+  Model<TestType> never;
+  never.train(0, 1);
+  target.train(1, 3);
+  never.train(1, 3);
+  CHECK(same_params(target, never));
+}
+
+TEST_CASE("wrong version, scalar type, shape, name or count is refused with the reason",
+          "[state]") {
+  Model<float> source;
+  source.train(0, 1);
+  const std::string good = source.save();
+
+  std::string v2 = good;
+  v2[8] = 2;  // version field follows the 8 magic bytes
+  Model<float> target;
+  CHECK_THROWS_WITH(target.load(v2), Contains("version 2"));
+  CHECK_THROWS_WITH(target.load("not a state file at all"), Contains("magic"));
+
+  Model<double> as_double;
+  CHECK_THROWS_WITH(as_double.load(good), Contains("4-byte scalars"));
+
+  Model<float> other_shape({3, 8});  // conv registered as 3x8 instead of 3x2x2x2: same matrix
+  CHECK_NOTHROW(other_shape.load(good));
+
+  muon::Optimizer<muon::EigenBackend, float> renamed;
+  Mat<float> t = gaussian<float>(12, 5, 1), gt = t;
+  renamed.add_muon("not_tall", t, gt);
+  Mat<float> w = gaussian<float>(4, 9, 1), gw = w, c = gaussian<float>(3, 8, 1), gc = c;
+  Mat<float> b = gaussian<float>(1, 7, 1), gb = b;
+  renamed.add_muon("wide", w, gw);
+  renamed.add_muon("conv", c, gc);
+  renamed.add_adamw("bias", b, gb);
+  std::istringstream in1(good);
+  CHECK_THROWS_WITH(renamed.load_state(in1), Contains("'tall'") && Contains("'not_tall'"));
+
+  muon::Optimizer<muon::EigenBackend, float> reshaped;
+  Mat<float> t2 = gaussian<float>(5, 12, 1), gt2 = t2;
+  reshaped.add_muon("tall", t2, gt2);
+  reshaped.add_muon("wide", w, gw);
+  reshaped.add_muon("conv", c, gc);
+  reshaped.add_adamw("bias", b, gb);
+  std::istringstream in2(good);
+  CHECK_THROWS_WITH(reshaped.load_state(in2), Contains("12x5") && Contains("5x12"));
+
+  muon::Optimizer<muon::EigenBackend, float> fewer;
+  fewer.add_muon("tall", t, gt);
+  std::istringstream in3(good);
+  CHECK_THROWS_WITH(fewer.load_state(in3), Contains("4 parameters"));
+}

@@ -1,0 +1,268 @@
+// muon-cli: Muon on your own matrices, from .npy files.
+//
+//   muon-cli orthogonalize IN.npy OUT.npy [--schedule S] [--steps N] [--dtype D]
+//   muon-cli accuracy [--shape MxN]... [--schedule S]... [--steps N]... [--dtype D]...
+//   muon-cli step --param P.npy --grad G1.npy [--grad G2.npy ...] --out OUT.npy [options]
+//
+// Any bad input ends with one line on stderr ("muon-cli: error: ...") and exit status 1.
+#include <charconv>
+#include <cstdio>
+#include <iostream>
+#include <map>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "muon/eigen.hpp"
+#include "muon/io/npy.hpp"
+
+namespace {
+
+constexpr const char* kUsage = R"(usage:
+  muon-cli orthogonalize IN.npy OUT.npy [--schedule keller|you|polar_express|textbook]
+                                        [--steps N] [--dtype float32|float64]
+  muon-cli accuracy [--shape MxN]... [--schedule S]... [--steps N]... [--dtype D]...
+  muon-cli step --param P.npy --grad G1.npy [--grad G2.npy ...] --out OUT.npy [--lr X]
+                [--momentum X] [--nesterov on|off] [--weight-decay X]
+                [--scale original|match_rms_adamw|spectral|none] [--momentum-form ema|sum]
+                [--schedule S] [--steps N] [--dtype D]
+An N-D array (N > 2) is treated as the (shape[0], product of the rest) matrix.
+)";
+
+struct UsageError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+/// Positional arguments and repeated --key value options, checked against an allowed list.
+struct Args {
+  std::vector<std::string> positional;
+  std::map<std::string, std::vector<std::string>> options;
+
+  Args(int argc, char** argv, int first, const std::vector<std::string>& allowed) {
+    for (int i = first; i < argc; ++i) {
+      const std::string a = argv[i];
+      if (a.rfind("--", 0) != 0) {
+        positional.push_back(a);
+        continue;
+      }
+      if (std::find(allowed.begin(), allowed.end(), a) == allowed.end())
+        throw UsageError("unknown option '" + a + "'");
+      if (i + 1 >= argc) throw UsageError("option '" + a + "' needs a value");
+      options[a].push_back(argv[++i]);
+    }
+  }
+  std::vector<std::string> all(const std::string& key) const {
+    auto it = options.find(key);
+    return it == options.end() ? std::vector<std::string>{} : it->second;
+  }
+  std::string one(const std::string& key, const std::string& fallback) const {
+    auto v = all(key);
+    if (v.size() > 1) throw UsageError("option '" + key + "' given more than once");
+    return v.empty() ? fallback : v.front();
+  }
+};
+
+double parse_number(const std::string& key, const std::string& text) {
+  double v = 0;
+  auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), v);
+  if (ec != std::errc() || end != text.data() + text.size())
+    throw UsageError("option '" + key + "' expects a number, got '" + text + "'");
+  return v;
+}
+
+int parse_int(const std::string& key, const std::string& text) {
+  int v = 0;
+  auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), v);
+  if (ec != std::errc() || end != text.data() + text.size())
+    throw UsageError("option '" + key + "' expects an integer, got '" + text + "'");
+  return v;
+}
+
+bool parse_on_off(const std::string& key, const std::string& text) {
+  if (text == "on") return true;
+  if (text == "off") return false;
+  throw UsageError("option '" + key + "' expects on or off, got '" + text + "'");
+}
+
+void check_dtype(const std::string& d) {
+  if (d != "float32" && d != "float64")
+    throw UsageError("--dtype must be float32 or float64, got '" + d + "'");
+}
+
+std::pair<muon::index_t, muon::index_t> matrix_shape(const std::vector<muon::index_t>& shape,
+                                                     const std::string& file) {
+  if (shape.size() < 2)
+    throw UsageError(file + ": needs a matrix (2 or more dimensions), got shape " +
+                     muon::detail::shape_string(shape));
+  muon::TensorView<const float> t{nullptr, shape};
+  return {t.flattened().rows(), t.flattened().cols()};
+}
+
+muon::NewtonSchulzOptions ns_options(const std::string& schedule, int steps) {
+  muon::NewtonSchulzOptions o;
+  o.schedule = muon::Schedule::from_name(schedule);
+  o.steps = steps;
+  muon::validate(o, "--schedule/--steps");
+  return o;
+}
+
+// ---- orthogonalize ----------------------------------------------------------------------
+template <class T>
+void orthogonalize(const std::string& in, const std::string& out,
+                   const muon::NewtonSchulzOptions& o) {
+  auto a = muon::npy::read<T>(in);
+  const auto [rows, cols] = matrix_shape(a.shape, in);
+  std::vector<T> result(a.data.size());
+  muon::EigenBackend backend;
+  muon::orthogonalize(backend, muon::row_major_view<muon::HostSpace, const T>(a.data.data(), rows, cols),
+                      muon::row_major_view(result.data(), rows, cols), o);
+  muon::npy::write(out, a.shape, result.data());
+}
+
+int cmd_orthogonalize(int argc, char** argv) {
+  Args args(argc, argv, 2, {"--schedule", "--steps", "--dtype"});
+  if (args.positional.size() != 2) throw UsageError("orthogonalize needs IN.npy and OUT.npy");
+  const auto o = ns_options(args.one("--schedule", "keller"),
+                            parse_int("--steps", args.one("--steps", "5")));
+  const std::string dtype = args.one("--dtype", "float32");
+  check_dtype(dtype);
+  if (dtype == "float32")
+    orthogonalize<float>(args.positional[0], args.positional[1], o);
+  else
+    orthogonalize<double>(args.positional[0], args.positional[1], o);
+  return 0;
+}
+
+// ---- accuracy ---------------------------------------------------------------------------
+template <class T>
+void accuracy_row(muon::index_t m, muon::index_t n, const std::string& dtype,
+                  const std::string& schedule, int steps) {
+  std::mt19937_64 rng(1234);
+  std::normal_distribution<double> normal;
+  Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic> x(m, n), o(m, n);
+  for (muon::index_t i = 0; i < x.size(); ++i) x.data()[i] = static_cast<T>(normal(rng));
+  muon::EigenBackend backend;
+  muon::orthogonalize(backend, muon::MatrixView<const T>(muon::view(x)), muon::view(o),
+                      ns_options(schedule, steps));
+  const auto r = muon::orthogonality(muon::MatrixView<const T>(muon::view(o)),
+                                     muon::MatrixView<const T>(muon::view(x)));
+  std::printf("%-11s %-8s %-14s %5d %9.4f %9.4f %9.4f %11.3e\n",
+              (std::to_string(m) + "x" + std::to_string(n)).c_str(), dtype.c_str(),
+              schedule.c_str(), steps, r.s_min, r.s_max, r.max_deviation, r.msign_distance);
+}
+
+int cmd_accuracy(int argc, char** argv) {
+  Args args(argc, argv, 2, {"--shape", "--schedule", "--steps", "--dtype"});
+  if (!args.positional.empty()) throw UsageError("accuracy takes no positional arguments");
+  auto shapes = args.all("--shape");
+  auto schedules = args.all("--schedule");
+  auto steps = args.all("--steps");
+  auto dtypes = args.all("--dtype");
+  if (shapes.empty()) shapes = {"256x256", "256x1024", "1024x256"};
+  if (schedules.empty()) schedules = {"keller", "you", "polar_express", "textbook"};
+  if (steps.empty()) steps = {"5"};
+  if (dtypes.empty()) dtypes = {"float32"};
+  std::vector<std::pair<muon::index_t, muon::index_t>> dims;
+  for (const auto& s : shapes) {
+    const auto x = s.find('x');
+    if (x == std::string::npos) throw UsageError("--shape expects MxN, got '" + s + "'");
+    const int m = parse_int("--shape", s.substr(0, x)), n = parse_int("--shape", s.substr(x + 1));
+    if (m < 1 || n < 1) throw UsageError("--shape extents must be >= 1, got '" + s + "'");
+    dims.emplace_back(m, n);
+  }
+  for (const auto& d : dtypes) check_dtype(d);
+  for (const auto& s : schedules) (void)ns_options(s, 5);
+  for (const auto& k : steps) (void)ns_options("keller", parse_int("--steps", k));
+  std::printf("Newton-Schulz accuracy on Gaussian random matrices (seed 1234); singular values of\n"
+              "the result (1 = orthogonal) and ||O - msign(X)||_F / sqrt(min(m,n)) by SVD in double\n");
+  std::printf("%-11s %-8s %-14s %5s %9s %9s %9s %11s\n", "shape", "dtype", "schedule", "steps",
+              "s_min", "s_max", "max|s-1|", "dist_msign");
+  for (auto [m, n] : dims)
+    for (const auto& d : dtypes)
+      for (const auto& s : schedules)
+        for (const auto& k : steps) {
+          if (d == "float32")
+            accuracy_row<float>(m, n, d, s, parse_int("--steps", k));
+          else
+            accuracy_row<double>(m, n, d, s, parse_int("--steps", k));
+        }
+  return 0;
+}
+
+// ---- step -------------------------------------------------------------------------------
+template <class T>
+void step(const std::string& param_file, const std::vector<std::string>& grad_files,
+          const std::string& out, const muon::MuonOptions& options) {
+  auto param = muon::npy::read<T>(param_file);
+  (void)matrix_shape(param.shape, param_file);
+  std::vector<T> grad(param.data.size());
+  muon::GroupOptions group;
+  group.muon = options;
+  muon::Optimizer<muon::EigenBackend, T> opt(group);
+  opt.add_muon("param", muon::TensorView<T>{param.data.data(), param.shape},
+               muon::TensorView<const T>{grad.data(), param.shape});
+  for (const auto& file : grad_files) {
+    auto g = muon::npy::read<T>(file);
+    if (g.shape != param.shape)
+      throw UsageError(file + ": gradient shape " + muon::detail::shape_string(g.shape) +
+                       " differs from the parameter's " + muon::detail::shape_string(param.shape));
+    grad = std::move(g.data);
+    opt.set_grad(muon::ParamId{0}, muon::TensorView<const T>{grad.data(), param.shape}.flattened());
+    opt.step();
+  }
+  muon::npy::write(out, param.shape, param.data.data());
+}
+
+int cmd_step(int argc, char** argv) {
+  Args args(argc, argv, 2,
+            {"--param", "--grad", "--out", "--lr", "--momentum", "--nesterov", "--weight-decay",
+             "--scale", "--momentum-form", "--schedule", "--steps", "--dtype"});
+  if (!args.positional.empty())
+    throw UsageError("step takes no positional arguments (got '" + args.positional[0] + "')");
+  const std::string param = args.one("--param", ""), out = args.one("--out", "");
+  const auto grads = args.all("--grad");
+  if (param.empty()) throw UsageError("step needs --param P.npy");
+  if (out.empty()) throw UsageError("step needs --out OUT.npy");
+  if (grads.empty()) throw UsageError("step needs at least one --grad G.npy");
+  muon::MuonOptions o;
+  o.lr = parse_number("--lr", args.one("--lr", "0.001"));
+  o.momentum = parse_number("--momentum", args.one("--momentum", "0.95"));
+  o.nesterov = parse_on_off("--nesterov", args.one("--nesterov", "on"));
+  o.weight_decay = parse_number("--weight-decay", args.one("--weight-decay", "0.1"));
+  o.scale = muon::scale_mode_from_name(args.one("--scale", "original"));
+  o.momentum_form = muon::momentum_form_from_name(args.one("--momentum-form", "ema"));
+  o.newton_schulz = ns_options(args.one("--schedule", "keller"),
+                               parse_int("--steps", args.one("--steps", "5")));
+  muon::validate(o, "options");
+  const std::string dtype = args.one("--dtype", "float32");
+  check_dtype(dtype);
+  if (dtype == "float32")
+    step<float>(param, grads, out, o);
+  else
+    step<double>(param, grads, out, o);
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const std::string command = argc > 1 ? argv[1] : "";
+  try {
+    if (command == "orthogonalize") return cmd_orthogonalize(argc, argv);
+    if (command == "accuracy") return cmd_accuracy(argc, argv);
+    if (command == "step") return cmd_step(argc, argv);
+    if (command == "--help" || command == "-h" || command == "help") {
+      std::cout << kUsage;
+      return 0;
+    }
+    throw UsageError(command.empty() ? "no command given (orthogonalize, accuracy or step)"
+                                     : "unknown command '" + command + "'");
+  } catch (const UsageError& e) {
+    std::cerr << "muon-cli: error: " << e.what() << " (see muon-cli --help)\n";
+  } catch (const std::exception& e) {
+    const std::string what = e.what();
+    std::cerr << "muon-cli: error: " << (what.rfind("muon: ", 0) == 0 ? what.substr(6) : what)
+              << "\n";
+  }
+  return 1;
+}
