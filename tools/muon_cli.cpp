@@ -2,10 +2,13 @@
 //
 //   muon-cli orthogonalize IN.npy OUT.npy [--schedule S] [--steps N] [--dtype D]
 //   muon-cli accuracy [--shape MxN]... [--schedule S]... [--steps N]... [--dtype D]...
+//   muon-cli bench [--shape MxN]... [--steps N] [--schedule S] [--dtype D] [--repeat R]
 //   muon-cli step --param P.npy --grad G1.npy [--grad G2.npy ...] --out OUT.npy [options]
 //
 // Any bad input ends with one line on stderr ("muon-cli: error: ...") and exit status 1.
+#include <algorithm>
 #include <charconv>
+#include <chrono>
 #include <cstdio>
 #include <iostream>
 #include <map>
@@ -22,6 +25,7 @@ constexpr const char* kUsage = R"(usage:
   muon-cli orthogonalize IN.npy OUT.npy [--schedule keller|you|polar_express|textbook]
                                         [--steps N] [--dtype float32|float64]
   muon-cli accuracy [--shape MxN]... [--schedule S]... [--steps N]... [--dtype D]...
+  muon-cli bench [--shape MxN]... [--steps N] [--schedule S] [--dtype D] [--repeat R]
   muon-cli step --param P.npy --grad G1.npy [--grad G2.npy ...] --out OUT.npy [--lr X]
                 [--momentum X] [--nesterov on|off] [--weight-decay X]
                 [--scale original|match_rms_adamw|spectral|none] [--momentum-form ema|sum]
@@ -133,14 +137,35 @@ int cmd_orthogonalize(int argc, char** argv) {
   return 0;
 }
 
+std::vector<std::pair<muon::index_t, muon::index_t>> parse_shapes(
+    const std::vector<std::string>& shapes) {
+  std::vector<std::pair<muon::index_t, muon::index_t>> dims;
+  for (const auto& s : shapes) {
+    const auto x = s.find('x');
+    if (x == std::string::npos) throw UsageError("--shape expects MxN, got '" + s + "'");
+    const int m = parse_int("--shape", s.substr(0, x)), n = parse_int("--shape", s.substr(x + 1));
+    if (m < 1 || n < 1) throw UsageError("--shape extents must be >= 1, got '" + s + "'");
+    dims.emplace_back(m, n);
+  }
+  return dims;
+}
+
+template <class T>
+Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> random_matrix(muon::index_t m,
+                                                                                muon::index_t n) {
+  std::mt19937_64 rng(1234);
+  std::normal_distribution<double> normal;
+  Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> x(m, n);
+  for (muon::index_t i = 0; i < x.size(); ++i) x.data()[i] = static_cast<T>(normal(rng));
+  return x;
+}
+
 // ---- accuracy ---------------------------------------------------------------------------
 template <class T>
 void accuracy_row(muon::index_t m, muon::index_t n, const std::string& dtype,
                   const std::string& schedule, int steps) {
-  std::mt19937_64 rng(1234);
-  std::normal_distribution<double> normal;
-  Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic> x(m, n), o(m, n);
-  for (muon::index_t i = 0; i < x.size(); ++i) x.data()[i] = static_cast<T>(normal(rng));
+  const auto x = random_matrix<T>(m, n);
+  Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> o(m, n);
   muon::EigenBackend backend;
   muon::orthogonalize(backend, muon::MatrixView<const T>(muon::view(x)), muon::view(o),
                       ns_options(schedule, steps));
@@ -162,14 +187,7 @@ int cmd_accuracy(int argc, char** argv) {
   if (schedules.empty()) schedules = {"keller", "you", "polar_express", "textbook"};
   if (steps.empty()) steps = {"5"};
   if (dtypes.empty()) dtypes = {"float32"};
-  std::vector<std::pair<muon::index_t, muon::index_t>> dims;
-  for (const auto& s : shapes) {
-    const auto x = s.find('x');
-    if (x == std::string::npos) throw UsageError("--shape expects MxN, got '" + s + "'");
-    const int m = parse_int("--shape", s.substr(0, x)), n = parse_int("--shape", s.substr(x + 1));
-    if (m < 1 || n < 1) throw UsageError("--shape extents must be >= 1, got '" + s + "'");
-    dims.emplace_back(m, n);
-  }
+  const auto dims = parse_shapes(shapes);
   for (const auto& d : dtypes) check_dtype(d);
   for (const auto& s : schedules) (void)ns_options(s, 5);
   for (const auto& k : steps) (void)ns_options("keller", parse_int("--steps", k));
@@ -186,6 +204,79 @@ int cmd_accuracy(int argc, char** argv) {
           else
             accuracy_row<double>(m, n, d, s, parse_int("--steps", k));
         }
+  return 0;
+}
+
+// ---- bench ------------------------------------------------------------------------------
+/// Median seconds of f() over `repeat` runs after one warm-up run.
+template <class F>
+double median_seconds(int repeat, F&& f) {
+  f();
+  std::vector<double> t;
+  for (int r = 0; r < repeat; ++r) {
+    const auto start = std::chrono::steady_clock::now();
+    f();
+    t.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+  }
+  std::sort(t.begin(), t.end());
+  return t[t.size() / 2];
+}
+
+template <class T>
+void bench_row(muon::index_t m, muon::index_t n, const std::string& dtype,
+               const muon::NewtonSchulzOptions& o, int repeat) {
+  using Mat = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  muon::EigenBackend backend;
+  const Mat x = random_matrix<T>(m, n);
+  muon::NewtonSchulzWorkspace<muon::EigenBackend, T> ws;
+  ws.reserve(backend, m, n);
+  const auto schedule = o.schedule.resolve(o.steps);
+  const double ns = median_seconds(repeat, [&] {
+    backend.copy(muon::MatrixView<const T>(muon::view(x)), ws.input(backend, m, n));
+    (void)ws.run(backend, m, n, schedule, o.schedule.norm_scale(), o.eps);
+  });
+  // The same-size GEMM (k x N times N x k) through the same backend, measured now.
+  const muon::index_t k = std::min(m, n), big = std::max(m, n);
+  const Mat a = random_matrix<T>(k, big), b = random_matrix<T>(big, k);
+  Mat c(k, k);
+  const double gemm = median_seconds(repeat, [&] {
+    backend.gemm(T(1), muon::MatrixView<const T>(muon::view(a)),
+                 muon::MatrixView<const T>(muon::view(b)), T(0), muon::view(c));
+  });
+  const double kd = double(k), nd = double(big);
+  const double ns_flops = o.steps * (4 * kd * kd * nd + 2 * kd * kd * kd);
+  const double gemm_flops = 2 * kd * kd * nd;
+  std::printf("%-11s %-8s %-14s %5d %10.2f %9.1f %10.1f %9.2f\n",
+              (std::to_string(m) + "x" + std::to_string(n)).c_str(), dtype.c_str(),
+              o.schedule.name().c_str(), o.steps, ns * 1e3, ns_flops / ns * 1e-9,
+              gemm_flops / gemm * 1e-9, (ns_flops / ns) / (gemm_flops / gemm));
+  std::fflush(stdout);
+}
+
+int cmd_bench(int argc, char** argv) {
+  Args args(argc, argv, 2, {"--shape", "--schedule", "--steps", "--dtype", "--repeat"});
+  if (!args.positional.empty()) throw UsageError("bench takes no positional arguments");
+  auto shapes = args.all("--shape");
+  if (shapes.empty()) shapes = {"1024x1024", "1024x4096", "4096x1024", "2048x2048"};
+  const auto dims = parse_shapes(shapes);
+  const auto o = ns_options(args.one("--schedule", "keller"),
+                            parse_int("--steps", args.one("--steps", "5")));
+  const std::string dtype = args.one("--dtype", "float32");
+  check_dtype(dtype);
+  const int repeat = parse_int("--repeat", args.one("--repeat", "5"));
+  if (repeat < 1) throw UsageError("--repeat must be >= 1");
+  std::printf("Newton-Schulz speed: median of %d runs after a warm-up; products on %s.\n"
+              "GFLOP/s counts the nominal 4k^2N + 2k^3 flops per step (k = min, N = max side);\n"
+              "gemm_ratio = NS GFLOP/s / GFLOP/s of a k x N by N x k GEMM measured in this run.\n",
+              repeat, muon::EigenBackend::products());
+  std::printf("%-11s %-8s %-14s %5s %10s %9s %10s %9s\n", "shape", "dtype", "schedule", "steps",
+              "ms", "GFLOP/s", "gemm_GF/s", "gemm_ratio");
+  for (auto [m, n] : dims) {
+    if (dtype == "float32")
+      bench_row<float>(m, n, dtype, o, repeat);
+    else
+      bench_row<double>(m, n, dtype, o, repeat);
+  }
   return 0;
 }
 
@@ -250,6 +341,7 @@ int main(int argc, char** argv) {
   try {
     if (command == "orthogonalize") return cmd_orthogonalize(argc, argv);
     if (command == "accuracy") return cmd_accuracy(argc, argv);
+    if (command == "bench") return cmd_bench(argc, argv);
     if (command == "step") return cmd_step(argc, argv);
     if (command == "--help" || command == "-h" || command == "help") {
       std::cout << kUsage;

@@ -190,7 +190,7 @@ def check_cli(cli, seed):
         def run(*args):
             subprocess.run([cli, *args], check=True, capture_output=True, text=True)
 
-        for trial in range(6):
+        for trial in range(16):
             m, n = rng.integers(1, 40, size=2)
             sched = ["keller", "you", "polar_express", "textbook"][trial % 4]
             steps = int(rng.integers(1, 9))
@@ -206,7 +206,7 @@ def check_cli(cli, seed):
                 if not err <= tol:
                     failures.append(f"orthogonalize {m}x{n} {sched} {steps} {dtype}: {err:.3g}")
 
-        for trial in range(6):
+        for trial in range(16):
             shape = [(int(rng.integers(2, 30)), int(rng.integers(2, 30))),
                      (4, 3, 3, 3)][trial % 2]
             kw = dict(lr=float(rng.uniform(1e-3, 5e-2)), wd=float(rng.uniform(0, 0.2)),

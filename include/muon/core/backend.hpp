@@ -40,9 +40,13 @@ concept Backend = requires(B& b, const B& cb, typename B::template Buffer<T>& bu
   { b.view(buf, n, n) } -> std::same_as<MatrixView<T, typename B::memory_space>>;
   b.copy_to_host(cx, host);          // dense row-major on the host side
   b.copy_from_host(const_host, x);
-  // BLAS-3: C = alpha A B + beta C;  C = alpha A A^T + beta C (full symmetric result)
+  // BLAS-3. gemm: C = alpha A B + beta C.  syrk: lower triangle of C = alpha A A^T + beta C.
+  // symm: C = alpha A B + beta C, A symmetric, read from its lower triangle.
+  // symmetrize: copy the lower triangle of square C onto the upper one.
   b.gemm(s, cx, cx, s, x);
   b.syrk(s, cx, s, x);
+  b.symm(s, cx, cx, s, x);
+  b.symmetrize(x);
   // elementwise
   b.copy(cx, x);
   b.fill(x, s);

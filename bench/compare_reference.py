@@ -1,0 +1,105 @@
+#!/usr/bin/env python3
+"""Times muon's Newton-Schulz (keller, 5 steps, float32) against the reference NS5 loop in
+NumPy and in PyTorch on the CPU, side by side in one run on this machine, and checks that all
+three are equally close to the exact msign.
+
+    python3 bench/compare_reference.py --cli build/muon-cli [--shape MxN]... [--repeat R]
+
+The reference loop is the one of the public implementations (torch.optim.Muon, Keller Jordan's
+muon.py), written here with NumPy or torch matrix products:
+    X /= max(||X||_F, 1e-7);  for 5 steps: A = X X^T;  B = b A + c A A;  X = a X + B X
+(iterated on the short side). NumPy and muon use the same BLAS (Debian's OpenBLAS). PyTorch
+(python3-torch) is optional: its column is left out if it cannot be imported.
+"""
+import argparse
+import os
+import re
+import subprocess
+import tempfile
+import time
+
+import numpy as np
+
+A, B, C = 3.4445, -4.7750, 2.0315
+SHAPES = ["1024x4096", "4096x1024", "2048x2048", "768x3072", "1024x1024"]
+
+
+def ns5_numpy(g):
+    x = g.T if g.shape[0] > g.shape[1] else g
+    x = x / max(np.linalg.norm(x), 1e-7)
+    for _ in range(5):
+        a = x @ x.T
+        b = B * a + C * (a @ a)
+        x = A * x + b @ x
+    return x.T if g.shape[0] > g.shape[1] else x
+
+
+def ns5_torch(torch, g):
+    x = g.T if g.shape[0] > g.shape[1] else g
+    x = x / x.norm().clamp(min=1e-7)
+    for _ in range(5):
+        a = x @ x.T
+        b = torch.addmm(a, a, a, beta=B, alpha=C)
+        x = torch.addmm(x, b, x, beta=A)
+    return x.T if g.shape[0] > g.shape[1] else x
+
+
+def median_ms(f, repeat):
+    f()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        f()
+        times.append(time.perf_counter() - t)
+    return 1e3 * sorted(times)[len(times) // 2]
+
+
+def msign_distance(o, g):
+    u, _, vt = np.linalg.svd(g.astype(np.float64), full_matrices=False)
+    return np.linalg.norm(o.astype(np.float64) - u @ vt) / np.sqrt(min(g.shape))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cli", required=True)
+    ap.add_argument("--shape", action="append")
+    ap.add_argument("--repeat", type=int, default=5)
+    args = ap.parse_args()
+    try:
+        import torch
+        torch.set_num_threads(os.cpu_count())
+    except ImportError:
+        torch = None
+    shapes = args.shape or SHAPES
+    print(f"NS5 keller float32, median of {args.repeat} after a warm-up, {os.cpu_count()} cores; "
+          f"numpy {np.__version__}" + (f", torch {torch.__version__}" if torch else ", no torch"))
+    print(f"{'shape':<11} {'muon ms':>9} {'numpy ms':>9} {'torch ms':>9} {'vs numpy':>9} "
+          f"{'vs torch':>9}   dist_msign muon / numpy / torch")
+    rng = np.random.default_rng(1234)
+    with tempfile.TemporaryDirectory() as tmp:
+        for shape in shapes:
+            m, n = map(int, shape.split("x"))
+            out = subprocess.run([args.cli, "bench", "--shape", shape, "--dtype", "float32",
+                                  "--repeat", str(args.repeat)], check=True, capture_output=True,
+                                 text=True).stdout
+            row = next(line for line in out.splitlines() if line.startswith(shape + " "))
+            muon_ms = float(row.split()[4])
+            g = rng.standard_normal((m, n)).astype(np.float32)
+            numpy_ms = median_ms(lambda: ns5_numpy(g), args.repeat)
+            src, dst = os.path.join(tmp, "g.npy"), os.path.join(tmp, "o.npy")
+            np.save(src, g)
+            subprocess.run([args.cli, "orthogonalize", src, dst, "--dtype", "float32"],
+                           check=True)
+            d_muon, d_numpy = msign_distance(np.load(dst), g), msign_distance(ns5_numpy(g), g)
+            torch_ms, d_torch = float("nan"), float("nan")
+            if torch:
+                tg = torch.from_numpy(g)
+                torch_ms = median_ms(lambda: ns5_torch(torch, tg), args.repeat)
+                d_torch = msign_distance(ns5_torch(torch, tg).numpy(), g)
+            print(f"{shape:<11} {muon_ms:9.1f} {numpy_ms:9.1f} {torch_ms:9.1f} "
+                  f"{numpy_ms / muon_ms:8.2f}x {torch_ms / muon_ms:8.2f}x   "
+                  f"{d_muon:.4f} / {d_numpy:.4f} / {d_torch:.4f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
