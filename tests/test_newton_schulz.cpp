@@ -10,12 +10,14 @@ using muon::Schedule;
 namespace {
 
 template <class T>
-Mat<T> ns(const Mat<T>& x, const Schedule& schedule, int steps) {
+Mat<T> ns(const Mat<T>& x, const Schedule& schedule, int steps,
+          muon::NewtonSchulzMethod method = muon::NewtonSchulzMethod::automatic) {
   muon::EigenBackend backend;
   Mat<T> out(x.rows(), x.cols());
   muon::NewtonSchulzOptions o;
   o.schedule = schedule;
   o.steps = steps;
+  o.method = method;
   muon::orthogonalize(backend, cview(x), muon::view(out), o);
   return out;
 }
@@ -146,6 +148,54 @@ TEMPLATE_TEST_CASE("strided and column-major views are orthogonalized in place o
   muon::orthogonalize(backend, cview(in_block), muon::view(out_block));
   CHECK((out.block(3, 2, 12, 20) - expect).cwiseAbs().maxCoeff() < Tol<TestType>::ns);
   CHECK(out(0, 0) == TestType(7));  // nothing outside the block touched
+}
+
+TEMPLATE_TEST_CASE("Gram Newton-Schulz equals the standard loop", "[ns][gram]", float, double) {
+  using muon::NewtonSchulzMethod;
+  for (auto [m, n] : {std::pair{16, 64}, std::pair{64, 16}, std::pair{1, 9}, std::pair{24, 30},
+                      std::pair{20, 20}}) {
+    for (const auto& s : {Schedule::keller(), Schedule::you(), Schedule::polar_express()}) {
+      const Mat<TestType> x = with_spectrum<TestType>(m, n, log_spaced(std::min(m, n), 1e-3, 1.0), 8);
+      // Gram accumulates more rounding than the standard loop on ill-conditioned input (about
+      // 1e-4 against 2e-6 per entry in float here). Required: its distance to the exact msign
+      // is the standard loop's, and its error against the loop in double stays far below
+      // bf16's 3.9e-3, the precision torch.optim.Muon runs Newton-Schulz in.
+      const Mat<TestType> plain = ns(x, s, 5, NewtonSchulzMethod::standard);
+      const Mat<TestType> gram = ns(x, s, 5, NewtonSchulzMethod::gram);
+      const Eigen::MatrixXd exact_ns =
+          ns(Mat<double>(x.template cast<double>()), s, 5, NewtonSchulzMethod::standard);
+      const double error = (gram.template cast<double>() - exact_ns).cwiseAbs().maxCoeff();
+      const auto d_plain = muon::orthogonality(cview(plain), cview(x)).msign_distance;
+      const auto d_gram = muon::orthogonality(cview(gram), cview(x)).msign_distance;
+      INFO(m << "x" << n << " " << s.name() << ": error " << error << ", msign distance "
+             << d_plain << " / " << d_gram);
+      CHECK(error < (std::is_same_v<TestType, float> ? 2e-3 : 1e-10));
+      CHECK(std::abs(d_gram - d_plain) < (std::is_same_v<TestType, float> ? 1e-3 : 1e-12));
+    }
+  }
+  // Converged textbook iterations (where A's deviation from I underflows) stay exact.
+  const Mat<TestType> x = gaussian<TestType>(24, 96, 5);
+  const Mat<TestType> gram = ns(x, Schedule::textbook(), 30, NewtonSchulzMethod::gram);
+  const Eigen::MatrixXd exact = muon::reference::msign(x.template cast<double>());
+  CHECK((gram.template cast<double>() - exact).cwiseAbs().maxCoeff() < Tol<TestType>::ns);
+  CHECK(ns(Mat<TestType>::Zero(4, 12).eval(), Schedule::keller(), 5, NewtonSchulzMethod::gram)
+            .cwiseAbs()
+            .maxCoeff() == 0);
+  CHECK(muon::uses_gram(NewtonSchulzMethod::automatic, 100, 200));
+  CHECK_FALSE(muon::uses_gram(NewtonSchulzMethod::automatic, 100, 199));
+  CHECK_FALSE(muon::uses_gram(NewtonSchulzMethod::standard, 10, 1000));
+}
+
+TEST_CASE("switching a group to the Gram method sizes its workspace", "[ns][gram]") {
+  muon::Optimizer<muon::EigenBackend, float> opt;
+  Mat<float> w = gaussian<float>(32, 32, 1);
+  const Mat<float> g = gaussian<float>(32, 32, 2);
+  opt.add_muon("square", w, g);
+  muon::GroupOptions o;
+  o.muon.newton_schulz.method = muon::NewtonSchulzMethod::gram;
+  opt.set_group_options({}, o);
+  CHECK_NOTHROW(opt.step());
+  CHECK(w.allFinite());
 }
 
 TEST_CASE("schedules resolve to per-step coefficients", "[schedule]") {

@@ -83,7 +83,12 @@ class Optimizer {
   /// Replaces a group's options (e.g. a learning-rate schedule); validated first.
   void set_group_options(GroupId id, const GroupOptions& options) {
     check_group(id);
-    groups_[id.value] = make_group(options, id.value);
+    Group group = make_group(options, id.value);
+    for (const Param& p : params_)  // a new NS method may need more workspace: size it now
+      if (p.group == id.value && p.rule == UpdateRule::muon)
+        ns_.reserve(backend_, p.value.rows(), p.value.cols(),
+                    options.muon.newton_schulz.method);
+    groups_[id.value] = std::move(group);
   }
   [[nodiscard]] const GroupOptions& group_options(GroupId id = {}) const {
     check_group(id);
@@ -418,7 +423,9 @@ class Optimizer {
     Param p{std::move(name), rule, group.value, std::move(shape), value, grad, true, {}, {}, 0};
     backend_.resize(p.m, value.size());
     if (rule == UpdateRule::adamw) backend_.resize(p.v, value.size());
-    if (rule == UpdateRule::muon) ns_.reserve(backend_, value.rows(), value.cols());
+    if (rule == UpdateRule::muon)
+      ns_.reserve(backend_, value.rows(), value.cols(),
+                  groups_[group.value].options.muon.newton_schulz.method);
     params_.push_back(std::move(p));
     return {params_.size() - 1};
   }
@@ -429,8 +436,9 @@ class Optimizer {
     const index_t rows = p.value.rows(), cols = p.value.cols();
     backend_.momentum(backend_.view(p.m, rows, cols), p.grad, ns_.input(backend_, rows, cols),
                       MomentumStep{o.momentum, o.momentum_form, o.nesterov});
-    const ConstView update = ns_.run(backend_, rows, cols, g.schedule,
-                                     o.newton_schulz.schedule.norm_scale(), o.newton_schulz.eps);
+    const ConstView update =
+        ns_.run(backend_, rows, cols, g.schedule, o.newton_schulz.schedule.norm_scale(),
+                o.newton_schulz.eps, o.newton_schulz.method);
     backend_.apply_update(p.value, update, 1 - o.lr * o.weight_decay,
                           o.lr * shape_scale(o.scale, rows, cols, o.rms_factor));
   }

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -64,6 +65,8 @@ class EigenBackend {
             MatrixView<T> c) const {
     if (c.empty()) return;
 #if MUON_USE_CBLAS
+    if (c.col_stride() != 1 && c.row_stride() == 1)  // column-major C: C^T = B^T A^T
+      return gemm(alpha, b.transposed(), a.transposed(), beta, c.transposed());
     Blas ba, bb, bc;
     if (a.cols() > 0 && blas_operand(a, ba) && blas_operand(b, bb) && blas_output(c, bc)) {
       cblas::gemm(CblasRowMajor, ba.trans, bb.trans, blas_int(c.rows()), blas_int(c.cols()),
@@ -122,10 +125,18 @@ class EigenBackend {
     if (c.empty()) return;
 #if MUON_USE_CBLAS
     Blas ba, bb, bc;
-    if (a.cols() > 0 && blas_output(a, ba) && blas_output(b, bb) && blas_output(c, bc)) {
-      cblas::symm(CblasRowMajor, CblasLeft, CblasLower, blas_int(c.rows()), blas_int(c.cols()),
-                  alpha, a.data(), ba.ld, b.data(), bb.ld, beta, c.data(), bc.ld);
-      return;
+    if (a.cols() > 0 && blas_output(a, ba)) {
+      if (blas_output(b, bb) && blas_output(c, bc)) {
+        cblas::symm(CblasRowMajor, CblasLeft, CblasLower, blas_int(c.rows()), blas_int(c.cols()),
+                    alpha, a.data(), ba.ld, b.data(), bb.ld, beta, c.data(), bc.ld);
+        return;
+      }
+      // Column-major B and C (the short-side view of a tall matrix): C^T = B^T A, A on the right.
+      if (blas_output(b.transposed(), bb) && blas_output(c.transposed(), bc)) {
+        cblas::symm(CblasRowMajor, CblasRight, CblasLower, blas_int(c.cols()), blas_int(c.rows()),
+                    alpha, a.data(), ba.ld, b.data(), bb.ld, beta, c.data(), bc.ld);
+        return;
+      }
     }
 #endif
     with_dense(c, [&](auto C) {
@@ -160,7 +171,7 @@ class EigenBackend {
   // ---- elementwise -----------------------------------------------------------------------
   template <class T>
   void copy(MatrixView<const T> src, MatrixView<T> dst) const {
-    if (src.is_row_major_contiguous() && dst.is_row_major_contiguous()) {
+    if (same_dense_order(src, MatrixView<const T>(dst))) {
       std::copy_n(src.data(), src.size(), dst.data());
     } else {
       strided(dst) = strided(src);
@@ -169,6 +180,10 @@ class EigenBackend {
   template <class T>
   void fill(MatrixView<T> x, T value) const {
     elementwise([&](auto X) { X.setConstant(value); }, x);
+  }
+  template <class T>
+  void flush_tiny(MatrixView<T> x, T threshold) const {
+    elementwise([&](auto X) { X = (X.abs() < threshold).select(T(0), X); }, x);
   }
   template <class T>
   void add_diagonal(MatrixView<T> x, T value) const {
@@ -190,12 +205,16 @@ class EigenBackend {
     return amax * std::sqrt(ss);
   }
 
-  /// x /= max(norm_scale * ||x||_F, eps), the division done in double so that neither a huge
+  /// x /= max(norm_scale * ||x||_F, eps), the scaling done in double so that neither a huge
   /// norm (entries of 1e20 in float) nor a tiny one flushes the result to zero or infinity.
   template <class T>
   void normalize(MatrixView<T> x, double norm_scale, double eps) const {
     const double denom = std::max(norm_scale * frobenius_norm(MatrixView<const T>(x)), eps);
-    elementwise([&](auto X) { X = (X.template cast<double>() / denom).template cast<T>(); }, x);
+    const double inverse = 1.0 / denom;
+    if (inverse >= std::numeric_limits<double>::min())  // a normal reciprocal: multiply
+      elementwise([&](auto X) { X = (X.template cast<double>() * inverse).template cast<T>(); }, x);
+    else  // a norm beyond 1/DBL_MIN (double entries near DBL_MAX): divide
+      elementwise([&](auto X) { X = (X.template cast<double>() / denom).template cast<T>(); }, x);
   }
 
   template <class T>
@@ -213,21 +232,20 @@ class EigenBackend {
                 const MomentumStep& s) const {
     const T mu = static_cast<T>(s.momentum);
     const T w = static_cast<T>(1 - s.momentum);
-    if (s.form == MomentumForm::ema) {
-      elementwise([&](auto M, auto G) { assign_lerp(M, M, G, w); }, m, g);
-      if (s.nesterov)
-        elementwise([&](auto U, auto G, auto M) { assign_lerp(U, G, M, mu); }, u, g,
-                    MatrixView<const T>(m));
-      else
-        copy(MatrixView<const T>(m), u);
-    } else {
-      elementwise([&](auto M, auto G) { M = mu * M + G; }, m, g);
-      if (s.nesterov)
-        elementwise([&](auto U, auto G, auto M) { U = G + mu * M; }, u, g,
-                    MatrixView<const T>(m));
-      else
-        copy(MatrixView<const T>(m), u);
-    }
+    chunked(
+        [&](auto M, auto G, auto U) {
+          if (s.form == MomentumForm::ema)
+            assign_lerp(M, M, G, w);
+          else
+            M = mu * M + G;
+          if (!s.nesterov)
+            U = M;
+          else if (s.form == MomentumForm::ema)
+            assign_lerp(U, G, M, mu);
+          else
+            U = G + mu * M;
+        },
+        m, g, u);
   }
 
   /// W <- decay W - alpha O
@@ -245,7 +263,7 @@ class EigenBackend {
     const T b2 = static_cast<T>(s.beta2), w2 = static_cast<T>(1 - s.beta2);
     const T eps = static_cast<T>(s.eps), step = static_cast<T>(s.step_size);
     const T bias2 = static_cast<T>(s.sqrt_bias2);
-    elementwise(
+    chunked(
         [&](auto W, auto G, auto M, auto V) {
           W *= decay;
           assign_lerp(M, M, G, w1);
@@ -367,11 +385,40 @@ class EigenBackend {
     }
   }
 
-  /// Calls f with array maps of same-shape views: flat 1-D arrays when every view is dense
-  /// row-major (vectorizes), else strided 2-D arrays.
+  /// True when all views are dense with their elements in the same memory order (all
+  /// row-major or all column-major), so they can be walked as flat arrays side by side.
+  template <class... T>
+  static bool same_dense_order(MatrixView<T>... v) {
+    return (v.is_row_major_contiguous() && ...) ||
+           (v.transposed().is_row_major_contiguous() && ...);
+  }
+
+  /// Like elementwise(), but calls f on cache-sized pieces in turn, so that a stage made of
+  /// several statements goes through memory once. Not for reductions.
+  template <class F, class... T>
+  static void chunked(F&& f, MatrixView<T>... v) {
+    constexpr index_t piece = 8192;  // elements: a few arrays of it stay in L1/L2
+    const auto first = std::get<0>(std::tuple<MatrixView<T>...>(v...));
+    if (same_dense_order(v...)) {
+      for (index_t at = 0; at < first.size(); at += piece) {
+        const index_t len = std::min(piece, first.size() - at);
+        f(Eigen::Map<MaybeConst<Eigen::Array<std::remove_const_t<T>, Eigen::Dynamic, 1>, T>>(
+            v.data() + at, len)...);
+      }
+    } else {
+      const index_t rows = std::max<index_t>(1, piece / std::max<index_t>(1, first.cols()));
+      for (index_t r = 0; r < first.rows(); r += rows) {
+        const index_t n = std::min(rows, first.rows() - r);
+        f(strided(v.block(r, 0, n, v.cols())).array()...);
+      }
+    }
+  }
+
+  /// Calls f with array maps of same-shape views: flat 1-D arrays when every view is dense in
+  /// the same order (vectorizes), else strided 2-D arrays.
   template <class F, class... T>
   static void elementwise(F&& f, MatrixView<T>... v) {
-    if ((v.is_row_major_contiguous() && ...)) {
+    if (same_dense_order(v...)) {
       f(Eigen::Map<MaybeConst<Eigen::Array<std::remove_const_t<T>, Eigen::Dynamic, 1>, T>>(
           v.data(), v.size())...);
     } else {

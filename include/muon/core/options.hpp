@@ -24,10 +24,17 @@ enum class ScaleMode { original, match_rms_adamw, spectral, none };
 ///   error: throw NonFiniteGradient naming the parameter.   skip: return a report saying so.
 enum class NonFinitePolicy { error, skip };
 
+/// How Newton–Schulz is carried out (the same iteration; only flops and rounding differ):
+///   standard   X <- B X every step (3 k^2 N + k^3 flops a step)
+///   gram       on the k x k Gram matrix, X touched once at the end (algorithm/newton_schulz.hpp)
+///   automatic  gram for matrices at least kGramMinAspect times as long as wide, else standard
+enum class NewtonSchulzMethod { standard, gram, automatic };
+
 struct NewtonSchulzOptions {
   Schedule schedule = Schedule::keller();
   int steps = 5;
   double eps = 1e-7;  ///< X is divided by max(norm_scale * ||X||_F, eps)
+  NewtonSchulzMethod method = NewtonSchulzMethod::automatic;
 };
 
 struct MuonOptions {

@@ -1,0 +1,162 @@
+// Google Benchmark suite: Newton-Schulz speed per shape, schedule and precision, a whole
+// optimizer step for a GPT-2-small-like model, each with its in-run baseline.
+//
+//   ./build/bench/muon_bench --benchmark_filter=NewtonSchulz/.*float
+//
+// Counters: GFLOPS at the nominal 4k^2N + 2k^3 flops per NS step (k = min, N = max side);
+// gemm_ratio = that rate / the rate of a k x N by N x k GEMM through the same backend, timed in
+// the same process just before; step_over_ns = time of step() / time of its NS calls alone.
+#include <benchmark/benchmark.h>
+
+#include <algorithm>
+#include <chrono>
+#include <map>
+#include <random>
+#include <tuple>
+
+#include "muon/eigen.hpp"
+
+namespace {
+
+template <class T>
+using Mat = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+
+template <class T>
+Mat<T> gaussian(muon::index_t m, muon::index_t n, unsigned seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> d;
+  return Mat<T>::NullaryExpr(m, n, [&] { return static_cast<T>(d(rng)); });
+}
+
+template <class F>
+double best_seconds(int repeat, F&& f) {
+  f();
+  double best = 1e30;
+  for (int r = 0; r < repeat; ++r) {
+    const auto t = std::chrono::steady_clock::now();
+    f();
+    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count());
+  }
+  return best;
+}
+
+/// GFLOP/s of a k x N by N x k GEMM through the Eigen backend (cached per size and type).
+template <class T>
+double gemm_gflops(muon::index_t k, muon::index_t n) {
+  static std::map<std::pair<muon::index_t, muon::index_t>, double> cache;
+  auto it = cache.find({k, n});
+  if (it != cache.end()) return it->second;
+  muon::EigenBackend backend;
+  const Mat<T> a = gaussian<T>(k, n, 1), b = gaussian<T>(n, k, 2);
+  Mat<T> c(k, k);
+  const double s = best_seconds(3, [&] {
+    backend.gemm(T(1), muon::MatrixView<const T>(muon::view(a)),
+                 muon::MatrixView<const T>(muon::view(b)), T(0), muon::view(c));
+  });
+  return cache[{k, n}] = 2.0 * double(k) * double(k) * double(n) / s * 1e-9;
+}
+
+double ns_flops(muon::index_t m, muon::index_t n, int steps) {
+  const double k = double(std::min(m, n)), big = double(std::max(m, n));
+  return steps * (4 * k * k * big + 2 * k * k * k);
+}
+
+const char* kSchedules[] = {"keller", "you", "polar_express", "textbook"};
+const muon::NewtonSchulzMethod kMethods[] = {muon::NewtonSchulzMethod::automatic,
+                                             muon::NewtonSchulzMethod::standard};
+
+/// Args: rows, cols, schedule index, steps, batch, method (0 automatic, 1 standard).
+template <class T>
+void NewtonSchulz(benchmark::State& state) {
+  const muon::index_t m = state.range(0), n = state.range(1);
+  const int steps = int(state.range(3)), batch = int(state.range(4));
+  muon::NewtonSchulzOptions o;
+  o.schedule = muon::Schedule::from_name(kSchedules[state.range(2)]);
+  o.steps = steps;
+  o.method = kMethods[state.range(5)];
+  const auto schedule = o.schedule.resolve(steps);
+  muon::EigenBackend backend;
+  std::vector<Mat<T>> inputs;
+  for (int i = 0; i < batch; ++i) inputs.push_back(gaussian<T>(m, n, 10 + unsigned(i)));
+  muon::NewtonSchulzWorkspace<muon::EigenBackend, T> ws;
+  ws.reserve(backend, m, n, o.method);
+  const double gemm = gemm_gflops<T>(std::min(m, n), std::max(m, n));
+  double seconds = 0;
+  for (auto _ : state) {
+    const auto start = std::chrono::steady_clock::now();
+    for (const auto& x : inputs) {
+      backend.copy(muon::MatrixView<const T>(muon::view(x)), ws.input(backend, m, n));
+      auto out = ws.run(backend, m, n, schedule, o.schedule.norm_scale(), o.eps, o.method);
+      benchmark::DoNotOptimize(out.data());
+    }
+    seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  }
+  const double gflops = ns_flops(m, n, steps) * batch * double(state.iterations()) / seconds * 1e-9;
+  state.counters["GFLOPS"] = gflops;
+  state.counters["gemm_GFLOPS"] = gemm;
+  state.counters["gemm_ratio"] = gflops / gemm;
+}
+
+void ShapeArgs(benchmark::internal::Benchmark* b) {
+  const std::tuple<int, int, int> shapes[] = {{1024, 1024, 1}, {2048, 2048, 1}, {1024, 4096, 1},
+                                              {4096, 1024, 1}, {768, 3072, 1},  {4096, 4096, 1},
+                                              {256, 1024, 64}};
+  for (auto [m, n, batch] : shapes)
+    for (int schedule : {0, 2})
+      for (int method : {0, 1}) b->Args({m, n, schedule, 5, batch, method});
+  b->ArgNames({"m", "n", "schedule", "steps", "batch", "standard"});
+  b->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(0.5);
+}
+
+/// GPT-2 small: 12 blocks of {768x2304, 768x768, 768x3072, 3072x768} on Muon; AdamW on the
+/// blocks' 768/2304/3072 vectors and a 50257 x 768 embedding.
+template <class T>
+void Gpt2SmallStep(benchmark::State& state) {
+  struct Tensor {
+    Mat<T> value, grad;
+  };
+  std::vector<Tensor> muon_params, adamw_params;
+  unsigned seed = 1;
+  for (int block = 0; block < 12; ++block) {
+    for (auto [r, c] : {std::pair{768, 2304}, {768, 768}, {768, 3072}, {3072, 768}})
+      muon_params.push_back({gaussian<T>(r, c, seed++) * T(0.02), gaussian<T>(r, c, seed++)});
+    for (int len : {768, 768, 2304, 768, 768, 768, 3072, 768})
+      adamw_params.push_back({gaussian<T>(1, len, seed++), gaussian<T>(1, len, seed++)});
+  }
+  adamw_params.push_back({gaussian<T>(50257, 768, seed++), gaussian<T>(50257, 768, seed++)});
+  muon::Optimizer<muon::EigenBackend, T> opt;
+  for (std::size_t i = 0; i < muon_params.size(); ++i)
+    opt.add_muon(std::string("w") + std::to_string(i), muon_params[i].value, muon_params[i].grad);
+  for (std::size_t i = 0; i < adamw_params.size(); ++i)
+    opt.add_adamw(std::string("v") + std::to_string(i), adamw_params[i].value, adamw_params[i].grad);
+
+  // The NS calls of one step alone, through the same backend and method.
+  muon::EigenBackend backend;
+  muon::NewtonSchulzWorkspace<muon::EigenBackend, T> ws;
+  const muon::NewtonSchulzOptions o;
+  const auto schedule = o.schedule.resolve(o.steps);
+  for (auto& p : muon_params) ws.reserve(backend, p.value.rows(), p.value.cols(), o.method);
+  const double ns_only = best_seconds(2, [&] {
+    for (auto& p : muon_params) {
+      const auto r = p.value.rows(), c = p.value.cols();
+      backend.copy(muon::MatrixView<const T>(muon::view(p.grad)), ws.input(backend, r, c));
+      (void)ws.run(backend, r, c, schedule, o.schedule.norm_scale(), o.eps, o.method);
+    }
+  });
+  double seconds = 0;
+  for (auto _ : state) {
+    const auto start = std::chrono::steady_clock::now();
+    opt.step();
+    seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  }
+  state.counters["ns_only_ms"] = ns_only * 1e3;
+  state.counters["step_over_ns"] = seconds / double(state.iterations()) / ns_only;
+}
+
+}  // namespace
+
+BENCHMARK_TEMPLATE(NewtonSchulz, float)->Apply(ShapeArgs);
+BENCHMARK_TEMPLATE(NewtonSchulz, double)->Apply(ShapeArgs);
+BENCHMARK_TEMPLATE(Gpt2SmallStep, float)->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(2.0);
+
+BENCHMARK_MAIN();
