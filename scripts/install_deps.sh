@@ -2,7 +2,7 @@
 # Installs, from Debian's packages, whatever muon's build, tests and demo need and the machine
 # lacks. Runs apt-get only when something is missing; uses sudo when not root.
 set -euo pipefail
-packages=(cmake make g++ pkg-config libeigen3-dev catch2 python3-numpy libbenchmark-dev
+packages=(cmake make g++ clang pkg-config libeigen3-dev catch2 python3-numpy libbenchmark-dev
           libopenblas-dev)
 missing=()
 for p in "${packages[@]}"; do

@@ -27,6 +27,24 @@ double relative_error(const std::vector<T>& got, const std::vector<double>& want
   return err / scale;
 }
 
+/// Registers the case's weight with `add` (add_muon or add_adamw), replays its gradients and
+/// checks the weight after every step against the reference trajectory in `stack`
+/// (w0, g_1..g_T, w_1..w_T).
+template <class T, class Add>
+void replay(const GoldenCase& c, const muon::npy::Array<double>& stack,
+            muon::Optimizer<muon::EigenBackend, T>& opt, Add add) {
+  const std::size_t steps = (static_cast<std::size_t>(stack.shape[0]) - 1) / 2;
+  std::vector<T> w = slice<T>(stack, 0), grad(w.size());
+  add(opt, muon::TensorView<T>{w.data(), c.shape}, muon::TensorView<const T>{grad.data(), c.shape});
+  for (std::size_t t = 0; t < steps; ++t) {
+    const auto gt = slice<T>(stack, 1 + t);
+    std::copy(gt.begin(), gt.end(), grad.begin());
+    opt.step();
+    INFO(c.name << " step " << t + 1);
+    CHECK(relative_error(w, slice<double>(stack, 1 + steps + t)) < Tol<T>::trajectory);
+  }
+}
+
 }  // namespace
 
 TEMPLATE_TEST_CASE("Newton-Schulz matches the NumPy reference", "[golden]", float, double) {
@@ -53,7 +71,6 @@ TEMPLATE_TEST_CASE("Muon trajectories match the NumPy reference", "[golden]", fl
   REQUIRE(cases.size() == 6);
   for (const auto& c : cases) {
     const auto stack = muon::npy::read<double>(golden_path("muon_" + c.name + ".npy"));
-    const std::size_t steps = (static_cast<std::size_t>(stack.shape[0]) - 1) / 2;
     muon::GroupOptions g;
     g.muon.lr = c.num("lr");
     g.muon.weight_decay = c.num("wd");
@@ -65,16 +82,7 @@ TEMPLATE_TEST_CASE("Muon trajectories match the NumPy reference", "[golden]", fl
     g.muon.newton_schulz.schedule = muon::Schedule::from_name(c.opt.at("sched"));
     g.muon.newton_schulz.steps = std::stoi(c.opt.at("ns_steps"));
     muon::Optimizer<muon::EigenBackend, TestType> opt(g);
-    std::vector<TestType> w = slice<TestType>(stack, 0), grad(w.size());
-    opt.add_muon(c.name, muon::TensorView<TestType>{w.data(), c.shape},
-                 muon::TensorView<const TestType>{grad.data(), c.shape});
-    for (std::size_t t = 0; t < steps; ++t) {
-      const auto gt = slice<TestType>(stack, 1 + t);
-      std::copy(gt.begin(), gt.end(), grad.begin());
-      opt.step();
-      INFO(c.name << " step " << t + 1);
-      CHECK(relative_error(w, slice<double>(stack, 1 + steps + t)) < Tol<TestType>::trajectory);
-    }
+    replay(c, stack, opt, [&](auto& o, auto w, auto grad) { o.add_muon(c.name, w, grad); });
   }
 }
 
@@ -83,19 +91,9 @@ TEMPLATE_TEST_CASE("AdamW trajectories match the NumPy reference", "[golden]", f
   REQUIRE(cases.size() == 2);
   for (const auto& c : cases) {
     const auto stack = muon::npy::read<double>(golden_path("adamw_" + c.name + ".npy"));
-    const std::size_t steps = (static_cast<std::size_t>(stack.shape[0]) - 1) / 2;
     muon::GroupOptions g;
     g.adamw = {c.num("lr"), c.num("beta1"), c.num("beta2"), c.num("eps"), c.num("wd")};
     muon::Optimizer<muon::EigenBackend, TestType> opt(g);
-    std::vector<TestType> w = slice<TestType>(stack, 0), grad(w.size());
-    opt.add_adamw(c.name, muon::TensorView<TestType>{w.data(), c.shape},
-                  muon::TensorView<const TestType>{grad.data(), c.shape});
-    for (std::size_t t = 0; t < steps; ++t) {
-      const auto gt = slice<TestType>(stack, 1 + t);
-      std::copy(gt.begin(), gt.end(), grad.begin());
-      opt.step();
-      INFO(c.name << " step " << t + 1);
-      CHECK(relative_error(w, slice<double>(stack, 1 + steps + t)) < Tol<TestType>::trajectory);
-    }
+    replay(c, stack, opt, [&](auto& o, auto w, auto grad) { o.add_adamw(c.name, w, grad); });
   }
 }

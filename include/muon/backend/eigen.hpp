@@ -75,22 +75,7 @@ class EigenBackend {
       return;
     }
 #endif
-    with_dense(c, [&](auto C) {
-      if (a.cols() == 0) {
-        scale_or_zero(C, beta);
-        return;
-      }
-      with_dense(a, [&](auto A) {
-        with_dense(b, [&](auto B) {
-          if (beta == T(0)) {
-            C.noalias() = alpha * (A * B);
-          } else {
-            if (beta != T(1)) C *= beta;
-            C.noalias() += alpha * (A * B);
-          }
-        });
-      });
-    });
+    eigen_product(alpha, a, b, beta, c, [](const auto& A, const auto& B) { return A * B; });
   }
 
   /// Lower triangle of C = alpha A A^T + beta C (square C; the strict upper triangle is left
@@ -139,21 +124,8 @@ class EigenBackend {
       }
     }
 #endif
-    with_dense(c, [&](auto C) {
-      if (a.cols() == 0) {
-        scale_or_zero(C, beta);
-        return;
-      }
-      with_dense(a, [&](auto A) {
-        with_dense(b, [&](auto B) {
-          if (beta == T(0)) {
-            C.noalias() = alpha * (A.template selfadjointView<Eigen::Lower>() * B);
-          } else {
-            if (beta != T(1)) C *= beta;
-            C.noalias() += alpha * (A.template selfadjointView<Eigen::Lower>() * B);
-          }
-        });
-      });
+    eigen_product(alpha, a, b, beta, c, [](const auto& A, const auto& B) {
+      return A.template selfadjointView<Eigen::Lower>() * B;
     });
   }
 
@@ -340,12 +312,20 @@ class EigenBackend {
       dst = b - (T(1) - weight) * (b - a);
   }
 
-  template <class C, class T>
-  static void scale_or_zero(C& c, T beta) {
-    if (beta == T(0))
-      c.setZero();
-    else
-      c *= beta;
+  /// C = alpha product(A, B) + beta C on Eigen's own kernels (C not read when beta == 0).
+  template <class T, class Product>
+  static void eigen_product(T alpha, MatrixView<const T> a, MatrixView<const T> b, T beta,
+                            MatrixView<T> c, Product product) {
+    with_dense(c, [&](auto C) {
+      if (beta == T(0))
+        C.setZero();
+      else if (beta != T(1))
+        C *= beta;
+      if (a.cols() == 0) return;
+      with_dense(a, [&](auto A) {
+        with_dense(b, [&](auto B) { C.noalias() += alpha * product(A, B); });
+      });
+    });
   }
 
   template <class T>
