@@ -68,6 +68,24 @@ TEMPLATE_TEST_CASE("a zero gradient shrinks W by exactly (1 - lr wd)", "[optimiz
   CHECK(w.allFinite());
 }
 
+TEST_CASE("gradient entries of 1e20 in float give the update of the unscaled gradient",
+          "[optimizer]") {
+  // ||G||_F^2 overflows float here; the update must be neither zero nor NaN, and since
+  // Newton-Schulz normalizes, it must equal the update of G / 1e20.
+  const Mat<float> g = gaussian<float>(24, 16, 2);
+  const Mat<float> huge = g * 1e20f;
+  Mat<float> w = gaussian<float>(24, 16, 1), v = w;
+  const Mat<float> w0 = w;
+  Opt<float> a(muon_options(0.02, 0.1)), b(muon_options(0.02, 0.1));
+  a.add_muon("w", w, huge);
+  b.add_muon("w", v, g);
+  a.step();
+  b.step();
+  CHECK(w.allFinite());
+  CHECK((w - w0).cwiseAbs().maxCoeff() > 1e-3f);
+  CHECK((w - v).cwiseAbs().maxCoeff() < 1e-5f);
+}
+
 TEMPLATE_TEST_CASE("gradients are never modified", "[optimizer]", float, double) {
   for (bool nesterov : {true, false})
     for (auto form : {muon::MomentumForm::ema, muon::MomentumForm::sum}) {
