@@ -150,10 +150,6 @@ class EigenBackend {
     }
   }
   template <class T>
-  void fill(MatrixView<T> x, T value) const {
-    elementwise([&](auto X) { X.setConstant(value); }, x);
-  }
-  template <class T>
   void flush_tiny(MatrixView<T> x, T threshold) const {
     elementwise([&](auto X) { X = (X.abs() < threshold).select(T(0), X); }, x);
   }

@@ -49,11 +49,9 @@ concept Backend = requires(B& b, const B& cb, typename B::template Buffer<T>& bu
   b.symmetrize(x);
   // elementwise
   b.copy(cx, x);
-  b.fill(x, s);
   b.add_diagonal(x, s);
   b.flush_tiny(x, s);    // entries with |x| < threshold become 0
   b.normalize(x, d, d);  // x /= max(scale * ||x||_F, eps), overflow-safe
-  { b.frobenius_norm(cx) } -> std::convertible_to<double>;
   { b.all_finite(cx) } -> std::same_as<bool>;
   b.momentum(x, cx, x, ms);       // M, G -> M, U
   b.apply_update(x, cx, d, d);    // W <- decay W - alpha O
