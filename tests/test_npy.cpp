@@ -56,6 +56,17 @@ TEMPLATE_TEST_CASE("write then read gives the same array", "[npy]", float, doubl
   }
 }
 
+TEST_CASE("a header longer than version 1.0's 64 KiB limit is written as version 2.0", "[npy]") {
+  const std::vector<muon::index_t> shape(30000, 1);  // "1, " x 30000: a 90 KB header
+  const double one = 2.5;
+  const std::string bytes = muon::npy::serialize(shape, &one);
+  CHECK(bytes[6] == 2);
+  CHECK((bytes.size() - sizeof(double)) % 64 == 0);
+  const auto back = muon::npy::parse<double>(bytes);
+  CHECK(back.shape == shape);
+  CHECK(back.data == std::vector<double>{2.5});
+}
+
 TEST_CASE("malformed .npy files are refused with the reason", "[npy]") {
   const std::string ok = "{'descr': '<f8', 'fortran_order': False, 'shape': (2,), }";
   const std::string eight(16, '\0');

@@ -175,8 +175,43 @@ TEST_CASE("wrong version, scalar type, shape, name or count is refused with the 
   std::istringstream in2(good);
   CHECK_THROWS_WITH(reshaped.load_state(in2), Contains("12x5") && Contains("5x12"));
 
+  // Found by fuzz_state: a record whose update rule differs from the registered parameter's
+  // (here 'tall' marked AdamW, all else intact and the checksum valid) was accepted.
+  std::string flipped = good.substr(0, good.size() - 8);
+  flipped[32] = 1;  // rule byte of the first record: after magic, version, scalar, steps, count
+  const std::uint64_t sum = muon::detail::fnv1a64(flipped);
+  for (int i = 0; i < 8; ++i) flipped.push_back(static_cast<char>((sum >> (8 * i)) & 0xff));
+  Model<float> ruled;
+  const std::string before = ruled.save();
+  CHECK_THROWS_WITH(ruled.load(flipped), Contains("'tall' (adamw, 12x5) in the state") &&
+                                             Contains("'tall' (muon, 12x5) in this optimizer"));
+  CHECK(ruled.save() == before);
+
   muon::Optimizer<muon::EigenBackend, float> fewer;
   fewer.add_muon("tall", t, gt);
   std::istringstream in3(good);
   CHECK_THROWS_WITH(fewer.load_state(in3), Contains("4 parameters"));
+}
+
+TEST_CASE("a state file written by an independent writer loads with the values it holds",
+          "[state]") {
+  // tests/fuzz/make_corpus.py writes valid.bin from the documented layout in Python: steps 5,
+  // muon 'w' 3x2 with M[i] = 0.1 (i + 1), adamw 'b' 1x4 with m[i] = -(i + 1), v[i] = (i + 1)/2.
+  std::ifstream file(MUON_GOLDEN_DIR "/../fuzz/corpus/state/valid.bin", std::ios::binary);
+  REQUIRE(file);
+  const std::string bytes{std::istreambuf_iterator<char>(file), std::istreambuf_iterator<char>()};
+  Mat<double> w(3, 2), gw(3, 2), b(1, 4), gb(1, 4);
+  w.setZero(); gw.setZero(); b.setZero(); gb.setZero();
+  muon::Optimizer<muon::EigenBackend, double> opt;
+  const auto pw = opt.add_muon("w", w, gw);
+  const auto pb = opt.add_adamw("b", b, gb);
+  std::istringstream in(bytes);
+  opt.load_state(in);
+  CHECK(opt.step_count() == 5);
+  const auto m_w = opt.momentum_buffer(pw), m_b = opt.momentum_buffer(pb);
+  for (int i = 0; i < 6; ++i) CHECK(m_w(i / 2, i % 2) == 0.1 * (i + 1));
+  for (int i = 0; i < 4; ++i) CHECK(m_b(0, i) == -(i + 1.0));
+  std::ostringstream out;  // v and the AdamW step count are checked by the byte round trip
+  opt.save_state(out);
+  CHECK(out.str() == bytes);
 }

@@ -19,6 +19,7 @@
 //   per parameter: u8 rule (0 muon, 1 adamw) | u64 len, name | u64 rows | u64 cols |
 //                  u64 adamw steps | muon: M | adamw: m, v   (rows*cols scalars each) |
 //   u64 FNV-1a checksum of all of the above.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <filesystem>
@@ -31,18 +32,13 @@
 
 #include "muon/algorithm/newton_schulz.hpp"
 #include "muon/algorithm/shape_scale.hpp"
+#include "muon/algorithm/update.hpp"
 #include "muon/core/adapter.hpp"
 #include "muon/core/backend.hpp"
+#include "muon/core/registration.hpp"
 #include "muon/serialize.hpp"
 
 namespace muon {
-
-struct GroupId {
-  std::size_t value = 0;
-};
-struct ParamId {
-  std::size_t value = 0;
-};
 
 /// What a step() did.
 struct StepReport {
@@ -51,10 +47,8 @@ struct StepReport {
   std::string skipped_because;     ///< the parameter whose gradient was not finite
 };
 
-enum class UpdateRule : std::uint8_t { muon = 0, adamw = 1 };
-
 template <class B, class T>
-class Optimizer {
+class Optimizer : public detail::Registrar<Optimizer<B, T>, T, typename B::memory_space> {
   static_assert(SupportedScalar<T>,
                 "muon::Optimizer<Backend, Scalar>: Scalar must be float or double; complex and "
                 "integer parameters are not supported.");
@@ -97,56 +91,15 @@ class Optimizer {
   [[nodiscard]] std::size_t num_groups() const noexcept { return groups_.size(); }
 
   // ---- parameters ------------------------------------------------------------------------
-  /// A weight matrix updated by Muon.
-  ParamId add_muon(std::string name, View param, ConstView grad, GroupId group = {}) {
-    return add(std::move(name), UpdateRule::muon, {param.rows(), param.cols()}, param, grad,
-               group);
-  }
-  /// An N-D weight (N >= 2, dense row-major, e.g. a conv kernel out x in x kh x kw), updated
-  /// by Muon as the (shape[0], product of the rest) matrix.
-  ParamId add_muon(std::string name, TensorView<T, Space> param, TensorView<const T, Space> grad,
-                   GroupId group = {}) {
-    if (param.shape.size() < 2)
-      throw InvalidArgument("muon: parameter '" + name + "' (" +
-                            detail::shape_string(param.shape) +
-                            ") has fewer than 2 dimensions; Muon is for matrices, route it to "
-                            "AdamW with add_adamw()");
-    if (grad.shape != param.shape)
-      throw InvalidArgument("muon: parameter '" + name + "' (" +
-                            detail::shape_string(param.shape) + "): gradient has shape " +
-                            detail::shape_string(grad.shape));
-    return add(std::move(name), UpdateRule::muon, param.shape, param.flattened(),
-               grad.flattened(), group);
-  }
-  /// A parameter updated by AdamW (any shape; vectors are 1 x n or n x 1 views).
-  ParamId add_adamw(std::string name, View param, ConstView grad, GroupId group = {}) {
-    return add(std::move(name), UpdateRule::adamw, {param.rows(), param.cols()}, param, grad,
-               group);
-  }
-  ParamId add_adamw(std::string name, TensorView<T, Space> param,
-                    TensorView<const T, Space> grad, GroupId group = {}) {
-    if (grad.shape != param.shape)
-      throw InvalidArgument("muon: parameter '" + name + "' (" +
-                            detail::shape_string(param.shape) + "): gradient has shape " +
-                            detail::shape_string(grad.shape));
-    return add(std::move(name), UpdateRule::adamw, param.shape, param.flattened(),
-               grad.flattened(), group);
-  }
-  /// Any adapted tensor types (Eigen objects, your own through muon::view).
-  template <ViewableMatrix P, ViewableMatrix G>
-  ParamId add_muon(std::string name, P& param, const G& grad, GroupId group = {}) {
-    return add_muon(std::move(name), as_param(param), as_grad(grad), group);
-  }
-  template <ViewableMatrix P, ViewableMatrix G>
-  ParamId add_adamw(std::string name, P& param, const G& grad, GroupId group = {}) {
-    return add_adamw(std::move(name), as_param(param), as_grad(grad), group);
-  }
+  // add_muon / add_adamw: see detail::Registrar (muon/core/registration.hpp).
+  using detail::Registrar<Optimizer<B, T>, T, typename B::memory_space>::add_muon;
+  using detail::Registrar<Optimizer<B, T>, T, typename B::memory_space>::add_adamw;
 
   /// Points a parameter at a (new) gradient; it takes part in the next steps again.
   void set_grad(ParamId id, ConstView grad) {
     check_param(id);
     Param& p = params_[id.value];
-    check_grad(p.name, p.shape, p.value, grad, id.value);
+    detail::check_grad(params_, p.name, p.shape, p.value, grad, id.value);
     p.grad = grad;
     p.has_grad = true;
   }
@@ -226,21 +179,24 @@ class Optimizer {
   /// registration order) and Scalar. On any error the optimizer is left exactly as it was.
   void load_state(std::istream& in) {
     const std::string bytes{std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
-    detail::StateReader r(bytes);
-    if (bytes.size() < sizeof detail::kStateMagic ||
-        std::string_view(r.take(8, 1, "magic"), 8) !=
-            std::string_view(detail::kStateMagic, sizeof detail::kStateMagic))
+    const std::string_view all(bytes);
+    constexpr std::size_t kMagic = sizeof detail::kStateMagic;
+    if (all.size() < kMagic || all.substr(0, kMagic) != std::string_view(detail::kStateMagic, kMagic))
       throw StateError("muon: load_state: not a muon optimizer state (bad magic bytes)");
-    const auto version = r.get<std::uint32_t>("version");
+    detail::StateReader head(all.substr(kMagic));
+    const auto version = head.get<std::uint32_t>("version");
     if (version != detail::kStateVersion)
       throw StateError("muon: load_state: state format version " + std::to_string(version) +
                        " is not supported (this build reads version " +
                        std::to_string(detail::kStateVersion) + ")");
-    if (bytes.size() < 8 + 8 ||
-        detail::fnv1a64(std::string_view(bytes).substr(0, bytes.size() - 8)) !=
-            detail::StateReader(std::string_view(bytes).substr(bytes.size() - 8))
-                .get<std::uint64_t>("checksum"))
+    // Everything after the version is read from the checksummed body only, so no record can
+    // reach into the checksum.
+    constexpr std::size_t kChecksum = sizeof(std::uint64_t);
+    if (all.size() < kMagic + 4 + kChecksum ||
+        detail::fnv1a64(all.substr(0, all.size() - kChecksum)) !=
+            detail::StateReader(all.substr(all.size() - kChecksum)).get<std::uint64_t>("checksum"))
       throw StateError("muon: load_state: checksum mismatch: the state is truncated or corrupted");
+    detail::StateReader r(all.substr(kMagic + 4, all.size() - kMagic - 4 - kChecksum));
     const auto scalar = r.get<std::uint32_t>("scalar size");
     if (scalar != sizeof(T))
       throw StateError("muon: load_state: the state holds " + std::to_string(scalar) +
@@ -264,7 +220,7 @@ class Optimizer {
       const auto rows = r.get<std::uint64_t>("rows");
       const auto cols = r.get<std::uint64_t>("cols");
       const auto adam_steps = r.get<std::uint64_t>("adamw step count");
-      if (rule > 1 || name != p.name || rows != std::uint64_t(p.value.rows()) ||
+      if (rule != static_cast<std::uint8_t>(p.rule) || name != p.name || rows != std::uint64_t(p.value.rows()) ||
           cols != std::uint64_t(p.value.cols()))
         throw StateError("muon: load_state: parameter " + std::to_string(i) + " is '" + name +
                          "' (" + describe(rule) + ", " + std::to_string(rows) + "x" +
@@ -275,8 +231,8 @@ class Optimizer {
       const std::size_t n = static_cast<std::size_t>(p.value.size()) * buffer_count(p.rule);
       records.push_back({adam_steps, r.take(n, sizeof(T), "state buffer")});
     }
-    if (r.remaining() != 8)
-      throw StateError("muon: load_state: " + std::to_string(r.remaining() - 8) +
+    if (r.remaining() != 0)
+      throw StateError("muon: load_state: " + std::to_string(r.remaining()) +
                        " unexpected bytes after the last parameter");
     // Pass 2: nothing can fail from here on; commit.
     std::vector<T> host;
@@ -313,6 +269,7 @@ class Optimizer {
   }
 
  private:
+  friend class detail::Registrar<Optimizer<B, T>, T, typename B::memory_space>;
   using Buffer = typename B::template Buffer<T>;
 
   struct Group {
@@ -341,26 +298,6 @@ class Optimizer {
     return rule == 0 ? "muon" : rule == 1 ? "adamw" : "rule " + std::to_string(rule);
   }
 
-  template <class P>
-  static View as_param(P& param) {
-    auto v = muon::view(param);
-    using Elem = typename decltype(v)::element_type;
-    static_assert(!std::is_const_v<Elem>,
-                  "muon: a parameter must be mutable, but this is a view of const elements");
-    static_assert(std::is_same_v<Elem, T>,
-                  "muon: the parameter's element type differs from the optimizer's Scalar");
-    static_assert(std::is_same_v<typename decltype(v)::memory_space, Space>,
-                  "muon: the parameter lives in another memory space than the backend's");
-    return v;
-  }
-  template <class G>
-  static ConstView as_grad(const G& grad) {
-    auto v = muon::view(grad);
-    static_assert(std::is_same_v<std::remove_const_t<typename decltype(v)::element_type>, T>,
-                  "muon: the gradient's element type differs from the optimizer's Scalar");
-    return v;
-  }
-
   static std::size_t buffer_count(UpdateRule rule) { return rule == UpdateRule::muon ? 1 : 2; }
   std::vector<Buffer*> state_buffers(Param& p) {
     if (p.rule == UpdateRule::muon) return {&p.m};
@@ -381,44 +318,10 @@ class Optimizer {
                             " (have " + std::to_string(groups_.size()) + ")");
   }
 
-  /// Shape match, no null data, and no memory shared with a parameter (other than `self`).
-  void check_grad(const std::string& name, const std::vector<index_t>& shape, View value,
-                  ConstView grad, std::size_t self) const {
-    const std::string what = "muon: parameter '" + name + "' (" + detail::shape_string(shape) + ")";
-    if (grad.rows() != value.rows() || grad.cols() != value.cols())
-      throw InvalidArgument(what + ": gradient has shape " +
-                            detail::shape_string(grad.rows(), grad.cols()) + ", expected " +
-                            detail::shape_string(value.rows(), value.cols()));
-    if (!grad.empty() && grad.data() == nullptr)
-      throw InvalidArgument(what + ": gradient data pointer is null");
-    if (detail::views_overlap(grad, ConstView(value)))
-      throw InvalidArgument(what + ": gradient shares memory with the parameter itself");
-    for (std::size_t i = 0; i < params_.size(); ++i)
-      if (i != self && detail::views_overlap(grad, ConstView(params_[i].value)))
-        throw InvalidArgument(what + ": gradient shares memory with parameter '" +
-                              params_[i].name + "', which step() writes");
-  }
-
   ParamId add(std::string name, UpdateRule rule, std::vector<index_t> shape, View value,
               ConstView grad, GroupId group) {
     check_group(group);
-    const std::string what = "muon: parameter '" + name + "' (" + detail::shape_string(shape) + ")";
-    if (name.empty()) throw InvalidArgument("muon: parameter name must not be empty");
-    for (index_t e : shape)
-      if (e < 0) throw InvalidArgument(what + ": negative extent");
-    if (!value.empty() && value.data() == nullptr)
-      throw InvalidArgument(what + ": parameter data pointer is null");
-    for (const Param& p : params_) {
-      if (p.name == name)
-        throw InvalidArgument(what + ": a parameter named '" + name + "' is already registered");
-      if (detail::views_overlap(ConstView(value), ConstView(p.value)))
-        throw InvalidArgument(what + ": shares memory with parameter '" + p.name + "' (" +
-                              detail::shape_string(p.shape) +
-                              "); is the same parameter registered twice?");
-      if (p.has_grad && detail::views_overlap(ConstView(value), p.grad))
-        throw InvalidArgument(what + ": shares memory with the gradient of '" + p.name + "'");
-    }
-    check_grad(name, shape, value, grad, params_.size());
+    detail::check_new_param(params_, name, shape, value, grad);
 
     Param p{std::move(name), rule, group.value, std::move(shape), value, grad, true, {}, {}, 0};
     backend_.resize(p.m, value.size());
@@ -435,23 +338,18 @@ class Optimizer {
     const MuonOptions& o = g.options.muon;
     const index_t rows = p.value.rows(), cols = p.value.cols();
     backend_.momentum(backend_.view(p.m, rows, cols), p.grad, ns_.input(backend_, rows, cols),
-                      MomentumStep{o.momentum, o.momentum_form, o.nesterov});
+                      detail::momentum_step(o));
     const ConstView update =
         ns_.run(backend_, rows, cols, g.schedule, o.newton_schulz.schedule.norm_scale(),
                 o.newton_schulz.eps, o.newton_schulz.method);
-    backend_.apply_update(p.value, update, 1 - o.lr * o.weight_decay,
-                          o.lr * shape_scale(o.scale, rows, cols, o.rms_factor));
+    const auto [decay, alpha] = detail::muon_apply(o, rows, cols);
+    backend_.apply_update(p.value, update, decay, alpha);
   }
 
   void adamw_update(Param& p) {
-    const AdamWOptions& o = groups_[p.group].options.adamw;
-    ++p.adam_steps;
-    const double t = static_cast<double>(p.adam_steps);
-    const double bias1 = 1 - std::pow(o.beta1, t), bias2 = 1 - std::pow(o.beta2, t);
     const index_t rows = p.value.rows(), cols = p.value.cols();
     backend_.adamw(p.value, p.grad, backend_.view(p.m, rows, cols), backend_.view(p.v, rows, cols),
-                   AdamWStep{1 - o.lr * o.weight_decay, o.beta1, o.beta2, o.eps, o.lr / bias1,
-                             std::sqrt(bias2)});
+                   detail::adamw_step(groups_[p.group].options.adamw, ++p.adam_steps));
   }
 
   B backend_;

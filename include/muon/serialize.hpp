@@ -29,6 +29,7 @@ inline std::uint64_t fnv1a64(std::string_view bytes) {
 template <class V>
 void to_little_endian(const V* src, std::size_t n, char* dst) {
   static_assert(std::is_trivially_copyable_v<V>);
+  if (n == 0) return;  // src or dst may be null for an empty parameter; memcpy forbids that
   std::memcpy(dst, src, n * sizeof(V));
   if constexpr (std::endian::native == std::endian::big)
     for (std::size_t i = 0; i < n; ++i)
@@ -37,6 +38,7 @@ void to_little_endian(const V* src, std::size_t n, char* dst) {
 }
 template <class V>
 void from_little_endian(const char* src, std::size_t n, V* dst) {
+  if (n == 0) return;
   if constexpr (std::endian::native == std::endian::big) {
     for (std::size_t i = 0; i < n; ++i) {
       char tmp[sizeof(V)];
@@ -103,7 +105,7 @@ class StateReader {
     if (n > max_length)
       throw StateError("muon: optimizer state is corrupted: " + std::string(what) + " length " +
                        std::to_string(n) + " exceeds " + std::to_string(max_length));
-    return std::string(take(n, 1, what), n);
+    return {take(n, 1, what), n};
   }
   [[nodiscard]] std::size_t remaining() const { return bytes_.size() - pos_; }
 

@@ -96,8 +96,8 @@ inline constexpr double kGramMinAspect = 2.0;
 
 /// Whether `method` runs the Gram form on an m x n matrix.
 inline bool uses_gram(NewtonSchulzMethod method, index_t rows, index_t cols) {
-  const double k = static_cast<double>(std::min(rows, cols));
-  const double n = static_cast<double>(std::max(rows, cols));
+  const auto k = static_cast<double>(std::min(rows, cols));
+  const auto n = static_cast<double>(std::max(rows, cols));
   return method == NewtonSchulzMethod::gram ||
          (method == NewtonSchulzMethod::automatic && k > 0 && n >= kGramMinAspect * k);
 }

@@ -11,7 +11,8 @@ namespace muon {
 
 inline double shape_scale(ScaleMode mode, index_t rows, index_t cols, double rms_factor = 0.2) {
   if (rows <= 0 || cols <= 0) return 1.0;
-  const double r = static_cast<double>(rows), c = static_cast<double>(cols);
+  const auto r = static_cast<double>(rows);
+  const auto c = static_cast<double>(cols);
   switch (mode) {
     case ScaleMode::original: return std::sqrt(std::max(1.0, r / c));
     case ScaleMode::match_rms_adamw: return rms_factor * std::sqrt(std::max(r, c));

@@ -154,6 +154,10 @@ class EigenBackend {
     elementwise([&](auto X) { X = (X.abs() < threshold).select(T(0), X); }, x);
   }
   template <class T>
+  void scale(MatrixView<T> x, T factor) const {
+    elementwise([&](auto X) { X *= factor; }, x);
+  }
+  template <class T>
   void add_diagonal(MatrixView<T> x, T value) const {
     for (index_t i = 0; i < std::min(x.rows(), x.cols()); ++i) x(i, i) += value;
   }
@@ -236,7 +240,11 @@ class EigenBackend {
           W *= decay;
           assign_lerp(M, M, G, w1);
           V = V * b2 + w2 * G * G;
-          W = W - step * (M / (V.sqrt() / bias2 + eps));
+          // std::sqrt, correctly rounded, rather than Eigen's float packet sqrt, which under
+          // EIGEN_FAST_MATH (the default) is an rsqrt estimate that can differ by an ulp from the
+          // scalar path. Results then do not depend on alignment or strides (slices of a
+          // sharded parameter), and match torch's sqrt.
+          W = W - step * (M / (V.unaryExpr([](T x) { return std::sqrt(x); }) / bias2 + eps));
         },
         w, g, m, v);
   }

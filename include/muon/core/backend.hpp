@@ -50,6 +50,7 @@ concept Backend = requires(B& b, const B& cb, typename B::template Buffer<T>& bu
   // elementwise
   b.copy(cx, x);
   b.add_diagonal(x, s);
+  b.scale(x, s);         // x *= s
   b.flush_tiny(x, s);    // entries with |x| < threshold become 0
   b.normalize(x, d, d);  // x /= max(scale * ||x||_F, eps), overflow-safe
   { b.all_finite(cx) } -> std::same_as<bool>;

@@ -246,7 +246,7 @@ Array<T> read(const std::filesystem::path& path) {
   return parse<T>(bytes, path.string());
 }
 
-/// The bytes of a version 1.0 .npy file holding `data` (C order) with `shape`.
+/// The bytes of a .npy file (version 1.0, or 2.0 for very long headers) holding `data` (C order) with `shape`.
 template <class T>
 std::string serialize(const std::vector<index_t>& shape, const T* data) {
   static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>);
@@ -259,12 +259,14 @@ std::string serialize(const std::vector<index_t>& shape, const T* data) {
   }
   if (shape.size() == 1) dict.pop_back();  // "(5,)" rather than "(5, )"
   dict += "), }";
-  const std::size_t unpadded = 10 + dict.size() + 1;
-  dict.append((64 - unpadded % 64) % 64, ' ');
+  // Version 1.0 stores the header length in 2 bytes; longer headers (thousands of dimensions)
+  // need version 2.0's 4 bytes.
+  const bool v2 = 10 + dict.size() + 64 > 65535;
+  const std::size_t prefix = v2 ? 12 : 10;
+  dict.append((64 - (prefix + dict.size() + 1) % 64) % 64, ' ');
   dict += '\n';
-  std::string out("\x93NUMPY\x01\x00", 8);
-  out += static_cast<char>(dict.size() & 0xff);
-  out += static_cast<char>(dict.size() >> 8);
+  std::string out(v2 ? "\x93NUMPY\x02\x00" : "\x93NUMPY\x01\x00", 8);
+  for (std::size_t i = 0; i < prefix - 8; ++i) out += static_cast<char>((dict.size() >> (8 * i)) & 0xff);
   out += dict;
   out.append(reinterpret_cast<const char*>(data), count * sizeof(T));
   return out;

@@ -1,0 +1,153 @@
+#pragma once
+// Parameter registration shared by muon::Optimizer and muon::ShardedOptimizer: the ids, the
+// add_muon / add_adamw overloads (views, N-D tensors, adapted types) and the checks on a new
+// parameter. `params` is the list registered so far; its elements have name, shape, value, grad
+// and has_grad members.
+#include <algorithm>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "muon/core/adapter.hpp"
+#include "muon/core/error.hpp"
+#include "muon/core/matrix_view.hpp"
+
+namespace muon {
+
+struct GroupId {
+  std::size_t value = 0;
+};
+struct ParamId {
+  std::size_t value = 0;
+};
+enum class UpdateRule : std::uint8_t { muon = 0, adamw = 1 };
+
+}  // namespace muon
+
+namespace muon::detail {
+
+/// The view of an adapted parameter, checked at compile time against the optimizer's types.
+template <class T, class Space, class P>
+MatrixView<T, Space> as_param(P& param) {
+  auto v = muon::view(param);
+  using Elem = typename decltype(v)::element_type;
+  static_assert(!std::is_const_v<Elem>,
+                "muon: a parameter must be mutable, but this is a view of const elements");
+  static_assert(std::is_same_v<Elem, T>,
+                "muon: the parameter's element type differs from the optimizer's Scalar");
+  static_assert(std::is_same_v<typename decltype(v)::memory_space, Space>,
+                "muon: the parameter lives in another memory space than the backend's");
+  return v;
+}
+template <class T, class Space, class G>
+MatrixView<const T, Space> as_grad(const G& grad) {
+  auto v = muon::view(grad);
+  static_assert(std::is_same_v<std::remove_const_t<typename decltype(v)::element_type>, T>,
+                "muon: the gradient's element type differs from the optimizer's Scalar");
+  return v;
+}
+
+inline std::string describe_param(const std::string& name, const std::vector<index_t>& shape) {
+  return "muon: parameter '" + name + "' (" + shape_string(shape) + ")";
+}
+
+/// Shape match, no null data, and no memory shared with a parameter (other than `self`).
+template <class Params, class T, class Space>
+void check_grad(const Params& params, const std::string& name, const std::vector<index_t>& shape,
+                MatrixView<T, Space> value, MatrixView<const T, Space> grad, std::size_t self) {
+  using ConstView = MatrixView<const T, Space>;
+  const std::string what = describe_param(name, shape);
+  if (grad.rows() != value.rows() || grad.cols() != value.cols())
+    throw InvalidArgument(what + ": gradient has shape " + shape_string(grad.rows(), grad.cols()) +
+                          ", expected " + shape_string(value.rows(), value.cols()));
+  if (!grad.empty() && grad.data() == nullptr)
+    throw InvalidArgument(what + ": gradient data pointer is null");
+  if (views_overlap(grad, ConstView(value)))
+    throw InvalidArgument(what + ": gradient shares memory with the parameter itself");
+  for (std::size_t i = 0; i < params.size(); ++i)
+    if (i != self && views_overlap(grad, ConstView(params[i].value)))
+      throw InvalidArgument(what + ": gradient shares memory with parameter '" + params[i].name +
+                            "', which step() writes");
+}
+
+/// A new parameter: a unique non-empty name, no negative extent, data present, and no memory
+/// shared with any registered parameter or gradient.
+template <class Params, class T, class Space>
+void check_new_param(const Params& params, const std::string& name,
+                     const std::vector<index_t>& shape, MatrixView<T, Space> value,
+                     MatrixView<const T, Space> grad) {
+  using ConstView = MatrixView<const T, Space>;
+  if (name.empty()) throw InvalidArgument("muon: parameter name must not be empty");
+  const std::string what = describe_param(name, shape);
+  for (index_t e : shape)
+    if (e < 0) throw InvalidArgument(what + ": negative extent");
+  if (!value.empty() && value.data() == nullptr)
+    throw InvalidArgument(what + ": parameter data pointer is null");
+  if (std::any_of(params.begin(), params.end(), [&](const auto& p) { return p.name == name; }))
+    throw InvalidArgument(what + ": a parameter named '" + name + "' is already registered");
+  for (const auto& p : params) {
+    if (views_overlap(ConstView(value), ConstView(p.value)))
+      throw InvalidArgument(what + ": shares memory with parameter '" + p.name + "' (" +
+                            shape_string(p.shape) + "); is the same parameter registered twice?");
+    if (p.has_grad && views_overlap(ConstView(value), p.grad))
+      throw InvalidArgument(what + ": shares memory with the gradient of '" + p.name + "'");
+  }
+  check_grad(params, name, shape, value, grad, params.size());
+}
+
+/// The registration overloads of an optimizer; Derived provides
+///   ParamId add(std::string name, UpdateRule, std::vector<index_t> shape, View, ConstView, GroupId)
+/// (befriending this class) and does the common checks there with check_new_param.
+template <class Derived, class T, class Space>
+class Registrar {
+ public:
+  using View = MatrixView<T, Space>;
+  using ConstView = MatrixView<const T, Space>;
+
+  /// A weight matrix updated by Muon.
+  ParamId add_muon(std::string name, View param, ConstView grad, GroupId group = {}) {
+    return self().add(std::move(name), UpdateRule::muon, {param.rows(), param.cols()}, param,
+                      grad, group);
+  }
+  /// An N-D weight (N >= 2, dense row-major, e.g. a conv kernel out x in x kh x kw), updated
+  /// by Muon as the (shape[0], product of the rest) matrix.
+  ParamId add_muon(std::string name, TensorView<T, Space> param, TensorView<const T, Space> grad,
+                   GroupId group = {}) {
+    if (param.shape.size() < 2)
+      throw InvalidArgument(describe_param(name, param.shape) +
+                            " has fewer than 2 dimensions; Muon is for matrices, route it to "
+                            "AdamW with add_adamw()");
+    return add_tensor(std::move(name), UpdateRule::muon, param, grad, group);
+  }
+  /// A parameter updated by AdamW (any shape; vectors are 1 x n or n x 1 views).
+  ParamId add_adamw(std::string name, View param, ConstView grad, GroupId group = {}) {
+    return self().add(std::move(name), UpdateRule::adamw, {param.rows(), param.cols()}, param,
+                      grad, group);
+  }
+  ParamId add_adamw(std::string name, TensorView<T, Space> param,
+                    TensorView<const T, Space> grad, GroupId group = {}) {
+    return add_tensor(std::move(name), UpdateRule::adamw, param, grad, group);
+  }
+  /// Any adapted tensor types (Eigen objects, your own through muon::view).
+  template <ViewableMatrix P, ViewableMatrix G>
+  ParamId add_muon(std::string name, P& param, const G& grad, GroupId group = {}) {
+    return add_muon(std::move(name), as_param<T, Space>(param), as_grad<T, Space>(grad), group);
+  }
+  template <ViewableMatrix P, ViewableMatrix G>
+  ParamId add_adamw(std::string name, P& param, const G& grad, GroupId group = {}) {
+    return add_adamw(std::move(name), as_param<T, Space>(param), as_grad<T, Space>(grad), group);
+  }
+
+ private:
+  Derived& self() { return static_cast<Derived&>(*this); }
+  ParamId add_tensor(std::string name, UpdateRule rule, TensorView<T, Space> param,
+                     TensorView<const T, Space> grad, GroupId group) {
+    if (grad.shape != param.shape)
+      throw InvalidArgument(describe_param(name, param.shape) + ": gradient has shape " +
+                            shape_string(grad.shape));
+    return self().add(std::move(name), rule, param.shape, param.flattened(), grad.flattened(),
+                      group);
+  }
+};
+
+}  // namespace muon::detail

@@ -1,0 +1,504 @@
+#pragma once
+// muon::ShardedOptimizer<Backend, Scalar, Communicator>: data-parallel Muon + AdamW. Every rank
+// holds the full parameters and its own local gradients; step() averages the gradients over
+// the ranks and updates the parameters identically on every rank, with the optimizer state
+// sharded (SPEC.md section 6). Strategies:
+//
+//   owner_compute  Each Muon matrix is owned by one rank (balanced by its cost k^2 N, k <= N
+//                  its sides); AdamW parameters are sliced as under zero1. Gradients are
+//                  reduce-scattered, each owner runs momentum, Newton-Schulz and the update on
+//                  whole matrices, and the new parameters are all-gathered. Every matrix is
+//                  orthogonalized once in the world. Bitwise equal to muon::Optimizer given the
+//                  same averaged gradients.
+//   zero1          ZeRO-1 (Moonlight, arXiv:2502.16982): every parameter is split along its
+//                  longer side into N padded slices. Gradients are reduce-scattered, each rank
+//                  updates the momentum of its slice and contributes the slice of the Nesterov
+//                  input U; U is all-gathered and every rank runs Newton-Schulz on the whole
+//                  matrix and applies the update to its full copy (so the parameters of Muon
+//                  matrices need no second all-gather; AdamW slices are all-gathered).
+//
+// Both issue one reduce-scatter and one all-gather per step, as ZeRO-1 AdamW does. zero1 moves
+// exactly AdamW's bytes and holds 1/N of the single-process state; owner_compute pads every
+// rank's segment to the busiest rank's Muon matrices, so its bytes and state exceed 1/N by the
+// imbalance of the partition (bench/comm_volume prints both). Plus one full-size gather buffer.
+//
+// Every rank must register the same parameters in the same order and call step(), save_state
+// and load_state together; the registration is checked collectively on the first step. A
+// rank that meets a non-finite gradient or a bad state file makes every rank refuse together.
+#include <algorithm>
+#include <cstdint>
+#include <istream>
+#include <iterator>
+#include <numeric>
+#include <ostream>
+#include <string>
+#include <vector>
+
+#include "muon/algorithm/newton_schulz.hpp"
+#include "muon/algorithm/update.hpp"
+#include "muon/core/adapter.hpp"
+#include "muon/core/backend.hpp"
+#include "muon/core/registration.hpp"
+#include "muon/distributed/communicator.hpp"
+#include "muon/optimizer.hpp"
+#include "muon/serialize.hpp"
+
+namespace muon {
+
+enum class ShardingStrategy : std::uint8_t { owner_compute = 0, zero1 = 1 };
+
+inline const char* to_string(ShardingStrategy s) {
+  return s == ShardingStrategy::zero1 ? "zero1" : "owner_compute";
+}
+
+template <class B, class T, class C>
+class ShardedOptimizer
+    : public detail::Registrar<ShardedOptimizer<B, T, C>, T, typename B::memory_space> {
+  static_assert(SupportedScalar<T>,
+                "muon::ShardedOptimizer<Backend, Scalar, Comm>: Scalar must be float or double.");
+  static_assert(Backend<B, T>,
+                "muon::ShardedOptimizer<Backend, Scalar, Comm>: Backend does not provide, for "
+                "this Scalar, the operations listed by the muon::Backend concept.");
+  static_assert(Communicator<C, T>,
+                "muon::ShardedOptimizer<Backend, Scalar, Comm>: Comm does not provide the "
+                "collectives listed by the muon::Communicator concept in "
+                "muon/distributed/communicator.hpp.");
+  static_assert(std::is_same_v<typename C::memory_space, typename B::memory_space>,
+                "muon::ShardedOptimizer: the communicator and the backend must work in the same "
+                "memory space");
+
+ public:
+  using Space = typename B::memory_space;
+  using View = MatrixView<T, Space>;
+  using ConstView = MatrixView<const T, Space>;
+
+  ShardedOptimizer(C comm, ShardingStrategy strategy, GroupOptions defaults = {},
+                   OptimizerOptions options = {}, B backend = B{})
+      : comm_(std::move(comm)), strategy_(strategy), backend_(std::move(backend)),
+        options_(options) {
+    add_group(defaults);
+  }
+
+  GroupId add_group(const GroupOptions& options) {
+    groups_.push_back(make_group(options, groups_.size()));
+    return {groups_.size() - 1};
+  }
+  /// Replaces a group's options (e.g. a learning-rate schedule); call it on every rank.
+  void set_group_options(GroupId id, const GroupOptions& options) {
+    check_group(id);
+    Group group = make_group(options, id.value);
+    if (laid_out_)  // a new Newton-Schulz method may need more workspace: size it now
+      for (const Param& p : params_)
+        if (p.group == id.value && runs_newton_schulz(p))
+          ns_.reserve(backend_, p.value.rows(), p.value.cols(), options.muon.newton_schulz.method);
+    groups_[id.value] = std::move(group);
+  }
+
+  // add_muon / add_adamw: see detail::Registrar (muon/core/registration.hpp).
+  using detail::Registrar<ShardedOptimizer<B, T, C>, T, typename B::memory_space>::add_muon;
+  using detail::Registrar<ShardedOptimizer<B, T, C>, T, typename B::memory_space>::add_adamw;
+
+  /// Points a parameter at a (new) local gradient of the same shape.
+  void set_grad(ParamId id, ConstView grad) {
+    check_param(id);
+    Param& p = params_[id.value];
+    detail::check_grad(params_, p.name, p.shape, p.value, grad, id.value);
+    p.grad = grad;
+  }
+
+  /// One step on every rank (collective). Gradients are averaged over the ranks.
+  StepReport step() {
+    verify_registration();
+    // Validate before communicating: every rank learns whether any rank saw a NaN/Inf.
+    const Param* bad = nullptr;
+    for (const Param& p : params_)
+      if (!p.value.empty() && !backend_.all_finite(p.grad)) {
+        bad = &p;
+        break;
+      }
+    if (comm_.all_reduce_max(bad != nullptr ? 1 : 0) != 0) {
+      const std::string who = bad != nullptr ? "parameter '" + bad->name + "' on rank " +
+                                                   std::to_string(comm_.rank())
+                                             : "a parameter on another rank";
+      if (options_.non_finite == NonFinitePolicy::skip) return {false, 0, who};
+      throw NonFiniteGradient("muon: step refused on every rank: the gradient of " + who +
+                                  " contains NaN or Inf; no parameter or state was changed",
+                              bad != nullptr ? bad->name : std::string());
+    }
+    const int world = comm_.size(), me = comm_.rank();
+    const auto seg = static_cast<std::size_t>(segment_);
+    // 1. Pack every rank's slice of every local gradient; reduce-scatter; average.
+    for (Param& p : params_)
+      for (int r = 0; r < world; ++r) backend_.copy(block(p.grad, p.pieces[r]), packed(full_, r, p.pieces[r]));
+    comm_.reduce_scatter_sum(data(full_, seg * world), data(reduced_, seg), seg);
+    if (world > 1) backend_.scale(backend_.view(reduced_, 1, segment_), T(1) / static_cast<T>(world));
+    // 2. Update this rank's slices; what the others need goes into out_.
+    for (Param& p : params_) {
+      if (p.value.empty()) continue;  // as muon::Optimizer: nothing to update
+      const Piece& mine = p.pieces[me];
+      const ConstView g = packed(reduced_, 0, mine);
+      const View m = backend_.view(p.m, mine.rows, mine.cols);
+      if (p.rule == UpdateRule::adamw) {
+        const View w = block(p.value, mine);
+        backend_.adamw(w, g, m, backend_.view(p.v, mine.rows, mine.cols),
+                       detail::adamw_step(groups_[p.group].options.adamw, ++p.adam_steps));
+        backend_.copy(ConstView(w), packed(out_, 0, mine));
+      } else if (strategy_ == ShardingStrategy::zero1) {
+        backend_.momentum(m, g, packed(out_, 0, mine), detail::momentum_step(groups_[p.group].options.muon));
+      } else if (!mine.empty()) {  // owner_compute: this rank owns the whole matrix
+        const index_t rows = p.value.rows(), cols = p.value.cols();
+        backend_.momentum(m, g, ns_.input(backend_, rows, cols),
+                          detail::momentum_step(groups_[p.group].options.muon));
+        orthogonalize_and_apply(p);
+        backend_.copy(ConstView(p.value), packed(out_, 0, mine));
+      }
+    }
+    // 3. All-gather; every rank completes its full copy of every parameter.
+    comm_.all_gather(data(out_, seg), data(full_, seg * world), seg);
+    for (Param& p : params_) {
+      if (p.value.empty()) continue;
+      if (p.rule == UpdateRule::muon && strategy_ == ShardingStrategy::zero1) {
+        const View u = ns_.input(backend_, p.value.rows(), p.value.cols());
+        for (int r = 0; r < world; ++r) backend_.copy(ConstView(packed(full_, r, p.pieces[r])), block(u, p.pieces[r]));
+        orthogonalize_and_apply(p);
+        continue;
+      }
+      for (int r = 0; r < world; ++r)
+        if (r != me) backend_.copy(ConstView(packed(full_, r, p.pieces[r])), block(p.value, p.pieces[r]));
+    }
+    ++steps_;
+    return {true, params_.size(), {}};
+  }
+
+  // ---- introspection ---------------------------------------------------------------------
+  [[nodiscard]] std::uint64_t step_count() const noexcept { return steps_; }
+  [[nodiscard]] std::size_t num_params() const noexcept { return params_.size(); }
+  [[nodiscard]] ShardingStrategy strategy() const noexcept { return strategy_; }
+  [[nodiscard]] C& communicator() noexcept { return comm_; }
+  [[nodiscard]] B& backend() noexcept { return backend_; }
+  /// Bytes of optimizer state (momenta, AdamW moments) this rank holds.
+  [[nodiscard]] std::size_t state_bytes() {
+    if (!laid_out_) lay_out();
+    std::size_t n = 0;
+    for (const Param& p : params_)
+      n += static_cast<std::size_t>(p.pieces[comm_.rank()].size()) * (p.rule == UpdateRule::adamw ? 2 : 1);
+    return n * sizeof(T);
+  }
+  /// Bytes of the communication buffers: the full-size gather buffer and two 1/N segments.
+  [[nodiscard]] std::size_t buffer_bytes() {
+    if (!laid_out_) lay_out();
+    return static_cast<std::size_t>(segment_) * (static_cast<std::size_t>(comm_.size()) + 2) *
+           sizeof(T);
+  }
+  /// The rows x cols block of parameter `id` whose optimizer state lives on this rank.
+  struct Slice {
+    index_t row0 = 0, col0 = 0, rows = 0, cols = 0;
+  };
+  [[nodiscard]] Slice local_slice(ParamId id) {
+    check_param(id);
+    if (!laid_out_) lay_out();
+    const Piece& p = params_[id.value].pieces[comm_.rank()];
+    return {p.row0, p.col0, p.rows, p.cols};
+  }
+
+  // ---- state (per rank) ------------------------------------------------------------------
+  /// Writes this rank's state. Collective: call on every rank.
+  void save_state(std::ostream& out) {
+    verify_registration();
+    detail::StateWriter w;
+    w.put_raw(std::string_view(kMagic, sizeof kMagic));
+    w.put<std::uint32_t>(detail::kStateVersion);
+    w.put<std::uint32_t>(sizeof(T));
+    w.put<std::uint32_t>(static_cast<std::uint32_t>(comm_.size()));
+    w.put<std::uint32_t>(static_cast<std::uint32_t>(comm_.rank()));
+    w.put<std::uint8_t>(static_cast<std::uint8_t>(strategy_));
+    w.put<std::uint64_t>(steps_);
+    w.put<std::uint64_t>(params_.size());
+    std::vector<T> host;
+    for (Param& p : params_) {
+      const Piece& mine = p.pieces[comm_.rank()];
+      w.put<std::uint8_t>(static_cast<std::uint8_t>(p.rule));
+      w.put_string(p.name);
+      for (index_t e : {p.value.rows(), p.value.cols(), mine.row0, mine.col0, mine.rows, mine.cols})
+        w.put<std::uint64_t>(static_cast<std::uint64_t>(e));
+      w.put<std::uint64_t>(p.adam_steps);
+      host.resize(static_cast<std::size_t>(mine.size()));
+      for (Buffer* buf : state_buffers(p)) {
+        backend_.copy_to_host(ConstView(backend_.view(*buf, mine.rows, mine.cols)), host.data());
+        w.put_array(host.data(), host.size());
+      }
+    }
+    const std::string bytes = w.finish();
+    out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+    if (comm_.all_reduce_max(out ? 0 : 1) != 0)
+      throw StateError("muon: save_state: writing the optimizer state failed on " +
+                       std::string(out ? "another rank" : "this rank"));
+  }
+
+  /// Restores state saved at the same world size, strategy and registration. Collective: if
+  /// any rank's state is refused, every rank throws and no rank changes anything.
+  void load_state(std::istream& in) {
+    verify_registration();
+    const std::string bytes{std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+    std::string error;
+    std::vector<const char*> data;
+    std::vector<std::uint64_t> adam_steps;
+    std::uint64_t steps = 0;
+    try {
+      steps = parse_state(bytes, data, adam_steps);
+    } catch (const StateError& e) {
+      error = e.what();
+    }
+    if (comm_.all_reduce_max(error.empty() ? 0 : 1) != 0)
+      throw StateError(error.empty() ? "muon: load_state: the state was refused on another rank; "
+                                       "nothing was changed"
+                                     : error);
+    std::vector<T> host;
+    for (std::size_t i = 0; i < params_.size(); ++i) {  // nothing can fail from here on
+      Param& p = params_[i];
+      const Piece& mine = p.pieces[comm_.rank()];
+      const auto n = static_cast<std::size_t>(mine.size());
+      host.resize(n);
+      const char* src = data[i];
+      for (Buffer* buf : state_buffers(p)) {
+        detail::from_little_endian(src, n, host.data());
+        backend_.copy_from_host(host.data(), backend_.view(*buf, mine.rows, mine.cols));
+        src += n * sizeof(T);
+      }
+      p.adam_steps = adam_steps[i];
+    }
+    steps_ = steps;
+  }
+
+ private:
+  friend class detail::Registrar<ShardedOptimizer<B, T, C>, T, typename B::memory_space>;
+  using Buffer = typename B::template Buffer<T>;
+  static constexpr char kMagic[8] = {'\x89', 'M', 'U', 'O', 'N', 'D', 'P', '\x1a'};
+
+  /// A rows x cols block of a parameter, stored densely at `offset` of a rank's segment.
+  struct Piece {
+    index_t row0 = 0, col0 = 0, rows = 0, cols = 0, offset = 0;
+    [[nodiscard]] index_t size() const { return rows * cols; }
+    [[nodiscard]] bool empty() const { return rows == 0 || cols == 0; }
+  };
+  struct Param {
+    std::string name;
+    UpdateRule rule;
+    std::size_t group;
+    std::vector<index_t> shape;
+    View value;
+    ConstView grad;
+    bool has_grad = true;  // always: every parameter takes part in every sharded step
+    std::vector<Piece> pieces;  // one per rank
+    Buffer m, v;                // state of this rank's piece
+    std::uint64_t adam_steps = 0;
+  };
+
+  struct Group {
+    GroupOptions options;
+    std::vector<Coefficients> schedule;  // resolved once, so step() never allocates
+  };
+  static Group make_group(const GroupOptions& options, std::size_t index) {
+    validate(options, "group " + std::to_string(index));
+    return {options,
+            options.muon.newton_schulz.schedule.resolve(options.muon.newton_schulz.steps)};
+  }
+
+  void check_group(GroupId id) const {
+    if (id.value >= groups_.size())
+      throw InvalidArgument("muon: no parameter group with id " + std::to_string(id.value));
+  }
+  void check_param(ParamId id) const {
+    if (id.value >= params_.size())
+      throw InvalidArgument("muon: no parameter with id " + std::to_string(id.value));
+  }
+  ParamId add(std::string name, UpdateRule rule, std::vector<index_t> shape, View value,
+              ConstView grad, GroupId group) {
+    check_group(group);
+    detail::check_new_param(params_, name, shape, value, grad);
+    params_.push_back(Param{std::move(name), rule, group.value, std::move(shape), value, grad,
+                            true, {}, {}, {}, 0});
+    laid_out_ = false;
+    return {params_.size() - 1};
+  }
+
+  /// Collective: checks that every rank registered the same parameters (once per layout).
+  void verify_registration() {
+    if (!laid_out_) lay_out();
+    if (verified_) return;
+    std::uint64_t fingerprint = detail::fnv1a64(to_string(strategy_));
+    for (const Param& p : params_) {
+      const std::string key = p.name + '|' + std::to_string(p.value.rows()) + 'x' +
+                              std::to_string(p.value.cols()) + '|' +
+                              std::to_string(static_cast<int>(p.rule));
+      fingerprint = (fingerprint ^ detail::fnv1a64(key)) * 0x100000001b3ULL;
+    }
+    // Unequal fingerprints: some rank sees max != its own, or max of complements != its own.
+    const bool differs = comm_.all_reduce_max(fingerprint) != fingerprint;
+    const bool differs_low = comm_.all_reduce_max(~fingerprint) != ~fingerprint;
+    if (comm_.all_reduce_max(differs || differs_low ? 1 : 0) != 0)
+      throw InvalidArgument("muon: ShardedOptimizer: the ranks registered different parameters "
+                            "(names, shapes, rules or order differ); nothing was changed");
+    verified_ = true;
+  }
+
+  /// Assigns every parameter's pieces to ranks and sizes the buffers (local, deterministic).
+  void lay_out() {
+    const int world = comm_.size();
+    // Slices: every parameter under zero1, AdamW parameters under owner_compute too (they are
+    // elementwise, and one embedding would otherwise unbalance the segments).
+    index_t common = 0;
+    for (Param& p : params_) {
+      if (strategy_ == ShardingStrategy::owner_compute && p.rule == UpdateRule::muon) continue;
+      const index_t rows = p.value.rows(), cols = p.value.cols();
+      const bool by_rows = rows >= cols;  // split the longer side into `world` padded slices
+      const index_t len = by_rows ? rows : cols, chunk = (len + world - 1) / world;
+      p.pieces.assign(static_cast<std::size_t>(world), Piece{});
+      for (int r = 0; r < world; ++r) {
+        const index_t begin = std::min(len, r * chunk), count = std::min(len, begin + chunk) - begin;
+        p.pieces[r] = by_rows ? Piece{begin, 0, count, cols, common} : Piece{0, begin, rows, count, common};
+      }
+      common += chunk * (by_rows ? cols : rows);
+    }
+    std::vector<index_t> used(static_cast<std::size_t>(world), common);
+    if (strategy_ == ShardingStrategy::owner_compute) {
+      // Muon matrices whole, longest-processing-time-first: the costliest (k^2 N) goes to the
+      // least loaded rank.
+      std::vector<std::size_t> order;
+      for (std::size_t i = 0; i < params_.size(); ++i)
+        if (params_[i].rule == UpdateRule::muon) order.push_back(i);
+      auto cost = [&](const Param& p) {
+        const auto k = static_cast<double>(std::min(p.value.rows(), p.value.cols()));
+        return static_cast<double>(p.value.rows()) * static_cast<double>(p.value.cols()) * k;
+      };
+      std::stable_sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) {
+        return cost(params_[a]) > cost(params_[b]);
+      });
+      std::vector<double> load(static_cast<std::size_t>(world), 0.0);
+      for (std::size_t i : order) {
+        Param& p = params_[i];
+        const auto owner = static_cast<std::size_t>(std::min_element(load.begin(), load.end()) - load.begin());
+        load[owner] += cost(p);
+        p.pieces.assign(static_cast<std::size_t>(world), Piece{});
+        p.pieces[owner] = Piece{0, 0, p.value.rows(), p.value.cols(), used[owner]};
+        used[owner] += p.value.size();
+      }
+    }
+    segment_ = *std::max_element(used.begin(), used.end());
+    backend_.resize(full_, segment_ * world);
+    backend_.resize(reduced_, segment_);
+    backend_.resize(out_, segment_);
+    for (Param& p : params_) {
+      const Piece& mine = p.pieces[comm_.rank()];
+      backend_.resize(p.m, mine.size());
+      if (p.rule == UpdateRule::adamw) backend_.resize(p.v, mine.size());
+      if (runs_newton_schulz(p))
+        ns_.reserve(backend_, p.value.rows(), p.value.cols(),
+                    groups_[p.group].options.muon.newton_schulz.method);
+    }
+    laid_out_ = true;
+    verified_ = false;
+  }
+
+  /// Whether this rank orthogonalizes parameter p (zero1: every Muon matrix; owner: its own).
+  bool runs_newton_schulz(const Param& p) const {
+    return p.rule == UpdateRule::muon &&
+           (strategy_ == ShardingStrategy::zero1 || !p.pieces[comm_.rank()].empty());
+  }
+
+  void orthogonalize_and_apply(Param& p) {
+    const MuonOptions& o = groups_[p.group].options.muon;
+    const index_t rows = p.value.rows(), cols = p.value.cols();
+    const ConstView update =
+        ns_.run(backend_, rows, cols, groups_[p.group].schedule, o.newton_schulz.schedule.norm_scale(),
+                o.newton_schulz.eps, o.newton_schulz.method);
+    const auto [decay, alpha] = detail::muon_apply(o, rows, cols);
+    backend_.apply_update(p.value, update, decay, alpha);
+  }
+  std::vector<Buffer*> state_buffers(Param& p) {
+    if (p.rule == UpdateRule::muon) return {&p.m};
+    return {&p.m, &p.v};
+  }
+
+  /// Pass 1 of load_state: checks everything, returns the step count and where data is.
+  std::uint64_t parse_state(const std::string& bytes, std::vector<const char*>& data,
+                            std::vector<std::uint64_t>& adam_steps) {
+    const std::string_view all(bytes);
+    constexpr std::size_t kHead = sizeof kMagic + 4, kSum = 8;
+    if (all.size() < sizeof kMagic || all.substr(0, sizeof kMagic) != std::string_view(kMagic, sizeof kMagic))
+      throw StateError("muon: load_state: not a sharded muon optimizer state (bad magic bytes)");
+    if (all.size() < kHead + kSum ||
+        detail::fnv1a64(all.substr(0, all.size() - kSum)) !=
+            detail::StateReader(all.substr(all.size() - kSum)).get<std::uint64_t>("checksum"))
+      throw StateError("muon: load_state: checksum mismatch: the state is truncated or corrupted");
+    detail::StateReader head(all.substr(sizeof kMagic, 4));
+    if (head.get<std::uint32_t>("version") != detail::kStateVersion)
+      throw StateError("muon: load_state: unsupported state format version");
+    detail::StateReader r(all.substr(kHead, all.size() - kHead - kSum));
+    const auto scalar = r.get<std::uint32_t>("scalar size");
+    const auto world = r.get<std::uint32_t>("world size");
+    const auto rank = r.get<std::uint32_t>("rank");
+    const auto strategy = r.get<std::uint8_t>("strategy");
+    if (scalar != sizeof(T) || world != std::uint32_t(comm_.size()) ||
+        rank != std::uint32_t(comm_.rank()) || strategy != std::uint8_t(strategy_))
+      throw StateError("muon: load_state: the state was saved by rank " + std::to_string(rank) +
+                       " of " + std::to_string(world) + " (" + std::to_string(scalar) +
+                       "-byte scalars, strategy " + std::to_string(strategy) + ") but this is rank " +
+                       std::to_string(comm_.rank()) + " of " + std::to_string(comm_.size()) +
+                       " (" + std::to_string(sizeof(T)) + "-byte scalars, " + to_string(strategy_) +
+                       "); reload at the same world size and strategy");
+    const auto steps = r.get<std::uint64_t>("step count");
+    if (r.get<std::uint64_t>("parameter count") != params_.size())
+      throw StateError("muon: load_state: the state has a different number of parameters");
+    for (const Param& p : params_) {
+      const Piece& mine = p.pieces[comm_.rank()];
+      const auto rule = r.get<std::uint8_t>("rule");
+      const std::string name = r.get_string(1 << 20, "parameter name");
+      std::uint64_t e[6];
+      for (auto& x : e) x = r.get<std::uint64_t>("extent");
+      const std::uint64_t want[6] = {std::uint64_t(p.value.rows()), std::uint64_t(p.value.cols()),
+                                     std::uint64_t(mine.row0),      std::uint64_t(mine.col0),
+                                     std::uint64_t(mine.rows),      std::uint64_t(mine.cols)};
+      if (rule != std::uint8_t(p.rule) || name != p.name || !std::equal(e, e + 6, want))
+        throw StateError("muon: load_state: parameter '" + name + "' in the state does not match '" +
+                         p.name + "' (" + detail::shape_string(p.value.rows(), p.value.cols()) +
+                         ") here: name, rule, shape or slice differ");
+      adam_steps.push_back(r.get<std::uint64_t>("adamw step count"));
+      const std::size_t n = static_cast<std::size_t>(mine.size()) * state_buffers_count(p.rule);
+      data.push_back(r.take(n, sizeof(T), "state buffer"));
+    }
+    if (r.remaining() != 0)
+      throw StateError("muon: load_state: " + std::to_string(r.remaining()) +
+                       " unexpected bytes after the last parameter");
+    return steps;
+  }
+  static std::size_t state_buffers_count(UpdateRule rule) { return rule == UpdateRule::muon ? 1 : 2; }
+
+  // ---- views of pieces ---------------------------------------------------------------------
+  T* data(Buffer& buf, std::size_t n) { return backend_.view(buf, 1, static_cast<index_t>(n)).data(); }
+  /// Piece `p` of rank r's segment in a packed buffer, as a dense rows x cols view.
+  View packed(Buffer& buf, int r, const Piece& p) {
+    T* base = backend_.view(buf, 1, segment_ * comm_.size()).data();
+    return View(base + static_cast<std::size_t>(r) * static_cast<std::size_t>(segment_) +
+                    static_cast<std::size_t>(p.offset),
+                p.rows, p.cols, p.cols, 1);
+  }
+  template <class X>
+  static MatrixView<X, Space> block(MatrixView<X, Space> v, const Piece& p) {
+    return v.block(p.row0, p.col0, p.rows, p.cols);
+  }
+
+  C comm_;
+  ShardingStrategy strategy_;
+  B backend_;
+  OptimizerOptions options_;
+  std::vector<Group> groups_;
+  std::vector<Param> params_;
+  NewtonSchulzWorkspace<B, T> ns_;
+  Buffer full_, reduced_, out_;
+  index_t segment_ = 0;
+  bool laid_out_ = false, verified_ = false;
+  std::uint64_t steps_ = 0;
+};
+
+}  // namespace muon

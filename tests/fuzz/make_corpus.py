@@ -1,0 +1,74 @@
+#!/usr/bin/env python3
+"""Writes the fuzzers' seed corpora (tests/fuzz/corpus/{npy,state}/).
+
+The state files are written here from the layout documented in include/muon/optimizer.hpp,
+independently of the C++ writer, for the model in fuzz_state.cpp (muon 'w' 3x2, adamw 'b' 1x4,
+double). tests/test_state.cpp loads corpus/state/valid.bin and checks the values below.
+
+Regenerate: /usr/bin/python3 tests/fuzz/make_corpus.py tests/fuzz/corpus
+"""
+import io
+import os
+import struct
+import sys
+
+import numpy as np
+
+MAGIC = b"\x89MUON\r\n\x1a"
+
+
+def fnv1a64(data: bytes) -> int:
+    h = 0xcbf29ce484222325
+    for c in data:
+        h = ((h ^ c) * 0x100000001b3) & 0xFFFFFFFFFFFFFFFF
+    return h
+
+
+def state_body(steps=1):
+    """Everything after the version field, without the checksum."""
+    out = struct.pack("<IQQ", 8, steps, 2)
+    # muon 'w' 3x2: momentum M[i] = 0.1 * (i + 1)
+    out += struct.pack("<BQ", 0, 1) + b"w" + struct.pack("<QQQ", 3, 2, 0)
+    out += struct.pack("<6d", *[0.1 * (i + 1) for i in range(6)])
+    # adamw 'b' 1x4, 7 AdamW steps: m[i] = -(i + 1), v[i] = 0.5 * (i + 1)
+    out += struct.pack("<BQ", 1, 1) + b"b" + struct.pack("<QQQ", 1, 4, 7)
+    out += struct.pack("<4d", *[-(i + 1.0) for i in range(4)])
+    out += struct.pack("<4d", *[0.5 * (i + 1) for i in range(4)])
+    return out
+
+
+def framed(body: bytes) -> bytes:
+    head = MAGIC + struct.pack("<I", 1) + body
+    return head + struct.pack("<Q", fnv1a64(head))
+
+
+def npy_bytes(a, version=None):
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, a, version=version)
+    return buf.getvalue()
+
+
+def main(root):
+    os.makedirs(os.path.join(root, "state"), exist_ok=True)
+    os.makedirs(os.path.join(root, "npy"), exist_ok=True)
+    seeds = {
+        "state/valid.bin": framed(state_body(steps=5)),
+        "state/framed_body": b"F" + state_body(steps=5),
+        "state/wrong_scalar": b"F" + struct.pack("<I", 4) + state_body()[4:],
+        "state/no_params": b"F" + struct.pack("<IQQ", 8, 0, 0),
+    }
+    a = np.arange(12, dtype=np.float64).reshape(3, 4) / 7
+    seeds.update({
+        "npy/c_f8.npy": npy_bytes(a),
+        "npy/fortran_f4.npy": npy_bytes(np.asfortranarray(a.astype(np.float32))),
+        "npy/big_endian_3d.npy": npy_bytes(a.reshape(2, 3, 2).astype(">f4")),
+        "npy/v2_empty.npy": npy_bytes(np.zeros((0, 5)), version=(2, 0)),
+        "npy/v3_scalar.npy": npy_bytes(np.float64(1.5), version=(3, 0)),
+    })
+    for name, data in seeds.items():
+        with open(os.path.join(root, name), "wb") as f:
+            f.write(data)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(__file__), "corpus"))
