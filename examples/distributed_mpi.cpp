@@ -35,7 +35,7 @@ int main(int argc, char** argv) {
   const Matrix local_x = x.middleCols(comm.rank() * share, share);
   const Matrix local_y = y.middleCols(comm.rank() * share, share);
 
-  Mlp<double> model(3);  // the same initial weights on every rank
+  auto model = Mlp<double>::quickstart(3);  // the same initial weights on every rank
   muon::GroupOptions options;
   options.muon.lr = 0.02;
   options.muon.weight_decay = 0.01;

@@ -11,7 +11,7 @@ int main() {
   teacher_data<float>(512, x, y);
 
   // Muon for the matrices, AdamW for the biases: one optimizer, one step().
-  Mlp<float> with_muon(3);
+  auto with_muon = Mlp<float>::quickstart(3);
   muon::GroupOptions options;
   options.muon.lr = 0.02;
   options.muon.weight_decay = 0.01;
@@ -23,7 +23,7 @@ int main() {
   }
 
   // Baseline: AdamW for everything (routing the matrices to AdamW).
-  Mlp<float> with_adamw(3);
+  auto with_adamw = Mlp<float>::quickstart(3);
   muon::Optimizer<muon::EigenBackend, float> adamw(options);
   for (int l = 0; l < 3; ++l) {
     adamw.add_adamw(std::string("w") + std::to_string(l), with_adamw.w[l], with_adamw.gw[l]);

@@ -114,3 +114,31 @@ TEST_CASE("N-D tensors flatten to (shape[0], rest)", "[views]") {
   muon::TensorView<float> v{data, {7}};
   CHECK((v.flattened().rows() == 1 && v.flattened().cols() == 7));
 }
+
+TEST_CASE("strided N-D arrays are viewed as Muon sees them, or refused by name", "[views]") {
+  float data[2 * 3 * 4 * 5] = {};
+  using S = std::vector<muon::index_t>;
+  auto view = [&](const S& shape, const S& strides) {
+    return muon::strided_view(data, shape, strides, "weight 'conv1'");
+  };
+  // 2-D: any strides (here a transposed column-major block).
+  auto m = view({3, 4}, {1, 3});
+  CHECK((m.rows() == 3 && m.cols() == 4 && m.row_stride() == 1 && m.col_stride() == 3));
+  CHECK(&m(2, 1) == &data[2 + 1 * 3]);
+  // 1-D is one row with its stride; 0-D one element.
+  auto v = view({5}, {2});
+  CHECK((v.rows() == 1 && v.cols() == 5 && &v(0, 4) == &data[8]));
+  CHECK((view({}, {}).rows() == 1 && view({}, {}).cols() == 1));
+  // 4-D, dense trailing block, padded outer stride (rows 120 / 2 = 60 apart): (2, 60).
+  auto k = view({2, 3, 4, 5}, {60, 20, 5, 1});
+  CHECK((k.rows() == 2 && k.cols() == 60 && k.row_stride() == 60 && k.col_stride() == 1));
+  CHECK(&k(1, 59) == &data[119]);
+  // Extent-1 dimensions may carry any stride.
+  auto e = view({2, 1, 4, 5}, {20, 999, 5, 1});
+  CHECK((e.cols() == 20 && &e(1, 19) == &data[39]));
+  // A permuted 3-D array would need a copy: refused, naming the array, shape and dimension.
+  CHECK_THROWS_WITH(view({2, 3, 4}, {12, 1, 3}),
+                    Catch::Contains("weight 'conv1' of shape 2x3x4") &&
+                        Catch::Contains("dimension 2"));
+  CHECK_THROWS_AS(view({2, 3}, {1}), muon::InvalidArgument);
+}

@@ -85,6 +85,36 @@ constexpr MatrixView<T, Space> col_major_view(T* data, index_t rows, index_t col
   return {data, rows, cols, 1, rows};
 }
 
+/// An N-D strided array (strides in elements, as LibTorch and xtensor report them) seen as
+/// Muon sees it: (shape[0], product of the rest); 1-D is 1 x n, 0-D is 1 x 1. Any strides work
+/// up to 2-D. Beyond that the trailing dimensions must be one dense row-major block (they are
+/// merged into one column index); otherwise this throws InvalidArgument naming `what`, since
+/// the view would need a copy.
+template <class Space = HostSpace, class T>
+MatrixView<T, Space> strided_view(T* data, std::span<const index_t> shape,
+                                  std::span<const index_t> strides, const std::string& what) {
+  if (shape.size() != strides.size())
+    throw InvalidArgument("muon: " + what + " has " + std::to_string(shape.size()) +
+                          " extents but " + std::to_string(strides.size()) + " strides");
+  switch (shape.size()) {
+    case 0: return {data, 1, 1, 1, 1};
+    case 1: return {data, 1, shape[0], shape[0] * strides[0], strides[0]};
+    case 2: return {data, shape[0], shape[1], strides[0], strides[1]};
+    default: break;
+  }
+  index_t dense = 1;  // the stride dimension k must have for the trailing block to be dense
+  for (std::size_t k = shape.size() - 1; k >= 1; --k) {
+    if (shape[k] != 1 && strides[k] != dense)
+      throw InvalidArgument("muon: " + what + " of shape " + detail::shape_string(shape) +
+                            " is not dense in its trailing dimensions (stride " +
+                            std::to_string(strides[k]) + " in dimension " + std::to_string(k) +
+                            ", expected " + std::to_string(dense) +
+                            "): make it contiguous before viewing it");
+    dense *= shape[k];
+  }
+  return {data, shape[0], dense, strides[0], 1};
+}
+
 /// A dense row-major N-D tensor (e.g. a conv kernel out x in x kh x kw). Muon sees it flattened
 /// to (shape[0], product of the rest), which is also the shape its update scale is computed on.
 template <class T, class Space = HostSpace>
