@@ -334,6 +334,30 @@ TEMPLATE_TEST_CASE("a non-finite gradient refuses the step and changes nothing",
   }
 }
 
+TEMPLATE_TEST_CASE("NonFinitePolicy::unchecked steps through a NaN gradient as torch does",
+                   "[optimizer]", float, double) {
+  // No check and no refusal: the NaN reaches the AdamW parameter it belongs to; the finite
+  // Muon parameter updates exactly as under the checked policy.
+  Opt<TestType> unchecked(muon_options(0.02, 0.1), {muon::NonFinitePolicy::unchecked});
+  Opt<TestType> checked(muon_options(0.02, 0.1));
+  Mat<TestType> a = gaussian<TestType>(6, 9, 1), b = gaussian<TestType>(4, 1, 2);
+  Mat<TestType> ca = a, cb = b;
+  const Mat<TestType> ga = gaussian<TestType>(6, 9, 3);
+  Mat<TestType> gb = gaussian<TestType>(4, 1, 4);
+  unchecked.add_muon("a", a, ga);
+  unchecked.add_adamw("b", b, gb);
+  checked.add_muon("a", ca, ga);
+  gb(2, 0) = std::numeric_limits<TestType>::quiet_NaN();
+  const auto r = unchecked.step();
+  checked.step();
+  CHECK(r.applied);
+  CHECK(r.updated == 2);
+  CHECK(unchecked.step_count() == 1);
+  CHECK(std::isnan(b(2, 0)));
+  CHECK(std::isfinite(b(0, 0)));
+  CHECK(same_bits(a, ca));
+}
+
 TEMPLATE_TEST_CASE("strided, column-major and mapped parameters update like dense ones",
                    "[optimizer][views]", float, double) {
   // Reference: dense row-major registration.

@@ -115,6 +115,7 @@ class Optimizer : public detail::Registrar<Optimizer<B, T>, T, typename B::memor
   /// NaN/Inf first; if one is found nothing is modified (see NonFinitePolicy).
   StepReport step() {
     for (const Param& p : params_) {
+      if (options_.non_finite == NonFinitePolicy::unchecked) break;
       if (!p.has_grad || p.value.empty() || backend_.all_finite(p.grad)) continue;
       if (options_.non_finite == NonFinitePolicy::skip) return {false, 0, p.name};
       throw NonFiniteGradient("muon: step refused: the gradient of parameter '" + p.name + "' (" +

@@ -148,6 +148,16 @@ class NewtonSchulzWorkspace {
       return rows > cols ? v.transposed() : v;
     };
     View out;
+    // A backend may carry out the whole iteration itself (the CUDA backend in bf16 or fp16);
+    // it returns an empty optional when it leaves the matrix to the generic code below.
+    if constexpr (requires {
+                    backend.try_newton_schulz(short_side(x_), short_side(y_), schedule,
+                                              norm_scale, eps);
+                  }) {
+      if (auto done = backend.try_newton_schulz(short_side(x_), short_side(y_), schedule,
+                                                norm_scale, eps))
+        return rows > cols ? done->transposed() : *done;
+    }
     if (uses_gram(method, rows, cols)) {
       if (static_cast<index_t>(p_.size()) < k * k)
         throw InvalidArgument("muon: Gram Newton-Schulz workspace not reserved for " +

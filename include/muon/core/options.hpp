@@ -20,9 +20,11 @@ enum class MomentumForm { ema, sum };
 ///   none             1
 enum class ScaleMode { original, match_rms_adamw, spectral, none };
 
-/// What step() does when a gradient holds NaN or Inf. Either way nothing is modified.
+/// What step() does when a gradient holds NaN or Inf. With error or skip nothing is modified.
 ///   error: throw NonFiniteGradient naming the parameter.   skip: return a report saying so.
-enum class NonFinitePolicy { error, skip };
+///   unchecked: no check (as torch.optim does); NaN propagates into the parameters. On a GPU
+///   this is what keeps step() free of host synchronization (and capturable in a CUDA graph).
+enum class NonFinitePolicy { error, skip, unchecked };
 
 /// How Newton–Schulz is carried out (the same iteration; only flops and rounding differ):
 ///   standard   X <- B X every step (3 k^2 N + k^3 flops a step)

@@ -112,7 +112,8 @@ class ShardedOptimizer
     // Validate before communicating: every rank learns whether any rank saw a NaN/Inf.
     const Param* bad = nullptr;
     for (const Param& p : params_)
-      if (!p.value.empty() && !backend_.all_finite(p.grad)) {
+      if (options_.non_finite != NonFinitePolicy::unchecked && !p.value.empty() &&
+          !backend_.all_finite(p.grad)) {
         bad = &p;
         break;
       }

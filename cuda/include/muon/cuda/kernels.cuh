@@ -1,0 +1,262 @@
+#pragma once
+// The CUDA backend's elementwise and reduction kernels. Every stage is one pass over memory:
+// a grid-stride loop over a (rows x cols) index space, applying a functor to the elements of
+// up to four strided views at once. Functors are plain structs (no extended lambdas needed).
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <limits>
+#include <type_traits>
+
+#include "muon/core/backend.hpp"
+
+namespace muon::cuda::detail {
+
+/// A strided matrix as a kernel sees it; `batch` offsets to the b-th matrix of a stack.
+template <class T>
+struct Strided {
+  T* data;
+  index_t row_stride, col_stride, batch_stride;
+  __device__ T& operator()(index_t b, index_t i, index_t j) const {
+    return data[b * batch_stride + i * row_stride + j * col_stride];
+  }
+};
+
+template <class T, class S>
+Strided<T> strided(MatrixView<T, S> v, index_t batch_stride = 0) {
+  return {v.data(), v.row_stride(), v.col_stride(), batch_stride};
+}
+
+/// Visiting order: along the contiguous axis of the first view, so loads coalesce.
+template <class T, class S>
+bool column_order(MatrixView<T, S> v) {
+  return v.row_stride() == 1 && v.col_stride() != 1 && v.rows() > 1;
+}
+
+constexpr int kThreads = 256;
+
+inline unsigned blocks_for(index_t n) {
+  const index_t b = (n + kThreads - 1) / kThreads;
+  return static_cast<unsigned>(b < 4096 ? b : 4096);  // grid-stride beyond that
+}
+
+/// f(b, i, j, v(b, i, j)...) for every (i, j) of a rows x cols matrix, matrix b = blockIdx.y.
+template <class F, class... V>
+__global__ void for_each_kernel(index_t rows, index_t cols, bool col_order, F f, V... v) {
+  const index_t n = rows * cols, b = blockIdx.y;
+  for (index_t idx = blockIdx.x * index_t(blockDim.x) + threadIdx.x; idx < n;
+       idx += index_t(gridDim.x) * blockDim.x) {
+    const index_t i = col_order ? idx % rows : idx / cols;
+    const index_t j = col_order ? idx / rows : idx % cols;
+    f(v(b, i, j)...);
+  }
+}
+
+template <class F, class... V>
+void for_each(cudaStream_t stream, index_t rows, index_t cols, bool col_order, index_t batch,
+              F f, V... v) {
+  if (rows * cols == 0 || batch == 0) return;
+  dim3 grid(blocks_for(rows * cols), static_cast<unsigned>(batch));
+  for_each_kernel<<<grid, kThreads, 0, stream>>>(rows, cols, col_order, f, v...);
+}
+
+// ---- functors ---------------------------------------------------------------------------
+template <class T>
+__device__ T lerp(T a, T b, T weight) {  // the same two-sided form as torch.lerp and Eigen's
+  return weight < T(0.5) ? a + weight * (b - a) : b - (T(1) - weight) * (b - a);
+}
+
+// Conversions between the scalar types (float, double, bf16, fp16); the 16-bit ones go
+// through float, their only exact partner.
+template <class S>
+__device__ double to_double(S x) {
+  if constexpr (std::is_same_v<S, double> || std::is_same_v<S, float>)
+    return static_cast<double>(x);
+  else
+    return static_cast<double>(static_cast<float>(x));
+}
+template <class D>
+__device__ D from_double(double x) {
+  if constexpr (std::is_same_v<D, double> || std::is_same_v<D, float>)
+    return static_cast<D>(x);
+  else
+    return static_cast<D>(static_cast<float>(x));
+}
+
+struct Copy {
+  template <class D, class S>
+  __device__ void operator()(D& dst, const S& src) const {
+    if constexpr (std::is_same_v<D, S>)
+      dst = src;
+    else
+      dst = from_double<D>(to_double(src));
+  }
+};
+
+template <class T>
+struct Scale {  // beta == 0 overwrites (never 0 * NaN), as BLAS does
+  T factor;
+  __device__ void operator()(T& x) const { x = factor == T(0) ? T(0) : x * factor; }
+};
+
+template <class T>
+struct FlushTiny {
+  T threshold;
+  __device__ void operator()(T& x) const {
+    if (fabs(x) < threshold) x = T(0);
+  }
+};
+
+template <class T>
+struct Momentum {
+  T mu, weight;  // weight = 1 - mu
+  bool ema, nesterov;
+  __device__ void operator()(T& m, const T& g, T& u) const {
+    m = ema ? lerp(m, g, weight) : mu * m + g;
+    u = !nesterov ? m : ema ? lerp(g, m, mu) : g + mu * m;
+  }
+};
+
+template <class T>
+struct ApplyUpdate {
+  T decay, alpha;
+  __device__ void operator()(T& w, const T& o) const { w = w * decay - alpha * o; }
+};
+
+template <class T>
+struct AdamW {
+  T decay, w1, beta2, w2, eps, step, sqrt_bias2;
+  __device__ void operator()(T& w, const T& g, T& m, T& v) const {
+    w *= decay;
+    m = lerp(m, g, w1);
+    v = v * beta2 + w2 * g * g;
+    w = w - step * (m / (sqrt(v) / sqrt_bias2 + eps));
+  }
+};
+
+// ---- norms ------------------------------------------------------------------------------
+/// Per matrix of a stack: max |x| (as the bits of a non-negative double, which order like
+/// unsigned integers, so atomicMax works) and the sum of (x / max)^2 -- the overflow-safe
+/// Frobenius norm, amax * sqrt(sum), without a host round trip.
+struct NormScratch {
+  unsigned long long amax_bits;
+  double scaled_sum;
+};
+
+template <class V, class Op>
+__device__ V block_reduce(V v, Op op) {  // the result is valid in thread 0
+  __shared__ V shared[kThreads / 32];
+  for (int off = 16; off > 0; off /= 2) v = op(v, __shfl_down_sync(0xffffffffu, v, off));
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < kThreads / 32 ? shared[lane] : V(0);
+    for (int off = 16; off > 0; off /= 2) v = op(v, __shfl_down_sync(0xffffffffu, v, off));
+  }
+  return v;
+}
+struct MaxOp {
+  __device__ unsigned long long operator()(unsigned long long a, unsigned long long b) const {
+    return a > b ? a : b;
+  }
+};
+struct SumOp {
+  __device__ double operator()(double a, double b) const { return a + b; }
+};
+
+template <class T>
+__global__ void amax_kernel(index_t rows, index_t cols, bool col_order, Strided<const T> x,
+                            NormScratch* out) {
+  const index_t n = rows * cols, b = blockIdx.y;
+  // The bits of |x| as a double: NaN's order above +inf's, so a NaN wins and propagates.
+  unsigned long long m = 0;
+  for (index_t idx = blockIdx.x * index_t(blockDim.x) + threadIdx.x; idx < n;
+       idx += index_t(gridDim.x) * blockDim.x) {
+    const double a = fabs(static_cast<double>(
+        x(b, col_order ? idx % rows : idx / cols, col_order ? idx / rows : idx % cols)));
+    const auto bits = static_cast<unsigned long long>(__double_as_longlong(a));
+    m = bits > m ? bits : m;
+  }
+  m = block_reduce(m, MaxOp{});
+  if (threadIdx.x == 0) atomicMax(&out[b].amax_bits, m);
+}
+
+template <class T>
+__global__ void scaled_sum_kernel(index_t rows, index_t cols, bool col_order,
+                                  Strided<const T> x, NormScratch* out) {
+  const index_t n = rows * cols, b = blockIdx.y;
+  const double amax = __longlong_as_double(static_cast<long long>(out[b].amax_bits));
+  double s = 0;
+  if (amax > 0 && isfinite(amax))
+    for (index_t idx = blockIdx.x * index_t(blockDim.x) + threadIdx.x; idx < n;
+         idx += index_t(gridDim.x) * blockDim.x) {
+      const double v = static_cast<double>(
+                           x(b, col_order ? idx % rows : idx / cols, col_order ? idx / rows : idx % cols)) /
+                       amax;
+      s += v * v;
+    }
+  s = block_reduce(s, SumOp{});
+  if (threadIdx.x == 0) atomicAdd(&out[b].scaled_sum, s);
+}
+
+/// ||x||_F from the scratch; 0, Inf and NaN pass through as Eigen's frobenius_norm does.
+__device__ inline double frobenius(const NormScratch& s) {
+  const double amax = __longlong_as_double(static_cast<long long>(s.amax_bits));
+  if (amax == 0 || !isfinite(amax)) return amax;
+  return amax * sqrt(s.scaled_sum);
+}
+
+/// dst = src / max(norm_scale ||src||_F, eps), per matrix of a stack, converted to D.
+struct Normalize {
+  double norm_scale, eps;
+  template <class D, class S>
+  __device__ void operator()(D& dst, const S& src, const NormScratch& norm) const {
+    const double denom = fmax(norm_scale * frobenius(norm), eps);
+    const double inverse = 1.0 / denom;  // multiply by a normal reciprocal, else divide
+    const double x = to_double(src);
+    dst = from_double<D>(inverse >= 2.2250738585072014e-308 ? x * inverse : x / denom);
+  }
+};
+
+/// The per-matrix norm as a third "view" of for_each: the same scratch entry for every (i, j).
+struct NormOf {
+  const NormScratch* norms;
+  __device__ const NormScratch& operator()(index_t b, index_t, index_t) const { return norms[b]; }
+};
+
+template <class T>
+__global__ void any_non_finite_kernel(index_t rows, index_t cols, bool col_order,
+                                      Strided<const T> x, int* flag) {
+  const index_t n = rows * cols;
+  for (index_t idx = blockIdx.x * index_t(blockDim.x) + threadIdx.x; idx < n;
+       idx += index_t(gridDim.x) * blockDim.x) {
+    const T v = x(0, col_order ? idx % rows : idx / cols, col_order ? idx / rows : idx % cols);
+    if (!isfinite(v)) {
+      *flag = 1;
+      return;
+    }
+  }
+}
+
+/// Copies the lower triangle of each square matrix of a stack onto its upper one.
+template <class T>
+__global__ void symmetrize_kernel(index_t n, Strided<T> x) {
+  const index_t total = n * n, b = blockIdx.y;
+  for (index_t idx = blockIdx.x * index_t(blockDim.x) + threadIdx.x; idx < total;
+       idx += index_t(gridDim.x) * blockDim.x) {
+    const index_t i = idx / n, j = idx % n;
+    if (j > i) x(b, i, j) = x(b, j, i);
+  }
+}
+
+template <class T, class V>
+__global__ void add_diagonal_kernel(index_t n, Strided<T> x, V value) {
+  using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
+  const index_t b = blockIdx.y;
+  for (index_t i = blockIdx.x * index_t(blockDim.x) + threadIdx.x; i < n;
+       i += index_t(gridDim.x) * blockDim.x)
+    x(b, i, i) = static_cast<T>(static_cast<Acc>(x(b, i, i)) + static_cast<Acc>(value));
+}
+
+}  // namespace muon::cuda::detail

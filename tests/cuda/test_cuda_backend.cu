@@ -1,0 +1,434 @@
+// The CUDA backend against the CPU one: the same optimizer, the same parameters and gradients,
+// on the GPU and on Eigen (the double-precision reference), compared with per-precision
+// tolerances (measured; see README "CUDA backend"). Exits 77 (CTest skip) without a GPU.
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <functional>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "muon/cuda/backend.cuh"
+#include "muon/eigen.hpp"
+#include "muon/optimizer.hpp"
+
+namespace {
+
+int failures = 0;
+#define CHECK(cond, ...)                                          \
+  do {                                                            \
+    if (!(cond)) {                                                \
+      ++failures;                                                 \
+      std::printf("FAILED %s:%d: %s: ", __FILE__, __LINE__, #cond); \
+      std::printf(__VA_ARGS__);                                   \
+      std::printf("\n");                                          \
+    }                                                             \
+  } while (0)
+
+using muon::DeviceSpace;
+using muon::index_t;
+using muon::cuda::CudaBackend;
+using muon::cuda::DeviceBuffer;
+using muon::cuda::Precision;
+
+template <class T>
+std::vector<T> gaussian(std::size_t n, std::mt19937& rng, double scale = 1) {
+  std::normal_distribution<double> d(0, scale);
+  std::vector<T> v(n);
+  for (auto& x : v) x = static_cast<T>(d(rng));
+  return v;
+}
+
+template <class T>
+DeviceBuffer<T> upload(const CudaBackend& gpu, const std::vector<T>& host) {
+  DeviceBuffer<T> buf;
+  gpu.resize(buf, static_cast<index_t>(host.size()));
+  gpu.synchronize();  // resize zero-fills on the backend's stream; the copy below must follow
+  if (!host.empty())
+    muon::cuda::check(cudaMemcpy(buf.data(), host.data(), host.size() * sizeof(T),
+                                 cudaMemcpyHostToDevice),
+                      "cudaMemcpy");
+  // A pageable-memory cudaMemcpy may return before the data lands, and the backend's stream
+  // does not wait for the legacy stream: finish the copy before any kernel reads it.
+  muon::cuda::check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+  return buf;
+}
+
+template <class T>
+std::vector<T> download(const DeviceBuffer<T>& buf) {
+  std::vector<T> host(buf.size());
+  if (!host.empty())
+    muon::cuda::check(cudaMemcpy(host.data(), buf.data(), host.size() * sizeof(T),
+                                 cudaMemcpyDeviceToHost),
+                      "cudaMemcpy");
+  return host;
+}
+
+/// max |a - b| / max |b| over all entries.
+template <class A, class B>
+double relative_error(const std::vector<A>& a, const std::vector<B>& b) {
+  double diff = 0, ref = 0;
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    diff = std::max(diff, std::abs(double(a[i]) - double(b[i])));
+    ref = std::max(ref, std::abs(double(b[i])));
+  }
+  return ref > 0 ? diff / ref : diff;
+}
+
+// A parameter as both optimizers see it: its shape, layout and rule.
+struct Spec {
+  const char* name;
+  index_t rows, cols;
+  bool col_major, muon;
+};
+const Spec kSpecs[] = {
+    {"square", 48, 48, false, true},   {"wide", 32, 80, false, true},
+    {"tall", 96, 24, false, true},     {"tall.col_major", 40, 24, true, true},
+    {"row_vector", 1, 37, false, true}, {"column_vector", 29, 1, false, true},
+    {"empty", 0, 5, false, true},      {"bias", 1, 33, false, false},
+    {"embedding", 50, 16, true, false},
+};
+
+template <class T, class S>
+muon::MatrixView<T, S> as_view(T* data, const Spec& s) {
+  return s.col_major ? muon::col_major_view<S>(data, s.rows, s.cols)
+                     : muon::row_major_view<S>(data, s.rows, s.cols);
+}
+
+/// Five steps of the hybrid optimizer on the GPU and on the CPU from the same start; returns
+/// the largest relative difference of any parameter.
+template <class T>
+double optimizer_difference(Precision precision, muon::GroupOptions options, int steps = 5) {
+  std::mt19937 rng(7);
+  CudaBackend gpu(muon::cuda::CudaOptions{precision});
+  muon::Optimizer<muon::EigenBackend, T> cpu_opt(options);
+  muon::Optimizer<CudaBackend, T> gpu_opt(options, {}, gpu);
+  const std::size_t n = std::size(kSpecs);
+  std::vector<std::vector<T>> cpu_w(n), cpu_g(n);
+  std::vector<DeviceBuffer<T>> gpu_w(n), gpu_g(n);
+  for (std::size_t i = 0; i < n; ++i) {
+    const Spec& s = kSpecs[i];
+    const auto size = static_cast<std::size_t>(s.rows * s.cols);
+    cpu_w[i] = gaussian<T>(size, rng, 0.1);
+    cpu_g[i].assign(size, T(0));
+    gpu_w[i] = upload(gpu, cpu_w[i]);
+    gpu_g[i] = upload(gpu, cpu_g[i]);
+    auto add = [&](auto& opt, T* w, T* g, auto space) {
+      using Sp = decltype(space);
+      if (s.muon)
+        opt.add_muon(s.name, as_view<T, Sp>(w, s), as_view<const T, Sp>(g, s));
+      else
+        opt.add_adamw(s.name, as_view<T, Sp>(w, s), as_view<const T, Sp>(g, s));
+    };
+    add(cpu_opt, cpu_w[i].data(), cpu_g[i].data(), muon::HostSpace{});
+    add(gpu_opt, gpu_w[i].data(), gpu_g[i].data(), DeviceSpace{});
+  }
+  for (int step = 0; step < steps; ++step) {
+    gpu.synchronize();  // the last step has finished reading the gradients
+    for (std::size_t i = 0; i < n; ++i) {  // new gradients in the registered buffers
+      const auto fresh = gaussian<T>(cpu_g[i].size(), rng);
+      std::copy(fresh.begin(), fresh.end(), cpu_g[i].begin());
+      if (!fresh.empty())
+        muon::cuda::check(cudaMemcpy(gpu_g[i].data(), fresh.data(), fresh.size() * sizeof(T),
+                                     cudaMemcpyHostToDevice),
+                          "cudaMemcpy");
+    }
+    muon::cuda::check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+    cpu_opt.step();
+    gpu_opt.step();
+  }
+  gpu.synchronize();
+  double worst = 0;
+  for (std::size_t i = 0; i < n; ++i) {
+    const double e = relative_error(download(gpu_w[i]), cpu_w[i]);
+    if (e > worst) worst = e;
+  }
+  return worst;
+}
+
+/// GPU orthogonalization (through the optimizer's workspace, any precision) of a random m x n
+/// matrix against Newton-Schulz in double on the CPU: relative error of the result.
+double newton_schulz_difference(Precision precision, index_t m, index_t n) {
+  std::mt19937 rng(11);
+  const auto g = gaussian<double>(static_cast<std::size_t>(m * n), rng);
+  std::vector<double> ref(g.size());
+  muon::EigenBackend cpu;
+  muon::orthogonalize(cpu, muon::row_major_view<muon::HostSpace, const double>(g.data(), m, n),
+                      muon::row_major_view(ref.data(), m, n));
+  CudaBackend gpu(muon::cuda::CudaOptions{precision});
+  const std::vector<float> gf(g.begin(), g.end());
+  DeviceBuffer<float> in = upload(gpu, gf), out = upload(gpu, std::vector<float>(gf.size()));
+  muon::orthogonalize(gpu, muon::row_major_view<DeviceSpace, const float>(in.data(), m, n),
+                      muon::row_major_view<DeviceSpace>(out.data(), m, n));
+  gpu.synchronize();
+  return relative_error(download(out), ref);
+}
+
+void test_optimizer_matches_cpu() {
+  muon::GroupOptions o;
+  o.muon.lr = 0.02;
+  o.adamw.lr = 3e-3;
+  // Measured worst relative differences (H100): double ~1e-15, float ~1e-6, tf32 ~1e-3,
+  // bf16 ~1e-2; the bounds leave 10x room. bf16 stores NS operands with 8 bits of mantissa.
+  const double d = optimizer_difference<double>(Precision::native, o);
+  std::printf("optimizer vs CPU: double %.3g\n", d);
+  CHECK(d < 1e-12, "double %.3g", d);
+  for (auto [p, bound] : {std::pair{Precision::native, 2e-5}, {Precision::tf32, 2e-2},
+                          {Precision::bf16, 0.1}, {Precision::fp16, 0.05}}) {
+    const double e = optimizer_difference<float>(p, o);
+    std::printf("optimizer vs CPU: float, NS %s %.3g\n", muon::cuda::to_string(p), e);
+    CHECK(e < bound, "float NS %s: %.3g >= %.3g", muon::cuda::to_string(p), e, bound);
+  }
+  // Every option path: sum momentum without Nesterov, RMS matching, Gram NS.
+  o.muon.momentum_form = muon::MomentumForm::sum;
+  o.muon.nesterov = false;
+  o.muon.scale = muon::ScaleMode::match_rms_adamw;
+  o.muon.newton_schulz.method = muon::NewtonSchulzMethod::gram;
+  const double g = optimizer_difference<double>(Precision::native, o);
+  std::printf("optimizer vs CPU: double, sum momentum, gram NS %.3g\n", g);
+  CHECK(g < 1e-12, "double gram %.3g", g);
+}
+
+void test_newton_schulz_accuracy() {
+  for (auto [m, n] : {std::pair<index_t, index_t>{256, 256}, {128, 512}, {512, 128}}) {
+    for (auto [p, bound] : {std::pair{Precision::native, 1e-5}, {Precision::tf32, 1e-2},
+                            {Precision::bf16, 0.05}, {Precision::fp16, 0.02}}) {
+      const double e = newton_schulz_difference(p, m, n);
+      std::printf("NS5 %ldx%ld %s vs CPU fp64: %.3g\n", long(m), long(n),
+                  muon::cuda::to_string(p), e);
+      CHECK(e < bound, "%ldx%ld %s: %.3g", long(m), long(n), muon::cuda::to_string(p), e);
+    }
+  }
+}
+
+void test_batched_matches_single() {
+  // A stack of 6 experts, 64 x 160 each, one call; each against its own CPU fp64 NS.
+  const index_t batch = 6, m = 64, n = 160;
+  std::mt19937 rng(5);
+  const auto g = gaussian<float>(static_cast<std::size_t>(batch * m * n), rng);
+  CudaBackend gpu;
+  DeviceBuffer<float> in = upload(gpu, g), out = upload(gpu, std::vector<float>(g.size()));
+  const auto schedule = muon::Schedule::keller().resolve(5);
+  for (bool transposed : {false, true}) {  // also the n x m transposes: the short-side path
+    auto vin = muon::row_major_view<DeviceSpace, const float>(in.data(), m, n);
+    auto vout = muon::row_major_view<DeviceSpace>(out.data(), m, n);
+    if (transposed) {
+      vin = vin.transposed();
+      vout = vout.transposed();
+    }
+    gpu.newton_schulz_batched(vin, m * n, vout, m * n, batch, schedule, 1.0, 1e-7,
+                              Precision::bf16);
+    gpu.synchronize();
+    const auto got = download(out);
+    muon::EigenBackend cpu;
+    double worst = 0;
+    for (index_t b = 0; b < batch; ++b) {
+      std::vector<double> gin(g.begin() + b * m * n, g.begin() + (b + 1) * m * n), ref(gin.size());
+      auto cin = muon::row_major_view<muon::HostSpace, const double>(gin.data(), m, n);
+      auto cout = muon::row_major_view(ref.data(), m, n);
+      if (transposed) {
+        muon::orthogonalize(cpu, cin.transposed(), cout.transposed());
+      } else {
+        muon::orthogonalize(cpu, cin, cout);
+      }
+      std::vector<float> mine(got.begin() + b * m * n, got.begin() + (b + 1) * m * n);
+      worst = std::max(worst, relative_error(mine, ref));
+    }
+    std::printf("batched bf16 NS5 (%s) vs CPU fp64: %.3g\n", transposed ? "transposed" : "wide",
+                worst);
+    CHECK(worst < 0.05, "batched %.3g", worst);
+  }
+  bool threw = false;
+  try {
+    gpu.newton_schulz_batched(muon::row_major_view<DeviceSpace, const float>(in.data(), m, n), 0,
+                              muon::row_major_view<DeviceSpace>(out.data(), n, m), 0, 1,
+                              schedule, 1.0, 1e-7, Precision::bf16);
+  } catch (const muon::InvalidArgument& e) {
+    threw = std::string(e.what()).find("output shape 160x64") != std::string::npos;
+  }
+  CHECK(threw, "a shape mismatch is refused naming the shapes");
+}
+
+/// With NonFinitePolicy::unchecked a step is pure stream work: capture it in a CUDA graph and
+/// replay; the result equals steps run eagerly. Capture fails if step() allocates or syncs.
+void test_graph_capture() {
+  std::mt19937 rng(3);
+  const index_t m = 64, n = 96;
+  const auto w0 = gaussian<float>(m * n, rng, 0.1), g0 = gaussian<float>(m * n, rng);
+  const auto b0 = gaussian<float>(n, rng, 0.1), gb = gaussian<float>(n, rng);
+  muon::OptimizerOptions oo;
+  oo.non_finite = muon::NonFinitePolicy::unchecked;
+  for (Precision p : {Precision::native, Precision::bf16}) {
+    CudaBackend eager_gpu(muon::cuda::CudaOptions{p}), graph_gpu(muon::cuda::CudaOptions{p});
+    DeviceBuffer<float> we = upload(eager_gpu, w0), ge = upload(eager_gpu, g0);
+    DeviceBuffer<float> be = upload(eager_gpu, b0), gbe = upload(eager_gpu, gb);
+    DeviceBuffer<float> wg = upload(graph_gpu, w0), gg = upload(graph_gpu, g0);
+    DeviceBuffer<float> bg = upload(graph_gpu, b0), gbg = upload(graph_gpu, gb);
+    muon::Optimizer<CudaBackend, float> eager({}, oo, eager_gpu), graphed({}, oo, graph_gpu);
+    eager.add_muon("w", muon::row_major_view<DeviceSpace>(we.data(), m, n),
+                   muon::row_major_view<DeviceSpace, const float>(ge.data(), m, n));
+    eager.add_adamw("b", muon::row_major_view<DeviceSpace>(be.data(), 1, n),
+                    muon::row_major_view<DeviceSpace, const float>(gbe.data(), 1, n));
+    graphed.add_muon("w", muon::row_major_view<DeviceSpace>(wg.data(), m, n),
+                     muon::row_major_view<DeviceSpace, const float>(gg.data(), m, n));
+    graphed.add_adamw("b", muon::row_major_view<DeviceSpace>(bg.data(), 1, n),
+                      muon::row_major_view<DeviceSpace, const float>(gbg.data(), 1, n));
+    eager.step();
+    graphed.step();  // the first step may allocate (workspace growth); later ones must not
+    graph_gpu.synchronize();
+    cudaGraph_t graph = nullptr;
+    cudaGraphExec_t exec = nullptr;
+    const cudaStream_t s = graph_gpu.stream();
+    muon::cuda::check(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal), "begin capture");
+    bool captured = true;
+    try {
+      graphed.step();
+    } catch (const std::exception& e) {
+      std::printf("step() during capture: %s\n", e.what());
+      captured = false;
+    }
+    const cudaError_t end = cudaStreamEndCapture(s, &graph);
+    CHECK(captured && end == cudaSuccess, "capture of step() (%s): %s",
+          muon::cuda::to_string(p), cudaGetErrorString(end));
+    if (!captured || end != cudaSuccess) continue;
+    muon::cuda::check(cudaGraphInstantiate(&exec, graph, 0), "cudaGraphInstantiate");
+    // The adamw step count is baked into the graph (scalars by value); compare one replay
+    // with one eager step, then Muon-only replays would drift from AdamW's bias correction.
+    eager.step();
+    muon::cuda::check(cudaGraphLaunch(exec, s), "cudaGraphLaunch");
+    graph_gpu.synchronize();
+    eager_gpu.synchronize();
+    CHECK(download(we) == download(wg), "graph replay of the Muon step differs (%s)",
+          muon::cuda::to_string(p));
+    CHECK(download(be) == download(bg), "graph replay of the AdamW step differs (%s)",
+          muon::cuda::to_string(p));
+    cudaGraphExecDestroy(exec);
+    cudaGraphDestroy(graph);
+  }
+}
+
+void test_non_finite_refused_on_device() {
+  CudaBackend gpu;
+  std::vector<float> w(12, 1.f), g(12, 0.5f);
+  g[7] = std::nanf("");
+  DeviceBuffer<float> dw = upload(gpu, w), dg = upload(gpu, g);
+  muon::Optimizer<CudaBackend, float> opt({}, {}, gpu);
+  opt.add_muon("w", muon::row_major_view<DeviceSpace>(dw.data(), 3, 4),
+               muon::row_major_view<DeviceSpace, const float>(dg.data(), 3, 4));
+  bool threw = false;
+  try {
+    opt.step();
+  } catch (const muon::NonFiniteGradient& e) {
+    threw = e.parameter() == "w";
+  }
+  CHECK(threw, "a NaN gradient on the device is refused naming the parameter");
+  CHECK(download(dw) == w, "the refused step changed the parameter");
+  CHECK(opt.step_count() == 0, "the refused step was counted");
+}
+
+void test_borrowed_stream_and_handle() {
+  cudaStream_t stream = nullptr;
+  cublasHandle_t handle = nullptr;
+  muon::cuda::check(cudaStreamCreate(&stream), "cudaStreamCreate");
+  muon::cuda::check(cublasCreate(&handle), "cublasCreate");
+  {
+    CudaBackend gpu(stream, handle);
+    CHECK(gpu.stream() == stream && gpu.handle() == handle, "the borrowed stream and handle");
+    std::vector<float> w(64 * 32, 0.f), g(64 * 32, 1.f);
+    DeviceBuffer<float> dw = upload(gpu, w), dg = upload(gpu, g);
+    muon::Optimizer<CudaBackend, float> opt({}, {}, gpu);
+    opt.add_muon("w", muon::row_major_view<DeviceSpace>(dw.data(), 64, 32),
+                 muon::row_major_view<DeviceSpace, const float>(dg.data(), 64, 32));
+    opt.step();
+    gpu.synchronize();
+    CHECK(download(dw) != w, "the step on the borrowed stream did nothing");
+  }
+  // Still ours and alive after the backend is gone.
+  int version = 0;
+  CHECK(cublasGetVersion(handle, &version) == CUBLAS_STATUS_SUCCESS, "handle destroyed");
+  CHECK(cudaStreamSynchronize(stream) == cudaSuccess, "stream destroyed");
+  cublasDestroy(handle);
+  cudaStreamDestroy(stream);
+}
+
+void test_state_round_trip() {
+  // State saved from the GPU optimizer loads into a CPU one and continues identically in
+  // double (the file format is the backend's business only through copy_to/from_host).
+  std::mt19937 rng(9);
+  const index_t m = 20, n = 30;
+  const auto w0 = gaussian<double>(m * n, rng), g0 = gaussian<double>(m * n, rng);
+  CudaBackend gpu;
+  DeviceBuffer<double> dw = upload(gpu, w0), dg = upload(gpu, g0);
+  muon::Optimizer<CudaBackend, double> gopt;
+  gopt.add_muon("w", muon::col_major_view<DeviceSpace>(dw.data(), m, n),
+                muon::col_major_view<DeviceSpace, const double>(dg.data(), m, n));
+  std::vector<double> cw = w0, cg = g0;
+  muon::Optimizer<muon::EigenBackend, double> copt;
+  copt.add_muon("w", muon::col_major_view(cw.data(), m, n),
+                muon::col_major_view<muon::HostSpace, const double>(cg.data(), m, n));
+  gopt.step();
+  copt.step();
+  std::stringstream gs, cs;
+  gopt.save_state(gs);
+  copt.save_state(cs);
+  const std::string gbytes = gs.str(), cbytes = cs.str();
+  CHECK(gbytes.size() == cbytes.size(), "state sizes differ");
+  muon::Optimizer<muon::EigenBackend, double> restored;
+  std::vector<double> rw = download(dw);
+  restored.add_muon("w", muon::col_major_view(rw.data(), m, n),
+                    muon::col_major_view<muon::HostSpace, const double>(cg.data(), m, n));
+  std::stringstream in(gbytes);
+  restored.load_state(in);
+  CHECK(restored.step_count() == 1, "step count restored");
+  std::vector<double> mg(m * n), mc(m * n);
+  gpu.copy_to_host(gopt.momentum_buffer({0}), mg.data());
+  muon::EigenBackend().copy_to_host(copt.momentum_buffer({0}), mc.data());
+  CHECK(relative_error(mg, mc) < 1e-15, "momentum on the GPU %.3g", relative_error(mg, mc));
+}
+
+void test_bad_layout_refused() {
+  CudaBackend gpu;
+  DeviceBuffer<float> a = upload(gpu, std::vector<float>(64, 1.f)), c = upload(gpu, std::vector<float>(16, 0.f));
+  // Every other row and column of an 8 x 8: neither row- nor column-major.
+  const muon::MatrixView<const float, DeviceSpace> strided(a.data(), 4, 4, 16, 2);
+  bool threw = false;
+  try {
+    gpu.gemm(1.f, strided, strided, 0.f, muon::row_major_view<DeviceSpace>(c.data(), 4, 4));
+  } catch (const muon::InvalidArgument& e) {
+    threw = std::string(e.what()).find("is neither row- nor column-major") != std::string::npos;
+  }
+  CHECK(threw, "a view cuBLAS cannot read is refused, naming its strides");
+}
+
+}  // namespace
+
+int main() {
+  if (!muon::cuda::device_available()) {
+    std::printf("no CUDA device visible: skipped\n");
+    return 77;
+  }
+  const std::pair<const char*, std::function<void()>> tests[] = {
+      {"optimizer_matches_cpu", test_optimizer_matches_cpu},
+      {"newton_schulz_accuracy", test_newton_schulz_accuracy},
+      {"batched_matches_single", test_batched_matches_single},
+      {"graph_capture", test_graph_capture},
+      {"non_finite_refused_on_device", test_non_finite_refused_on_device},
+      {"borrowed_stream_and_handle", test_borrowed_stream_and_handle},
+      {"state_round_trip", test_state_round_trip},
+      {"bad_layout_refused", test_bad_layout_refused},
+  };
+  for (const auto& [name, run] : tests) {
+    const int before = failures;
+    try {
+      run();
+    } catch (const std::exception& e) {
+      ++failures;
+      std::printf("FAILED %s: threw %s\n", name, e.what());
+    }
+    std::printf("%s %s\n", failures == before ? "ok    " : "FAILED", name);
+  }
+  return failures == 0 ? 0 : 1;
+}
