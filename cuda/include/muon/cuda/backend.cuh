@@ -24,6 +24,7 @@
 
 #include <algorithm>
 #include <cstddef>
+#include <limits>
 #include <memory>
 #include <optional>
 #include <span>
@@ -121,7 +122,6 @@ class CudaBackend {
   using memory_space = DeviceSpace;
   template <class T>
   using Buffer = DeviceBuffer<T>;
-  using View = MatrixView<float, DeviceSpace>;
 
   /// A stream and cuBLAS handle of its own on the current device.
   explicit CudaBackend(CudaOptions options = {}) : ctx_(std::make_shared<Context>()), options_(options) {
@@ -441,21 +441,18 @@ class CudaBackend {
   void bind() const { check(cublasSetStream(ctx_->handle, ctx_->stream), "cublasSetStream"); }
   void launched(const char* what) const { check(cudaGetLastError(), what); }
 
+  template <class T>
   void blas_gemm(cublasOperation_t ta, cublasOperation_t tb, index_t m, index_t n, index_t k,
-                 float alpha, const float* a, int lda, const float* b, int ldb, float beta,
-                 float* c, int ldc) const {
+                 T alpha, const T* a, int lda, const T* b, int ldb, T beta, T* c, int ldc) const {
     bind();
-    check(cublasSgemm(ctx_->handle, ta, tb, blas(m), blas(n), blas(k), &alpha, a, lda, b, ldb,
-                      &beta, c, ldc),
-          "cublasSgemm");
-  }
-  void blas_gemm(cublasOperation_t ta, cublasOperation_t tb, index_t m, index_t n, index_t k,
-                 double alpha, const double* a, int lda, const double* b, int ldb, double beta,
-                 double* c, int ldc) const {
-    bind();
-    check(cublasDgemm(ctx_->handle, ta, tb, blas(m), blas(n), blas(k), &alpha, a, lda, b, ldb,
-                      &beta, c, ldc),
-          "cublasDgemm");
+    if constexpr (std::is_same_v<T, float>)
+      check(cublasSgemm(ctx_->handle, ta, tb, blas(m), blas(n), blas(k), &alpha, a, lda, b, ldb,
+                        &beta, c, ldc),
+            "cublasSgemm");
+    else
+      check(cublasDgemm(ctx_->handle, ta, tb, blas(m), blas(n), blas(k), &alpha, a, lda, b, ldb,
+                        &beta, c, ldc),
+            "cublasDgemm");
   }
 
   /// f over the elements of `shape`'s index space, in the order its layout stores them.

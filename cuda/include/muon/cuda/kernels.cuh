@@ -5,7 +5,6 @@
 #include <cuda_runtime.h>
 
 #include <cmath>
-#include <limits>
 #include <type_traits>
 
 #include "muon/core/backend.hpp"
