@@ -122,6 +122,10 @@ def main():
     for kind, name, prec, batch, ms, gflops in rows:
         if kind == "ns" and prec != "bf16":
             print(f"NS5 {name} {prec}: {float(ms):.3f} ms, {float(gflops):.0f} GFLOP/s")
+    print(f"\nbf16 NS5 variants (GFLOP/s counts the reference loop's flops)")
+    for kind, name, prec, batch, ms, gflops in rows:
+        if kind == "variant":
+            print(f"  {name:<28}{float(ms):>9.3f} ms{float(gflops):>9.0f} GFLOP/s")
     sets = {
         "gpt2-small": ([(768, 2304), (768, 768), (768, 3072), (3072, 768)] * 12,
                        [768, 768, 2304, 768, 768, 768, 3072, 768] * 12, (50257, 768)),

@@ -81,7 +81,10 @@ double ns_flops(index_t m, index_t n, index_t batch, int steps) {
   return double(batch) * steps * (4 * k * k * N + 2 * k * k * k);
 }
 
-void newton_schulz(const CudaBackend& gpu, index_t m, index_t n, index_t batch, Precision p) {
+/// Median ms of NS5 on an m x n stack of `batch`, printed as a CSV row of `kind` with `label`.
+void newton_schulz(const CudaBackend& gpu, index_t m, index_t n, index_t batch, Precision p,
+                   const char* kind = "ns", const std::string& label = "",
+                   muon::NewtonSchulzMethod method = muon::NewtonSchulzMethod::automatic) {
   const auto schedule = muon::Schedule::keller().resolve(5);
   const std::size_t size = static_cast<std::size_t>(m * n * batch);
   DeviceBuffer<float> in = random_buffer(gpu, size, 1, 1), out = random_buffer(gpu, size, 0, 2);
@@ -90,7 +93,7 @@ void newton_schulz(const CudaBackend& gpu, index_t m, index_t n, index_t batch, 
   double ms;
   if (p == Precision::bf16 || p == Precision::fp16) {
     ms = time_ms(gpu.stream(), [&] {
-      gpu.newton_schulz_batched(vin, m * n, vout, m * n, batch, schedule, 1.0, 1e-7, p);
+      gpu.newton_schulz_batched(vin, m * n, vout, m * n, batch, schedule, 1.0, 1e-7, p, method);
     });
   } else {  // fp32 / tf32 through the optimizer's workspace (SYRK/SYMM), one matrix
     CudaBackend g(gpu.stream(), gpu.handle(), muon::cuda::CudaOptions{p});
@@ -101,8 +104,8 @@ void newton_schulz(const CudaBackend& gpu, index_t m, index_t n, index_t batch, 
       (void)ws.run(g, m, n, schedule, 1.0, 1e-7);
     });
   }
-  std::printf("ns,%ldx%ld,%s,%ld,%.4f,%.1f\n", long(m), long(n), muon::cuda::to_string(p),
-              long(batch), ms, ns_flops(m, n, batch, 5) / ms / 1e6);
+  std::printf("%s,%ldx%ld%s,%s,%ld,%.4f,%.1f\n", kind, long(m), long(n), label.c_str(),
+              muon::cuda::to_string(p), long(batch), ms, ns_flops(m, n, batch, 5) / ms / 1e6);
 }
 
 struct Shape {
@@ -159,6 +162,20 @@ int main(int argc, char** argv) {
     newton_schulz(gpu, s.rows, s.cols, batch, Precision::bf16);
   }
   for (Precision p : {Precision::tf32, Precision::native}) newton_schulz(gpu, 4096, 4096, 1, p);
+  // What the defaults are made of: symmetric-block counts, and the standard vs the Gram form
+  // on wide matrices (rows "variant": the name carries the blocks and the method).
+  for (Shape s : {Shape{4096, 4096}, {8192, 8192}, {2048, 8192}, {2048, 6144}, {1024, 4096}}) {
+    if (quick && s.rows * s.cols > 4096 * 4096) continue;
+    for (int blocks : {1, 2, 4, 8}) {
+      CudaBackend g(gpu.stream(), gpu.handle(), muon::cuda::CudaOptions{Precision::bf16, blocks});
+      for (auto method : {muon::NewtonSchulzMethod::standard, muon::NewtonSchulzMethod::gram}) {
+        if (method == muon::NewtonSchulzMethod::gram && s.rows == s.cols) continue;
+        const std::string label = " nb" + std::to_string(blocks) +
+                                  (method == muon::NewtonSchulzMethod::gram ? " gram" : " standard");
+        newton_schulz(g, s.rows, s.cols, 1, Precision::bf16, "variant", label, method);
+      }
+    }
+  }
 
   std::vector<Shape> gpt2;
   std::vector<index_t> gpt2_vectors;

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <functional>
 #include <random>
 #include <sstream>
@@ -13,6 +14,7 @@
 
 #include "muon/cuda/backend.cuh"
 #include "muon/eigen.hpp"
+#include "muon/master_weights.hpp"
 #include "muon/optimizer.hpp"
 
 namespace {
@@ -204,43 +206,114 @@ void test_newton_schulz_accuracy() {
   }
 }
 
+/// A momentum-like input: rank 8 plus small noise, so the singular values spread from ~1 down
+/// to ~1e-3 of the largest -- where 16-bit Gram iterations lose what the standard loop keeps.
+std::vector<double> low_rank_plus_noise(index_t m, index_t n, std::mt19937& rng) {
+  const index_t r = 8;
+  const auto u = gaussian<double>(static_cast<std::size_t>(m * r), rng);
+  const auto v = gaussian<double>(static_cast<std::size_t>(r * n), rng);
+  auto g = gaussian<double>(static_cast<std::size_t>(m * n), rng, 1e-2);
+  for (index_t i = 0; i < m; ++i)
+    for (index_t j = 0; j < n; ++j)
+      for (index_t l = 0; l < r; ++l) g[i * n + j] += u[i * r + l] * v[l * n + j] / double(n);
+  return g;
+}
+
+/// Blocked symmetric products (CudaOptions::symmetric_blocks) and the 16-bit Gram form, each
+/// against the CPU's fp64 standard loop, on Gaussian and on low-rank-plus-noise inputs.
+void test_symmetric_blocks_and_gram() {
+  using muon::NewtonSchulzMethod;
+  std::mt19937 rng(21);
+  for (auto [m, n] : {std::pair<index_t, index_t>{256, 256}, {256, 1024}, {1024, 256}}) {
+    const std::vector<std::pair<const char*, std::vector<double>>> inputs = {
+        {"gaussian", gaussian<double>(static_cast<std::size_t>(m * n), rng)},
+        {"low-rank", low_rank_plus_noise(m, n, rng)}};
+    for (const auto& [kind, g] : inputs) {
+      std::vector<double> ref(g.size());
+      muon::EigenBackend cpu;
+      muon::NewtonSchulzOptions standard;
+      standard.method = NewtonSchulzMethod::standard;
+      muon::orthogonalize(cpu, muon::row_major_view<muon::HostSpace, const double>(g.data(), m, n),
+                          muon::row_major_view(ref.data(), m, n), standard);
+      const std::vector<float> gf(g.begin(), g.end());
+      for (auto [p, bound] : {std::pair{Precision::bf16, 0.05}, {Precision::fp16, 0.02}}) {
+        for (NewtonSchulzMethod method : {NewtonSchulzMethod::standard, NewtonSchulzMethod::gram}) {
+          if (method == NewtonSchulzMethod::gram && m == n) continue;  // never chosen for squares
+          for (int blocks : {1, 2, 4}) {
+            CudaBackend gpu(muon::cuda::CudaOptions{p, blocks});
+            DeviceBuffer<float> in = upload(gpu, gf), out = upload(gpu, std::vector<float>(gf.size()));
+            muon::NewtonSchulzOptions o;
+            o.method = method;
+            muon::orthogonalize(gpu, muon::row_major_view<DeviceSpace, const float>(in.data(), m, n),
+                                muon::row_major_view<DeviceSpace>(out.data(), m, n), o);
+            gpu.synchronize();
+            const double e = relative_error(download(out), ref);
+            const char* name = method == NewtonSchulzMethod::gram ? "gram" : "standard";
+            std::printf("NS5 %ldx%ld %s %s %s, %d blocks, vs CPU fp64: %.3g\n", long(m), long(n),
+                        kind, muon::cuda::to_string(p), name, blocks, e);
+            CHECK(e < bound, "%ldx%ld %s %s %s %d blocks: %.3g", long(m), long(n), kind,
+                  muon::cuda::to_string(p), name, blocks, e);
+          }
+        }
+      }
+    }
+  }
+}
+
 void test_batched_matches_single() {
-  // A stack of 6 experts, 64 x 160 each, one call; each against its own CPU fp64 NS.
-  const index_t batch = 6, m = 64, n = 160;
+  // Stacks in one call, each matrix against its own CPU fp64 NS: 6 experts of 64 x 160 (the
+  // standard loop, then the Gram form) and 3 of 128 x 256 with symmetric products in 2 x 2 blocks.
+  const auto schedule = muon::Schedule::keller().resolve(5);
+  struct Stack {
+    index_t batch, m, n;
+    int blocks;
+    muon::NewtonSchulzMethod method;
+  };
+  for (const Stack st : {Stack{6, 64, 160, 1, muon::NewtonSchulzMethod::standard},
+                         Stack{6, 64, 160, 1, muon::NewtonSchulzMethod::gram},
+                         Stack{3, 128, 256, 2, muon::NewtonSchulzMethod::standard}}) {
+    const index_t batch = st.batch, m = st.m, n = st.n;
+    std::mt19937 rng(5);
+    const auto g = gaussian<float>(static_cast<std::size_t>(batch * m * n), rng);
+    CudaBackend gpu(muon::cuda::CudaOptions{Precision::native, st.blocks});
+    DeviceBuffer<float> in = upload(gpu, g), out = upload(gpu, std::vector<float>(g.size()));
+    for (bool transposed : {false, true}) {  // also the n x m transposes: the short-side path
+      auto vin = muon::row_major_view<DeviceSpace, const float>(in.data(), m, n);
+      auto vout = muon::row_major_view<DeviceSpace>(out.data(), m, n);
+      if (transposed) {
+        vin = vin.transposed();
+        vout = vout.transposed();
+      }
+      gpu.newton_schulz_batched(vin, m * n, vout, m * n, batch, schedule, 1.0, 1e-7,
+                                Precision::bf16, st.method);
+      gpu.synchronize();
+      const auto got = download(out);
+      muon::EigenBackend cpu;
+      double worst = 0;
+      for (index_t b = 0; b < batch; ++b) {
+        std::vector<double> gin(g.begin() + b * m * n, g.begin() + (b + 1) * m * n), ref(gin.size());
+        auto cin = muon::row_major_view<muon::HostSpace, const double>(gin.data(), m, n);
+        auto cout = muon::row_major_view(ref.data(), m, n);
+        if (transposed) {
+          muon::orthogonalize(cpu, cin.transposed(), cout.transposed());
+        } else {
+          muon::orthogonalize(cpu, cin, cout);
+        }
+        std::vector<float> mine(got.begin() + b * m * n, got.begin() + (b + 1) * m * n);
+        worst = std::max(worst, relative_error(mine, ref));
+      }
+      std::printf("batched bf16 NS5 %ldx(%ldx%ld) %s, %d blocks (%s) vs CPU fp64: %.3g\n",
+                  long(batch), long(m), long(n),
+                  st.method == muon::NewtonSchulzMethod::gram ? "gram" : "standard", st.blocks,
+                  transposed ? "transposed" : "wide", worst);
+      CHECK(worst < 0.05, "batched %.3g", worst);
+    }
+  }
   std::mt19937 rng(5);
-  const auto g = gaussian<float>(static_cast<std::size_t>(batch * m * n), rng);
+  const index_t m = 64, n = 160;
+  const auto g = gaussian<float>(static_cast<std::size_t>(m * n), rng);
   CudaBackend gpu;
   DeviceBuffer<float> in = upload(gpu, g), out = upload(gpu, std::vector<float>(g.size()));
-  const auto schedule = muon::Schedule::keller().resolve(5);
-  for (bool transposed : {false, true}) {  // also the n x m transposes: the short-side path
-    auto vin = muon::row_major_view<DeviceSpace, const float>(in.data(), m, n);
-    auto vout = muon::row_major_view<DeviceSpace>(out.data(), m, n);
-    if (transposed) {
-      vin = vin.transposed();
-      vout = vout.transposed();
-    }
-    gpu.newton_schulz_batched(vin, m * n, vout, m * n, batch, schedule, 1.0, 1e-7,
-                              Precision::bf16);
-    gpu.synchronize();
-    const auto got = download(out);
-    muon::EigenBackend cpu;
-    double worst = 0;
-    for (index_t b = 0; b < batch; ++b) {
-      std::vector<double> gin(g.begin() + b * m * n, g.begin() + (b + 1) * m * n), ref(gin.size());
-      auto cin = muon::row_major_view<muon::HostSpace, const double>(gin.data(), m, n);
-      auto cout = muon::row_major_view(ref.data(), m, n);
-      if (transposed) {
-        muon::orthogonalize(cpu, cin.transposed(), cout.transposed());
-      } else {
-        muon::orthogonalize(cpu, cin, cout);
-      }
-      std::vector<float> mine(got.begin() + b * m * n, got.begin() + (b + 1) * m * n);
-      worst = std::max(worst, relative_error(mine, ref));
-    }
-    std::printf("batched bf16 NS5 (%s) vs CPU fp64: %.3g\n", transposed ? "transposed" : "wide",
-                worst);
-    CHECK(worst < 0.05, "batched %.3g", worst);
-  }
   bool threw = false;
   try {
     gpu.newton_schulz_batched(muon::row_major_view<DeviceSpace, const float>(in.data(), m, n), 0,
@@ -389,6 +462,61 @@ void test_state_round_trip() {
   CHECK(relative_error(mg, mc) < 1e-15, "momentum on the GPU %.3g", relative_error(mg, mc));
 }
 
+/// MasterWeights on the GPU: bf16 parameters and gradients, fp32 masters. The masters follow
+/// a plain fp32 optimizer on the widened values bit for bit; the parameters are their rounding.
+void test_master_weights_bf16() {
+  using bf16 = __nv_bfloat16;
+  const index_t m = 48, n = 80;
+  std::mt19937 rng(31);
+  const auto narrow = [](const std::vector<float>& v) {
+    std::vector<bf16> out(v.size());
+    for (std::size_t i = 0; i < v.size(); ++i) out[i] = __float2bfloat16(v[i]);
+    return out;
+  };
+  const auto widen = [](const std::vector<bf16>& v) {
+    std::vector<float> out(v.size());
+    for (std::size_t i = 0; i < v.size(); ++i) out[i] = __bfloat162float(v[i]);
+    return out;
+  };
+  const auto w16h = narrow(gaussian<float>(m * n, rng, 0.1));
+  CudaBackend gpu;
+  DeviceBuffer<bf16> w16 = upload(gpu, w16h), g16 = upload(gpu, std::vector<bf16>(w16h.size()));
+  DeviceBuffer<float> w32 = upload(gpu, widen(w16h)), g32 = upload(gpu, std::vector<float>(w16h.size()));
+  muon::GroupOptions o;
+  o.muon.lr = 0.02;
+  muon::Optimizer<CudaBackend, float> inner(o, {}, gpu), plain(o, {}, gpu);
+  muon::MasterWeights<CudaBackend, float, bf16> mixed(inner);
+  const auto id = mixed.add_muon("w", muon::row_major_view<DeviceSpace>(w16.data(), m, n),
+                                 muon::row_major_view<DeviceSpace, const bf16>(g16.data(), m, n));
+  plain.add_muon("w", muon::row_major_view<DeviceSpace>(w32.data(), m, n),
+                 muon::row_major_view<DeviceSpace, const float>(g32.data(), m, n));
+  for (int step = 0; step < 3; ++step) {
+    const auto g = narrow(gaussian<float>(m * n, rng));
+    muon::cuda::check(cudaMemcpy(g16.data(), g.data(), g.size() * sizeof(bf16), cudaMemcpyHostToDevice), "cudaMemcpy");
+    const auto gw = widen(g);
+    muon::cuda::check(cudaMemcpy(g32.data(), gw.data(), gw.size() * sizeof(float), cudaMemcpyHostToDevice), "cudaMemcpy");
+    muon::cuda::check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+    mixed.step();
+    plain.step();
+    gpu.synchronize();
+  }
+  const auto ref = download(w32);
+  const auto got = download(w16);
+  std::vector<float> master(ref.size());
+  gpu.copy_to_host(mixed.master(id), master.data());
+  std::size_t master_diff = 0, param_diff = 0;
+  for (std::size_t i = 0; i < ref.size(); ++i) {
+    master_diff += std::memcmp(&master[i], &ref[i], sizeof(float)) != 0;
+    const bf16 r = __float2bfloat16(ref[i]);
+    param_diff += std::memcmp(&got[i], &r, sizeof(bf16)) != 0;
+  }
+  std::printf("MasterWeights bf16: %zu master and %zu parameter entries differ from fp32\n",
+              master_diff, param_diff);
+  CHECK(master_diff == 0, "masters vs the fp32 run: %zu entries differ", master_diff);
+  CHECK(param_diff == 0, "parameters vs the rounded fp32 run: %zu entries differ", param_diff);
+  CHECK(relative_error(widen(w16h), ref) > 1e-3, "the parameters moved");
+}
+
 void test_bad_layout_refused() {
   CudaBackend gpu;
   DeviceBuffer<float> a = upload(gpu, std::vector<float>(64, 1.f)), c = upload(gpu, std::vector<float>(16, 0.f));
@@ -401,6 +529,13 @@ void test_bad_layout_refused() {
     threw = std::string(e.what()).find("is neither row- nor column-major") != std::string::npos;
   }
   CHECK(threw, "a view cuBLAS cannot read is refused, naming its strides");
+  bool refused = false;
+  try {
+    CudaBackend bad(muon::cuda::CudaOptions{Precision::bf16, -1});
+  } catch (const muon::InvalidArgument& e) {
+    refused = std::string(e.what()).find("symmetric_blocks must be >= 0") != std::string::npos;
+  }
+  CHECK(refused, "a negative block count is refused, naming the option");
 }
 
 }  // namespace
@@ -413,11 +548,13 @@ int main() {
   const std::pair<const char*, std::function<void()>> tests[] = {
       {"optimizer_matches_cpu", test_optimizer_matches_cpu},
       {"newton_schulz_accuracy", test_newton_schulz_accuracy},
+      {"symmetric_blocks_and_gram", test_symmetric_blocks_and_gram},
       {"batched_matches_single", test_batched_matches_single},
       {"graph_capture", test_graph_capture},
       {"non_finite_refused_on_device", test_non_finite_refused_on_device},
       {"borrowed_stream_and_handle", test_borrowed_stream_and_handle},
       {"state_round_trip", test_state_round_trip},
+      {"master_weights_bf16", test_master_weights_bf16},
       {"bad_layout_refused", test_bad_layout_refused},
   };
   for (const auto& [name, run] : tests) {

@@ -152,10 +152,10 @@ class NewtonSchulzWorkspace {
     // it returns an empty optional when it leaves the matrix to the generic code below.
     if constexpr (requires {
                     backend.try_newton_schulz(short_side(x_), short_side(y_), schedule,
-                                              norm_scale, eps);
+                                              norm_scale, eps, method);
                   }) {
       if (auto done = backend.try_newton_schulz(short_side(x_), short_side(y_), schedule,
-                                                norm_scale, eps))
+                                                norm_scale, eps, method))
         return rows > cols ? done->transposed() : *done;
     }
     if (uses_gram(method, rows, cols)) {

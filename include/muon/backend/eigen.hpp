@@ -149,6 +149,13 @@ class EigenBackend {
       strided(dst) = strided(src);
     }
   }
+  /// Converting copy (float <-> Eigen::bfloat16 / Eigen::half for MasterWeights), rounding
+  /// to nearest even.
+  template <class S, class D>
+    requires(!std::is_same_v<S, D>)
+  void copy(MatrixView<const S> src, MatrixView<D> dst) const {
+    strided(dst) = strided(src).template cast<D>();
+  }
   template <class T>
   void flush_tiny(MatrixView<T> x, T threshold) const {
     elementwise([&](auto X) { X = (X.abs() < threshold).select(T(0), X); }, x);

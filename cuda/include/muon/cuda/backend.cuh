@@ -35,6 +35,7 @@
 #include "muon/algorithm/schedule.hpp"
 #include "muon/core/backend.hpp"
 #include "muon/core/error.hpp"
+#include "muon/core/options.hpp"
 #include "muon/cuda/kernels.cuh"
 
 namespace muon::cuda {
@@ -71,6 +72,13 @@ inline const char* to_string(Precision p) {
 
 struct CudaOptions {
   Precision newton_schulz = Precision::native;
+  /// bf16 / fp16 Newton-Schulz: a product known to be symmetric (X X^T, A A, and the Gram
+  /// form's products of commuting matrices) is computed as the lower blocks of an nb x nb
+  /// grid only, nb(nb + 1)/2 of nb^2 GEMMs in one batched call, then mirrored. 1 (the
+  /// default) multiplies whole matrices; 0 picks nb from the size (blocks of 512 or more).
+  /// nb is used only where it splits k into blocks of a multiple of 64. Experimental: compiled
+  /// and covered by the GPU tests, not yet run on a GPU (README, "CUDA backend").
+  int symmetric_blocks = 1;
 };
 
 /// A dense device allocation (cudaMalloc), zero-filled by resize. Move-only.
@@ -125,6 +133,7 @@ class CudaBackend {
 
   /// A stream and cuBLAS handle of its own on the current device.
   explicit CudaBackend(CudaOptions options = {}) : ctx_(std::make_shared<Context>()), options_(options) {
+    validate(options);
     check(cudaStreamCreateWithFlags(&ctx_->stream, cudaStreamNonBlocking), "cudaStreamCreate");
     ctx_->owns_stream = true;
     check(cublasCreate(&ctx_->handle), "cublasCreate");
@@ -135,6 +144,7 @@ class CudaBackend {
   /// is set to `stream` for each product.
   CudaBackend(cudaStream_t stream, cublasHandle_t handle, CudaOptions options = {})
       : ctx_(std::make_shared<Context>()), options_(options) {
+    validate(options);
     if (handle == nullptr) throw InvalidArgument("muon: CudaBackend: the cuBLAS handle is null");
     ctx_->stream = stream;
     ctx_->handle = handle;
@@ -318,11 +328,12 @@ class CudaBackend {
   template <class T>
   std::optional<MatrixView<T, DeviceSpace>> try_newton_schulz(
       MatrixView<T, DeviceSpace> x, MatrixView<T, DeviceSpace> y,
-      std::span<const Coefficients> schedule, double norm_scale, double eps) const {
+      std::span<const Coefficients> schedule, double norm_scale, double eps,
+      NewtonSchulzMethod method) const {
     if constexpr (std::is_same_v<T, float>) {
       if (options_.newton_schulz == Precision::bf16 || options_.newton_schulz == Precision::fp16) {
         newton_schulz_batched(MatrixView<const float, DeviceSpace>(x), 0, y, 0, 1, schedule,
-                              norm_scale, eps, options_.newton_schulz);
+                              norm_scale, eps, options_.newton_schulz, method);
         return y;
       }
     }
@@ -332,12 +343,16 @@ class CudaBackend {
   /// Orthogonalizes a stack of `batch` same-shape float matrices (mixture-of-experts weights,
   /// per-head splits): matrix b is `in` offset by b * in_stride elements, its result goes to
   /// `out` offset by b * out_stride. Any shape and layout (m > n runs on the transpose).
-  /// Storage precision `precision` (bf16 or fp16; products accumulate in fp32 on strided-batched
-  /// cublasGemmEx). The reduced-precision workspace grows on first use and is kept.
+  /// Storage precision `precision` (bf16 or fp16; products accumulate in fp32 on batched
+  /// cublasGemmEx). `method`: NewtonSchulzMethod::gram runs the Gram form, restarted once as
+  /// Dao-AILab's gram-newton-schulz does in half precision (lowp_gram_newton_schulz);
+  /// experimental, not yet run on a GPU. `automatic` runs the standard loop here until the
+  /// 16-bit Gram form has been measured. The workspace grows on first use and is kept.
   void newton_schulz_batched(MatrixView<const float, DeviceSpace> in, index_t in_stride,
                              MatrixView<float, DeviceSpace> out, index_t out_stride,
                              index_t batch, std::span<const Coefficients> schedule,
-                             double norm_scale, double eps, Precision precision) const {
+                             double norm_scale, double eps, Precision precision,
+                             NewtonSchulzMethod method = NewtonSchulzMethod::standard) const {
     if (in.rows() != out.rows() || in.cols() != out.cols())
       throw InvalidArgument("muon: newton_schulz_batched: output shape " +
                             muon::detail::shape_string(out.rows(), out.cols()) +
@@ -349,14 +364,15 @@ class CudaBackend {
     if (in.empty() || batch == 0) return;
     if (in.rows() > in.cols())  // iterate on the short side
       return newton_schulz_batched(in.transposed(), in_stride, out.transposed(), out_stride,
-                                   batch, schedule, norm_scale, eps, precision);
+                                   batch, schedule, norm_scale, eps, precision, method);
+    const bool gram = method == NewtonSchulzMethod::gram;
     switch (precision) {
       case Precision::bf16:
         return lowp_newton_schulz<__nv_bfloat16>(in, in_stride, out, out_stride, batch,
-                                                 schedule, norm_scale, eps, CUDA_R_16BF);
+                                                 schedule, norm_scale, eps, CUDA_R_16BF, gram);
       case Precision::fp16:
         return lowp_newton_schulz<__half>(in, in_stride, out, out_stride, batch, schedule,
-                                          norm_scale, eps, CUDA_R_16F);
+                                          norm_scale, eps, CUDA_R_16F, gram);
       default:
         throw InvalidArgument(std::string("muon: newton_schulz_batched: precision ") +
                               to_string(precision) + " is not bf16 or fp16");
@@ -364,6 +380,12 @@ class CudaBackend {
   }
 
  private:
+  static void validate(const CudaOptions& o) {
+    if (o.symmetric_blocks < 0)
+      throw InvalidArgument("muon: CudaOptions::symmetric_blocks must be >= 0 (0 = by size), got " +
+                            std::to_string(o.symmetric_blocks));
+  }
+
   struct Context {
     cudaStream_t stream = nullptr;
     cublasHandle_t handle = nullptr;
@@ -372,6 +394,7 @@ class CudaBackend {
     int* host_flag = nullptr;  // pinned host copy of it
     DeviceBuffer<detail::NormScratch> norms;
     DeviceBuffer<std::byte> lowp;  // reduced-precision Newton-Schulz workspace
+    DeviceBuffer<void*> blocks;    // operand pointers of the blocked symmetric products
 
     void init() {
       check(cudaMalloc(&flag, sizeof(int)), "cudaMalloc");
@@ -495,54 +518,166 @@ class CudaBackend {
     launched("normalize");
   }
 
-  /// The reference loop (Jordan et al.) on stacks of k x n matrices, k <= n, stored in L:
+  /// One reduced-precision Newton-Schulz run on a stack of `batch` k x n matrices (k <= n),
+  /// each stored column-major (ld k) in the workspace: X, Y (k x n) and k x k matrices.
+  struct LowpRun {
+    cudaDataType_t type;
+    index_t k, n, batch, blocks;
+  };
+
+  /// The symmetric-block count for k (CudaOptions::symmetric_blocks).
+  index_t symmetric_blocks(index_t k) const {
+    const auto fits = [k](index_t nb) { return k % nb == 0 && (k / nb) % 64 == 0; };
+    if (options_.symmetric_blocks > 0)
+      return fits(options_.symmetric_blocks) ? options_.symmetric_blocks : 1;
+    for (index_t nb : {8, 4, 2})
+      if (fits(nb) && k / nb >= 512) return nb;
+    return 1;
+  }
+
+  /// C = alpha A op(B) + beta C on each matrix of the stacks (column-major, ld = rows).
+  template <class L>
+  void lowp_gemm(const LowpRun& run, cublasOperation_t tb, index_t m, index_t nn, index_t depth,
+                 const L* a, index_t sa, const L* b, index_t ldb, index_t sb, L* c, index_t sc,
+                 float alpha = 1, float beta = 0) const {
+    check(cublasGemmStridedBatchedEx(ctx_->handle, CUBLAS_OP_N, tb, blas(m), blas(nn),
+                                     blas(depth), &alpha, a, run.type, blas(m), sa, b, run.type,
+                                     blas(ldb), sb, &beta, c, run.type, blas(m), sc,
+                                     blas(run.batch), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+          "cublasGemmStridedBatchedEx");
+  }
+
+  /// out = alpha P R + beta S + gamma I for a product P R known to be symmetric: X X^T
+  /// (P = X, R = X^T: r_transposed, depth n) or a product of commuting symmetric k x k
+  /// matrices (depth k). Only the lower blocks are multiplied; the kernel mirrors them.
+  template <class L>
+  void lowp_symmetric(const LowpRun& run, const L* p, const L* r, bool r_transposed, L* out,
+                      float alpha = 1, const L* s = nullptr, float beta = 0,
+                      float gamma = 0) const {
+    const index_t k = run.k, depth = r_transposed ? run.n : run.k, kk = k * k;
+    const cublasOperation_t tb = r_transposed ? CUBLAS_OP_T : CUBLAS_OP_N;
+    if (run.blocks == 1) {
+      lowp_gemm(run, tb, k, k, depth, p, k * depth, r, k, k * depth, out, kk);
+      if (alpha == 1 && s == nullptr && gamma == 0) return;  // already whole
+    } else {
+      const index_t nb = run.blocks, bs = k / nb, count = run.batch * nb * (nb + 1) / 2;
+      void** ptrs = ctx_->blocks.data();
+      detail::block_pointers_kernel<<<detail::blocks_for(count), detail::kThreads, 0,
+                                      ctx_->stream>>>(k, bs, static_cast<int>(nb), count, p,
+                                                      k * depth, r, k * depth, r_transposed, out,
+                                                      kk, ptrs);
+      launched("block pointers");
+      const float one = 1, zero = 0;
+      check(cublasGemmBatchedEx(ctx_->handle, CUBLAS_OP_N, tb, blas(bs), blas(bs), blas(depth),
+                                &one, ptrs, run.type, blas(k), ptrs + count, run.type, blas(k),
+                                &zero, ptrs + 2 * count, run.type, blas(k), blas(count),
+                                CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+            "cublasGemmBatchedEx");
+    }
+    const auto tiles = static_cast<unsigned>((k + detail::kTile - 1) / detail::kTile);
+    detail::symmetric_from_lower_kernel<<<dim3(tiles, tiles, static_cast<unsigned>(run.batch)),
+                                          dim3(detail::kTile, 8), 0, ctx_->stream>>>(
+        k, out, s, kk, alpha, beta, gamma);
+    launched("symmetric_from_lower");
+  }
+
+  /// B = c A A + b A + a I from A (symmetric), into `out`. Unblocked, as measured on the H100:
+  /// B = A, then B = c A A + b B in one GEMM, then the diagonal.
+  template <class L>
+  void lowp_polynomial(const LowpRun& run, const Coefficients& p, const L* a, L* out) const {
+    if (run.blocks > 1)
+      return lowp_symmetric(run, a, a, false, out, static_cast<float>(p.c), a,
+                            static_cast<float>(p.b), static_cast<float>(p.a));
+    const index_t k = run.k, kk = k * k;
+    check(cudaMemcpyAsync(out, a, run.batch * kk * sizeof(L), cudaMemcpyDeviceToDevice,
+                          ctx_->stream),
+          "cudaMemcpyAsync");
+    lowp_gemm(run, CUBLAS_OP_N, k, k, k, a, kk, a, k, kk, out, kk, static_cast<float>(p.c),
+              static_cast<float>(p.b));
+    detail::add_diagonal_kernel<<<dim3(detail::blocks_for(k), static_cast<unsigned>(run.batch)),
+                                  detail::kThreads, 0, ctx_->stream>>>(
+        k, detail::strided(col_major_view<DeviceSpace>(out, k, k), kk), static_cast<float>(p.a));
+    launched("add_diagonal");
+  }
+
+  /// Newton-Schulz on stacks of k x n matrices, k <= n, stored in L (bf16 or fp16):
   ///   X = G / ||G||;  per (a, b, c):  A = X X^T;  B = c A A + b A + a I;  X = B X
-  /// Folding a I into B makes X = a X + B X a single product with no copy of X.
+  /// (the reference loop of Jordan et al.; folding a I into B makes X = a X + B X one product),
+  /// or its Gram form (lowp_gram_newton_schulz). The result is cast back into `out`.
   template <class L>
   void lowp_newton_schulz(MatrixView<const float, DeviceSpace> in, index_t in_stride,
                           MatrixView<float, DeviceSpace> out, index_t out_stride, index_t batch,
                           std::span<const Coefficients> schedule, double norm_scale, double eps,
-                          cudaDataType_t type) const {
-    const index_t k = in.rows(), n = in.cols();
-    const index_t kn = k * n, kk = k * k;
-    const std::size_t need = static_cast<std::size_t>(batch * (2 * kn + 2 * kk)) * sizeof(L);
+                          cudaDataType_t type, bool gram) const {
+    const LowpRun run{type, in.rows(), in.cols(), batch, symmetric_blocks(in.rows())};
+    const index_t k = run.k, n = run.n, kn = k * n, kk = k * k;
+    const std::size_t need =
+        static_cast<std::size_t>(batch * (2 * kn + (gram ? 4 : 2) * kk)) * sizeof(L);
     if (ctx_->lowp.size() < need) ctx_->lowp.resize_zero(need, ctx_->stream);
+    const auto pointers = static_cast<std::size_t>(3 * batch * run.blocks * (run.blocks + 1) / 2);
+    if (run.blocks > 1 && ctx_->blocks.size() < pointers)
+      ctx_->blocks.resize_zero(pointers, ctx_->stream);
     L* x = reinterpret_cast<L*>(ctx_->lowp.data());
     L* y = x + batch * kn;
     L* a = y + batch * kn;
     L* b = a + batch * kk;
-    // Column-major k x n stacks (ld k) for X and Y, k x k for A and B.
-    const auto stack = [&](L* p, index_t rows, index_t cols) {
-      return col_major_view<DeviceSpace>(p, rows, cols);
-    };
-    normalize_batched(in, in_stride, stack(x, k, n), kn, batch, norm_scale, eps);
+    normalize_batched(in, in_stride, col_major_view<DeviceSpace>(x, k, n), kn, batch, norm_scale,
+                      eps);
     bind();
-    const auto gemm = [&](cublasOperation_t tb, index_t m, index_t nn, index_t kdim, float alpha,
-                          const L* pa, index_t sa, const L* pb, int ldb, index_t sb, float beta,
-                          L* pc, index_t sc) {
-      check(cublasGemmStridedBatchedEx(ctx_->handle, CUBLAS_OP_N, tb, blas(m), blas(nn),
-                                       blas(kdim), &alpha, pa, type, blas(m), sa, pb, type, ldb,
-                                       sb, &beta, pc, type, blas(m), sc, blas(batch),
-                                       CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
-            "cublasGemmStridedBatchedEx");
-    };
-    for (const Coefficients& p : schedule) {
-      gemm(CUBLAS_OP_T, k, k, n, 1.f, x, kn, x, blas(k), kn, 0.f, a, kk);  // A = X X^T
-      check(cudaMemcpyAsync(b, a, batch * kk * sizeof(L), cudaMemcpyDeviceToDevice, ctx_->stream),
-            "cudaMemcpyAsync");
-      gemm(CUBLAS_OP_N, k, k, k, static_cast<float>(p.c), a, kk, a, blas(k), kk,
-           static_cast<float>(p.b), b, kk);  // B = c A A + b A
-      detail::add_diagonal_kernel<<<dim3(detail::blocks_for(k), unsigned(batch)), detail::kThreads,
-                                    0, ctx_->stream>>>(k, detail::strided(stack(b, k, k), kk),
-                                                       static_cast<float>(p.a));
-      launched("add_diagonal");
-      gemm(CUBLAS_OP_N, k, n, k, 1.f, b, kk, x, blas(k), kn, 0.f, y, kn);  // Y = B X
-      std::swap(x, y);
+    if (gram) {
+      x = lowp_gram_newton_schulz(run, schedule, x, y, a, b, b + batch * kk, b + 2 * batch * kk);
+    } else {
+      for (const Coefficients& p : schedule) {
+        lowp_symmetric(run, x, x, true, a);  // A = X X^T
+        lowp_polynomial(run, p, a, b);       // B = c A A + b A + a I
+        lowp_gemm(run, CUBLAS_OP_N, k, n, k, b, kk, x, k, kn, y, kn);  // Y = B X
+        std::swap(x, y);
+      }
     }
     detail::for_each(ctx_->stream, k, n, detail::column_order(out), batch, detail::Copy{},
                      detail::strided(out, out_stride),
-                     detail::strided(MatrixView<const L, DeviceSpace>(stack(x, k, n)), kn));
+                     detail::strided(MatrixView<const L, DeviceSpace>(
+                                         col_major_view<DeviceSpace>(x, k, n)),
+                                     kn));
     launched("cast back");
+  }
+
+  /// The Gram form (algorithm/newton_schulz.hpp) in half precision: with R = X_0 X_0^T and
+  /// every B_t a polynomial in it, X_T = Q X_0 for Q = B_T ... B_1, and R_{t+1} = B_t R_t B_t.
+  /// Every k x k product is symmetric (its factors commute), so all of them run blocked.
+  /// In 16 bits the iterated R drifts (spurious negative eigenvalues); as Dao-AILab's
+  /// gram-newton-schulz does (Zhang, Amsel, Chen, Dao 2026), it restarts once before step 3:
+  /// X <- Q X, R <- X X^T, Q <- I. Returns the result: x or y.
+  template <class L>
+  L* lowp_gram_newton_schulz(const LowpRun& run, std::span<const Coefficients> schedule, L* x,
+                               L* y, L* r, L* b, L* w, L* q) const {
+    constexpr std::size_t kRestart = 2;  // the step before which X is recomputed
+    const index_t k = run.k, n = run.n, kn = k * n, kk = k * k;
+    lowp_symmetric(run, x, x, true, r);  // R = X X^T
+    bool q_is_identity = true;
+    for (std::size_t t = 0; t < schedule.size(); ++t) {
+      if (t == kRestart && !q_is_identity) {
+        lowp_gemm(run, CUBLAS_OP_N, k, n, k, q, kk, x, k, kn, y, kn);  // X = Q X
+        std::swap(x, y);
+        lowp_symmetric(run, x, x, true, r);  // R = X X^T
+        q_is_identity = true;
+      }
+      lowp_polynomial(run, schedule[t], r, b);  // B = c R R + b R + a I
+      if (t + 1 < schedule.size() && t + 1 != kRestart) {
+        lowp_symmetric(run, r, b, false, w);  // W = R B
+        lowp_symmetric(run, b, w, false, r);  // R = B R B
+      }
+      if (q_is_identity) {
+        std::swap(q, b);  // Q = B
+        q_is_identity = false;
+      } else {
+        lowp_symmetric(run, b, q, false, w);  // Q = B Q
+        std::swap(q, w);
+      }
+    }
+    if (q_is_identity) return x;  // no step at all
+    lowp_gemm(run, CUBLAS_OP_N, k, n, k, q, kk, x, k, kn, y, kn);  // Y = Q X
+    return y;
   }
 
   std::shared_ptr<Context> ctx_;

@@ -258,4 +258,61 @@ __global__ void add_diagonal_kernel(index_t n, Strided<T> x, V value) {
     x(b, i, i) = static_cast<T>(static_cast<Acc>(x(b, i, i)) + static_cast<Acc>(value));
 }
 
+
+// ---- symmetric products in reduced precision ----------------------------------------------
+/// Operand pointers of the lower blocks (i >= j) of C = P R, blocks s x s, for a stack of
+/// column-major k x k outputs: P's row panel i (ld k), R's column panel j (or, when R is the
+/// transpose of a k x depth matrix, that matrix's row panel j), C's block (i, j). Entry e of
+/// the three arrays (out, out + count, out + 2 count) is matrix e / pairs, block e % pairs.
+template <class L>
+__global__ void block_pointers_kernel(index_t k, index_t s, int blocks, index_t count,
+                                      const L* p, index_t p_stride, const L* r, index_t r_stride,
+                                      bool r_transposed, L* c, index_t c_stride, void** out) {
+  const index_t pairs = index_t(blocks) * (blocks + 1) / 2;
+  for (index_t e = blockIdx.x * index_t(blockDim.x) + threadIdx.x; e < count;
+       e += index_t(gridDim.x) * blockDim.x) {
+    const index_t b = e / pairs;
+    index_t t = e % pairs, i = 0;
+    while (t > i) t -= ++i;  // the t-th pair (i, j), j <= i, in row order
+    const index_t j = t;
+    out[e] = const_cast<L*>(p + b * p_stride + i * s);
+    out[count + e] = const_cast<L*>(r + b * r_stride + (r_transposed ? j * s : j * s * k));
+    out[2 * count + e] = c + b * c_stride + i * s + j * s * k;
+  }
+}
+
+/// For each column-major k x k matrix of a stack, from its lower triangle only (the upper one
+/// is not read): out = alpha out + beta S + gamma I, written to both triangles so the result
+/// is exactly symmetric (S symmetric, may be null). A block handles one 32 x 32 lower tile and
+/// its mirror image through shared memory, so both the reads and the writes coalesce.
+constexpr int kTile = 32;
+template <class L>
+__global__ void symmetric_from_lower_kernel(index_t k, L* out, const L* s, index_t stride,
+                                            float alpha, float beta, float gamma) {
+  const index_t ti = blockIdx.y, tj = blockIdx.x;
+  if (ti < tj) return;
+  __shared__ float tile[kTile][kTile + 1];  // tile[c][r]: element (r, c) of the lower tile
+  out += blockIdx.z * stride;
+  if (s != nullptr) s += blockIdx.z * stride;
+  const int tx = static_cast<int>(threadIdx.x);
+  const index_t r = ti * kTile + tx;
+  for (int cc = static_cast<int>(threadIdx.y); cc < kTile; cc += static_cast<int>(blockDim.y)) {
+    const index_t c = tj * kTile + cc;
+    if (r < k && c < k) {
+      float v = alpha * static_cast<float>(out[r + c * k]);
+      if (s != nullptr) v += beta * static_cast<float>(s[r + c * k]);
+      if (r == c) v += gamma;
+      tile[cc][tx] = v;
+    }
+  }
+  __syncthreads();
+  for (int cc = static_cast<int>(threadIdx.y); cc < kTile; cc += static_cast<int>(blockDim.y)) {
+    const index_t c = tj * kTile + cc;
+    // On a diagonal tile the upper half takes the lower half's values.
+    if (r < k && c < k) out[r + c * k] = L(ti == tj && tx < cc ? tile[tx][cc] : tile[cc][tx]);
+    const index_t mr = tj * kTile + tx, mc = ti * kTile + cc;  // the mirror tile
+    if (ti != tj && mr < k && mc < k) out[mr + mc * k] = L(tile[tx][cc]);
+  }
+}
+
 }  // namespace muon::cuda::detail

@@ -1,0 +1,137 @@
+#pragma once
+// muon::MasterWeights<B, T, L>: parameters stored in a narrow type L (bf16 or fp16: the
+// model's own tensors), updated through wider T masters (fp32) so that updates smaller than
+// L's rounding step still accumulate. The wrapped Optimizer<B, T> sees only T: the masters as
+// its parameters and T copies of the gradients.
+//
+//   muon::Optimizer<muon::cuda::CudaBackend, float> opt(defaults, {}, gpu);
+//   muon::MasterWeights<muon::cuda::CudaBackend, float, __nv_bfloat16> mixed(opt);
+//   mixed.add_muon("w", w_bf16, grad_bf16);    // views of the model's 16-bit tensors
+//   mixed.step();                              // widen grads, step in fp32, round into w
+//
+// Each step costs two passes more than a plain one: widening each gradient and rounding each
+// master back. The backend must convert in copy() (EigenBackend: float <-> Eigen::bfloat16 /
+// Eigen::half; CudaBackend: float <-> __nv_bfloat16 / __half).
+//
+// Checkpoints: the optimizer's save_state() holds the momenta, not the masters. To resume
+// bit-exactly save the masters too (master(id)); otherwise sync_masters() after loading the
+// 16-bit parameters restarts the masters from them, losing only what L cannot hold.
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "muon/core/error.hpp"
+#include "muon/core/matrix_view.hpp"
+#include "muon/optimizer.hpp"
+
+namespace muon {
+
+template <class B, class T, class L>
+class MasterWeights {
+ public:
+  using Space = typename B::memory_space;
+  using NarrowView = MatrixView<L, Space>;
+  using ConstNarrowView = MatrixView<const L, Space>;
+
+  static_assert(!std::is_same_v<T, L>,
+                "muon::MasterWeights<B, T, L>: L is the parameters' narrow type and must differ "
+                "from the optimizer's Scalar T");
+  static_assert(
+      requires(B& b, ConstNarrowView narrow, MatrixView<T, Space> wide,
+               MatrixView<const T, Space> cwide, NarrowView out) {
+        b.copy(narrow, wide);
+        b.copy(cwide, out);
+      },
+      "muon::MasterWeights<B, T, L>: the backend's copy() must convert between T and L");
+
+  /// Parameters go to `optimizer` (its groups, options and state), which must outlive this.
+  explicit MasterWeights(Optimizer<B, T>& optimizer) : opt_(optimizer) {}
+
+  /// A 16-bit weight matrix updated by Muon through a T master (initialized from it).
+  ParamId add_muon(std::string name, NarrowView param, ConstNarrowView grad, GroupId group = {}) {
+    return add(std::move(name), UpdateRule::muon, param, grad, group);
+  }
+  /// A 16-bit parameter updated by AdamW through a T master.
+  ParamId add_adamw(std::string name, NarrowView param, ConstNarrowView grad,
+                    GroupId group = {}) {
+    return add(std::move(name), UpdateRule::adamw, param, grad, group);
+  }
+
+  /// Widens every gradient into its T copy, steps the optimizer on the masters, and rounds
+  /// the updated masters into the 16-bit parameters. If the optimizer refuses the step
+  /// (a NaN/Inf gradient), neither the masters nor the parameters change.
+  StepReport step() {
+    B& b = opt_.backend();
+    for (Entry& e : entries_) b.copy(e.grad, wide(e.grad_copy, e));
+    StepReport report = opt_.step();
+    if (report.applied)
+      for (Entry& e : entries_) b.copy(MatrixView<const T, Space>(wide(e.master, e)), e.param);
+    return report;
+  }
+
+  /// The T master of a parameter registered here (e.g. to checkpoint it).
+  [[nodiscard]] MatrixView<const T, Space> master(ParamId id) {
+    Entry& e = entry(id);
+    return wide(e.master, e);
+  }
+  /// Restarts every master from its 16-bit parameter (after loading the parameters).
+  void sync_masters() {
+    for (Entry& e : entries_) opt_.backend().copy(ConstNarrowView(e.param), wide(e.master, e));
+  }
+
+  [[nodiscard]] Optimizer<B, T>& optimizer() noexcept { return opt_; }
+
+ private:
+  using Buffer = typename B::template Buffer<T>;
+  struct Entry {
+    ParamId id;
+    NarrowView param;
+    ConstNarrowView grad;
+    Buffer master, grad_copy;
+  };
+
+  MatrixView<T, Space> wide(Buffer& buf, const Entry& e) {
+    return opt_.backend().view(buf, e.param.rows(), e.param.cols());
+  }
+  Entry& entry(ParamId id) {
+    for (Entry& e : entries_)
+      if (e.id.value == id.value) return e;
+    throw InvalidArgument("muon: MasterWeights: parameter id " + std::to_string(id.value) +
+                          " was not registered through this MasterWeights");
+  }
+
+  ParamId add(std::string name, UpdateRule rule, NarrowView param, ConstNarrowView grad,
+              GroupId group) {
+    const std::string what = "muon: MasterWeights: parameter '" + name + "' (" +
+                             detail::shape_string(param.rows(), param.cols()) + ")";
+    if (grad.rows() != param.rows() || grad.cols() != param.cols())
+      throw InvalidArgument(what + ": gradient has shape " +
+                            detail::shape_string(grad.rows(), grad.cols()));
+    if (!param.empty() && (param.data() == nullptr || grad.data() == nullptr))
+      throw InvalidArgument(what + ": a data pointer is null");
+    for (const Entry& e : entries_)
+      if (detail::views_overlap(ConstNarrowView(param), ConstNarrowView(e.param)) ||
+          detail::views_overlap(ConstNarrowView(param), e.grad) ||
+          detail::views_overlap(grad, ConstNarrowView(e.param)))
+        throw InvalidArgument(what + ": shares memory with a parameter or gradient already "
+                                     "registered here");
+    B& b = opt_.backend();
+    Entry e{{}, param, grad, {}, {}};
+    b.resize(e.master, param.size());
+    b.resize(e.grad_copy, param.size());
+    b.copy(ConstNarrowView(param), wide(e.master, e));
+    // The optimizer's own checks (name, group) run last, so a refusal leaves nothing behind.
+    const MatrixView<T, Space> master = wide(e.master, e);
+    const MatrixView<const T, Space> g = wide(e.grad_copy, e);
+    e.id = rule == UpdateRule::muon ? opt_.add_muon(std::move(name), master, g, group)
+                                    : opt_.add_adamw(std::move(name), master, g, group);
+    entries_.push_back(std::move(e));
+    return entries_.back().id;
+  }
+
+  Optimizer<B, T>& opt_;
+  std::vector<Entry> entries_;
+};
+
+}  // namespace muon
