@@ -109,7 +109,8 @@ void ShapeArgs(benchmark::internal::Benchmark* b) {
 }
 
 /// GPT-2 small: 12 blocks of {768x2304, 768x768, 768x3072, 3072x768} on Muon; AdamW on the
-/// blocks' 768/2304/3072 vectors and a 50257 x 768 embedding.
+/// blocks' 768/2304/3072 vectors and a 50257 x 768 embedding. Argument: the NonFinitePolicy
+/// (0 error, the default, which checks gradients and Newton-Schulz results; 2 unchecked).
 template <class T>
 void Gpt2SmallStep(benchmark::State& state) {
   struct Tensor {
@@ -124,7 +125,8 @@ void Gpt2SmallStep(benchmark::State& state) {
       adamw_params.push_back({gaussian<T>(1, len, seed++), gaussian<T>(1, len, seed++)});
   }
   adamw_params.push_back({gaussian<T>(50257, 768, seed++), gaussian<T>(50257, 768, seed++)});
-  muon::Optimizer<muon::EigenBackend, T> opt;
+  muon::Optimizer<muon::EigenBackend, T> opt(
+      {}, {static_cast<muon::NonFinitePolicy>(state.range(0))});
   for (std::size_t i = 0; i < muon_params.size(); ++i)
     opt.add_muon(std::string("w") + std::to_string(i), muon_params[i].value, muon_params[i].grad);
   for (std::size_t i = 0; i < adamw_params.size(); ++i)
@@ -157,6 +159,12 @@ void Gpt2SmallStep(benchmark::State& state) {
 
 BENCHMARK_TEMPLATE(NewtonSchulz, float)->Apply(ShapeArgs);
 BENCHMARK_TEMPLATE(NewtonSchulz, double)->Apply(ShapeArgs);
-BENCHMARK_TEMPLATE(Gpt2SmallStep, float)->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(2.0);
+BENCHMARK_TEMPLATE(Gpt2SmallStep, float)
+    ->Arg(0)
+    ->Arg(2)
+    ->ArgName("policy")
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime()
+    ->MinTime(2.0);
 
 BENCHMARK_MAIN();

@@ -151,3 +151,27 @@ TEST_CASE("sync_masters restarts the masters from the bf16 parameters", "[master
   const Mat<float> widened = w16.cast<float>();
   CHECK(same_bits(master_of(mixed, id), widened));
 }
+
+TEST_CASE("a refused Newton-Schulz result leaves its bf16 parameter; the others are rounded",
+          "[master_weights][robust]") {
+  // sum-form momentum on bf16 gradients of ~1e38 overflows float at the third step (as in
+  // test_optimizer.cpp)
+  muon::GroupOptions g = options();
+  g.muon.momentum_form = muon::MomentumForm::sum;
+  muon::Optimizer<EigenBackend, float> inner(g);
+  Mixed mixed(inner);
+  Mat<bf16> huge = gaussian<float>(8, 24, 1).cast<bf16>(), other = gaussian<float>(8, 8, 2).cast<bf16>();
+  const Mat<bf16> g_huge = Mat<float>::Constant(8, 24, 1e38f).cast<bf16>();
+  const Mat<bf16> g_other = gaussian<float>(8, 8, 3).cast<bf16>();
+  const auto ih = mixed.add_muon("huge", view_of(huge), cview_of(g_huge));
+  const auto io = mixed.add_muon("other", view_of(other), cview_of(g_other));
+  mixed.step();
+  mixed.step();
+  const Mat<bf16> huge2 = huge, other2 = other;
+  const Mat<float> master2 = master_of(mixed, ih);
+  CHECK_THROWS_AS(mixed.step(), muon::NonFiniteUpdate);
+  CHECK(same_bits(huge, huge2));
+  CHECK(same_bits(master_of(mixed, ih), master2));
+  CHECK_FALSE(same_bits(other, other2));
+  CHECK(same_bits(other, Mat<bf16>(master_of(mixed, io).cast<bf16>())));
+}

@@ -334,6 +334,61 @@ TEMPLATE_TEST_CASE("a non-finite gradient refuses the step and changes nothing",
   }
 }
 
+TEST_CASE("an overflowing momentum is never applied: that parameter is left as it was",
+          "[optimizer][robust]") {
+  // Sum-form momentum on entries of 1e38: M = 1e38, 1.95e38, 2.85e38; the Nesterov input
+  // G + 0.95 M reaches 3.7e38 > FLT_MAX at the third step, so Newton-Schulz sees Inf.
+  for (auto policy : {muon::NonFinitePolicy::error, muon::NonFinitePolicy::skip}) {
+    muon::GroupOptions g = muon_options(0.02, 0.1);
+    g.muon.momentum_form = muon::MomentumForm::sum;
+    Opt<float> opt(g, {policy});
+    Mat<float> w = gaussian<float>(8, 24, 1), other = gaussian<float>(8, 8, 2);
+    Mat<float> gw = Mat<float>::Constant(8, 24, 1e38f);
+    const Mat<float> gother = gaussian<float>(8, 8, 3);
+    const auto id = opt.add_muon("huge", w, gw);
+    opt.add_muon("other", other, gother);
+    opt.step();
+    opt.step();
+    const Mat<float> w2 = w, other2 = other;
+    const Mat<float> m2 = Mat<float>(Eigen::Map<const Mat<float>>(
+        opt.momentum_buffer(id).data(), 8, 24));
+    std::stringstream before;
+    opt.save_state(before);
+    if (policy == muon::NonFinitePolicy::error) {
+      try {
+        opt.step();
+        FAIL("no NonFiniteUpdate");
+      } catch (const muon::NonFiniteUpdate& e) {
+        CHECK(e.parameter() == "huge");
+        CHECK_THAT(e.what(), Contains("'huge' (8x24)") && Contains("left as they were"));
+      }
+    } else {
+      const auto r = opt.step();
+      CHECK(r.applied);
+      CHECK(r.refused == 1);
+      CHECK(r.updated == 1);
+      CHECK(r.skipped_because == "huge");
+    }
+    CHECK(w.allFinite());
+    CHECK(same_bits(w, w2));  // neither the parameter ...
+    CHECK(same_bits(Mat<float>(Eigen::Map<const Mat<float>>(opt.momentum_buffer(id).data(), 8, 24)),
+                    m2));     // ... nor its momentum moved
+    CHECK_FALSE(same_bits(other, other2));  // the other parameter took the step
+    CHECK(opt.step_count() == 3);
+    // The next good step of 'huge' is the step the refused one would have been.
+    overwrite(gw, -gw);  // M + G, U back in range
+    opt.step();
+    Opt<float> resumed(g, {policy});
+    Mat<float> rw = w2, rother = other2;
+    resumed.add_muon("huge", rw, gw);
+    resumed.add_muon("other", rother, gother);
+    resumed.load_state(before);
+    resumed.step();
+    CHECK(w.allFinite());
+    CHECK(same_bits(w, rw));
+  }
+}
+
 TEMPLATE_TEST_CASE("NonFinitePolicy::unchecked steps through a NaN gradient as torch does",
                    "[optimizer]", float, double) {
   // No check and no refusal: the NaN reaches the AdamW parameter it belongs to; the finite

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <charconv>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <iostream>
 #include <map>
@@ -110,12 +111,23 @@ muon::NewtonSchulzOptions ns_options(const std::string& schedule, int steps) {
   return o;
 }
 
+/// Refuses a matrix holding NaN or Inf, naming the file and the first such entry: Newton-Schulz
+/// of it would be all NaN.
+template <class T>
+void require_finite(const std::vector<T>& data, const std::string& file) {
+  const auto bad = std::find_if(data.begin(), data.end(), [](T v) { return !std::isfinite(v); });
+  if (bad != data.end())
+    throw std::runtime_error(file + ": entry " + std::to_string(bad - data.begin()) + " (row-major) is " +
+                     std::to_string(*bad) + "; the input must be finite");
+}
+
 // ---- orthogonalize ----------------------------------------------------------------------
 template <class T>
 void orthogonalize(const std::string& in, const std::string& out,
                    const muon::NewtonSchulzOptions& o) {
   auto a = muon::npy::read<T>(in);
   const auto [rows, cols] = matrix_shape(a.shape, in);
+  require_finite(a.data, in);
   std::vector<T> result(a.data.size());
   muon::EigenBackend backend;
   muon::orthogonalize(backend, muon::row_major_view<muon::HostSpace, const T>(a.data.data(), rows, cols),
@@ -286,6 +298,7 @@ void step(const std::string& param_file, const std::vector<std::string>& grad_fi
           const std::string& out, const muon::MuonOptions& options) {
   auto param = muon::npy::read<T>(param_file);
   (void)matrix_shape(param.shape, param_file);
+  require_finite(param.data, param_file);
   std::vector<T> grad(param.data.size());
   muon::GroupOptions group;
   group.muon = options;

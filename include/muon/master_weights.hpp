@@ -60,13 +60,22 @@ class MasterWeights {
 
   /// Widens every gradient into its T copy, steps the optimizer on the masters, and rounds
   /// the updated masters into the 16-bit parameters. If the optimizer refuses the step
-  /// (a NaN/Inf gradient), neither the masters nor the parameters change.
+  /// (a NaN/Inf gradient), neither the masters nor the parameters change; a parameter whose
+  /// update it refused (NonFiniteUpdate) keeps its value.
   StepReport step() {
     B& b = opt_.backend();
     for (Entry& e : entries_) b.copy(e.grad, wide(e.grad_copy, e));
-    StepReport report = opt_.step();
-    if (report.applied)
+    const auto round_masters = [&] {
       for (Entry& e : entries_) b.copy(MatrixView<const T, Space>(wide(e.master, e)), e.param);
+    };
+    StepReport report;
+    try {
+      report = opt_.step();
+    } catch (const NonFiniteUpdate&) {  // the others took the step: their masters moved
+      round_masters();
+      throw;
+    }
+    if (report.applied) round_masters();
     return report;
   }
 

@@ -44,7 +44,8 @@ namespace muon {
 struct StepReport {
   bool applied = true;             ///< false when NonFinitePolicy::skip refused the step
   std::size_t updated = 0;         ///< parameters updated (those with a gradient)
-  std::string skipped_because;     ///< the parameter whose gradient was not finite
+  std::string skipped_because;     ///< the parameter whose gradient (or update) was not finite
+  std::size_t refused = 0;         ///< Muon parameters left alone: Newton-Schulz result not finite
 };
 
 template <class B, class T>
@@ -124,16 +125,26 @@ class Optimizer : public detail::Registrar<Optimizer<B, T>, T, typename B::memor
                               p.name);
     }
     StepReport report;
+    const Param* refused = nullptr;
     for (Param& p : params_) {
       if (!p.has_grad || p.value.empty()) continue;
-      if (p.rule == UpdateRule::muon)
-        muon_update(p);
-      else
+      if (p.rule == UpdateRule::adamw) {
         adamw_update(p);
+      } else if (!muon_update(p)) {
+        if (++report.refused == 1) refused = &p;
+        continue;
+      }
       ++report.updated;
     }
     ++steps_;
-    return report;
+    if (refused == nullptr) return report;
+    report.skipped_because = refused->name;
+    if (options_.non_finite == NonFinitePolicy::skip) return report;
+    throw NonFiniteUpdate("muon: the Newton-Schulz result of parameter '" + refused->name + "' (" +
+                              detail::shape_string(refused->shape) +
+                              ") is not finite (its momentum overflowed?); that parameter and "
+                              "its momentum were left as they were, the others took this step",
+                          refused->name);
   }
 
   // ---- introspection ---------------------------------------------------------------------
@@ -327,24 +338,36 @@ class Optimizer : public detail::Registrar<Optimizer<B, T>, T, typename B::memor
     Param p{std::move(name), rule, group.value, std::move(shape), value, grad, true, {}, {}, 0};
     backend_.resize(p.m, value.size());
     if (rule == UpdateRule::adamw) backend_.resize(p.v, value.size());
-    if (rule == UpdateRule::muon)
+    if (rule == UpdateRule::muon) {
       ns_.reserve(backend_, value.rows(), value.cols(),
                   groups_[group.value].options.muon.newton_schulz.method);
+      if (static_cast<index_t>(saved_m_.size()) < value.size()) backend_.resize(saved_m_, value.size());
+    }
     params_.push_back(std::move(p));
     return {params_.size() - 1};
   }
 
-  void muon_update(Param& p) {
+  /// One Muon step; false (and nothing changed) when the checked Newton-Schulz result is not
+  /// finite. The checks cost a copy of M and a scan of the result, both memory-bound passes
+  /// beside Newton-Schulz's k^2 N flops.
+  bool muon_update(Param& p) {
     const Group& g = groups_[p.group];
     const MuonOptions& o = g.options.muon;
     const index_t rows = p.value.rows(), cols = p.value.cols();
-    backend_.momentum(backend_.view(p.m, rows, cols), p.grad, ns_.input(backend_, rows, cols),
-                      detail::momentum_step(o));
+    const bool checked = options_.non_finite != NonFinitePolicy::unchecked;
+    const View m = backend_.view(p.m, rows, cols);
+    if (checked) backend_.copy(ConstView(m), backend_.view(saved_m_, rows, cols));
+    backend_.momentum(m, p.grad, ns_.input(backend_, rows, cols), detail::momentum_step(o));
     const ConstView update =
         ns_.run(backend_, rows, cols, g.schedule, o.newton_schulz.schedule.norm_scale(),
                 o.newton_schulz.eps, o.newton_schulz.method);
+    if (checked && !backend_.all_finite(update)) {
+      backend_.copy(ConstView(backend_.view(saved_m_, rows, cols)), m);
+      return false;
+    }
     const auto [decay, alpha] = detail::muon_apply(o, rows, cols);
     backend_.apply_update(p.value, update, decay, alpha);
+    return true;
   }
 
   void adamw_update(Param& p) {
@@ -358,6 +381,7 @@ class Optimizer : public detail::Registrar<Optimizer<B, T>, T, typename B::memor
   std::vector<Group> groups_;
   std::vector<Param> params_;
   NewtonSchulzWorkspace<B, T> ns_;
+  Buffer saved_m_;  // a Muon parameter's momentum before its step, while the step is checked
   std::uint64_t steps_ = 0;
 };
 

@@ -540,6 +540,58 @@ void test_bad_layout_refused() {
 
 }  // namespace
 
+/// Rank-deficient inputs (rank 1, a zero row, all zeros) through every precision and method at
+/// many steps: the result is finite and within the schedule's singular-value bound (plus the
+/// storage's rounding), as on the CPU (docs/newton_schulz.md).
+void test_low_rank_stays_bounded() {
+  using muon::NewtonSchulzMethod;
+  std::mt19937 rng(31);
+  for (auto [m, n] : {std::pair<index_t, index_t>{32, 128}, {128, 32}, {48, 48}}) {
+    const auto u = gaussian<double>(static_cast<std::size_t>(m), rng);
+    const auto v = gaussian<double>(static_cast<std::size_t>(n), rng);
+    std::vector<float> rank1(static_cast<std::size_t>(m * n)), zero_row;
+    for (index_t i = 0; i < m; ++i)
+      for (index_t j = 0; j < n; ++j) rank1[i * n + j] = static_cast<float>(u[i] * v[j]);
+    zero_row = gaussian<float>(rank1.size(), rng);
+    std::fill_n(zero_row.begin() + (m / 2) * n, n, 0.0f);
+    for (const auto& [kind, g] : {std::pair{"rank 1", rank1}, {"zero row", zero_row}}) {
+      for (auto [p, slack] : {std::pair{Precision::native, 1e-3}, {Precision::tf32, 2e-2},
+                              {Precision::bf16, 0.1}, {Precision::fp16, 5e-2}}) {
+        for (auto method : {NewtonSchulzMethod::standard, NewtonSchulzMethod::gram}) {
+          for (auto [schedule, steps] : {std::pair{muon::Schedule::keller(), 10},
+                                         {muon::Schedule::keller(), 72},
+                                         {muon::Schedule::textbook(), 20}}) {
+            CudaBackend gpu(muon::cuda::CudaOptions{p});
+            DeviceBuffer<float> in = upload(gpu, g), out = upload(gpu, std::vector<float>(g.size()));
+            muon::NewtonSchulzOptions o;
+            o.schedule = schedule;
+            o.steps = steps;
+            o.method = method;
+            muon::orthogonalize(gpu, muon::row_major_view<DeviceSpace, const float>(in.data(), m, n),
+                                muon::row_major_view<DeviceSpace>(out.data(), m, n), o);
+            gpu.synchronize();
+            const auto result = download(out);
+            const bool finite = std::all_of(result.begin(), result.end(),
+                                            [](float x) { return std::isfinite(x); });
+            const double bound = muon::singular_value_bound(schedule.resolve(steps)).output;
+            double s_max = 0;
+            if (finite) {
+              Eigen::MatrixXd r(m, n);
+              for (index_t i = 0; i < m; ++i)
+                for (index_t j = 0; j < n; ++j) r(i, j) = result[i * n + j];
+              s_max = muon::reference::singular_values(r).maxCoeff();
+            }
+            CHECK(finite && s_max <= bound + slack, "%ldx%ld %s %s %s %s %d steps: %s, s_max %.4g",
+                  long(m), long(n), kind, muon::cuda::to_string(p),
+                  method == NewtonSchulzMethod::gram ? "gram" : "standard",
+                  schedule.name().c_str(), steps, finite ? "finite" : "NOT finite", s_max);
+          }
+        }
+      }
+    }
+  }
+}
+
 int main() {
   if (!muon::cuda::device_available()) {
     std::printf("no CUDA device visible: skipped\n");
@@ -549,6 +601,7 @@ int main() {
       {"optimizer_matches_cpu", test_optimizer_matches_cpu},
       {"newton_schulz_accuracy", test_newton_schulz_accuracy},
       {"symmetric_blocks_and_gram", test_symmetric_blocks_and_gram},
+      {"low_rank_stays_bounded", test_low_rank_stays_bounded},
       {"batched_matches_single", test_batched_matches_single},
       {"graph_capture", test_graph_capture},
       {"non_finite_refused_on_device", test_non_finite_refused_on_device},

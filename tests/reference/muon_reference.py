@@ -74,6 +74,22 @@ def newton_schulz(g, name="keller", steps=5, eps=1e-7):
     return x.T if tall else x
 
 
+def singular_value_bound(name, steps):
+    """Largest singular value the schedule can output in exact arithmetic: the image of
+    [0, 1 / norm_scale] under the composed step polynomials, followed as an interval (a
+    polynomial's extremes on an interval lie at its ends or where p'(s) = 0)."""
+    coeffs, norm_scale = schedule(name, steps)
+    lo, hi = 0.0, 1.0 / norm_scale
+    for a, b, c in coeffs:
+        p = lambda s: a * s + b * s**3 + c * s**5
+        points = [lo, hi] + [r for z in np.roots([5 * c, 3 * b, a]) if abs(z.imag) < 1e-12
+                             and z.real > 0 for r in (np.sqrt(z.real), -np.sqrt(z.real))
+                             if lo < r < hi]
+        values = [p(s) for s in points]
+        lo, hi = min(values), max(values)
+    return max(abs(lo), abs(hi))
+
+
 def msign(g):
     u, s, vt = np.linalg.svd(g, full_matrices=False)
     return u @ vt
@@ -175,6 +191,13 @@ def generate(outdir):
     np.save(os.path.join(outdir, "npy_c_f4.npy"), grid.astype(np.float32))
     np.save(os.path.join(outdir, "npy_fortran_f8.npy"), np.asfortranarray(grid))
     np.save(os.path.join(outdir, "npy_big_endian_f4.npy"), grid.astype(">f4"))
+    # non-finite inputs muon-cli must refuse
+    nan = grid.astype(np.float32)
+    nan[1, 2] = np.nan
+    np.save(os.path.join(outdir, "npy_nan_f4.npy"), nan)
+    inf = grid.copy()
+    inf[2, 0] = -np.inf
+    np.save(os.path.join(outdir, "npy_inf_f8.npy"), inf)
     np.save(os.path.join(outdir, "npy_3d_fortran_f4.npy"),
             np.asfortranarray(np.fromfunction(lambda i, j, k: 100 * i + 10 * j + k, (2, 3, 4))
                               .astype(np.float32)))
@@ -205,6 +228,38 @@ def check_cli(cli, seed):
                 checks += 1
                 if not err <= tol:
                     failures.append(f"orthogonalize {m}x{n} {sched} {steps} {dtype}: {err:.3g}")
+
+        # rank-deficient and low-rank matrices at many steps: finite, within the schedule's
+        # bound, and in float64 the plain loop's result while its own rounding is invisible
+        for trial in range(12):
+            k, aspect = int(rng.integers(2, 40)), int(rng.integers(1, 6))
+            m, n = (k, k * aspect) if trial % 2 else (k * aspect, k)
+            rank = int(rng.integers(0, 4))
+            x = rng.standard_normal((m, rank)) @ rng.standard_normal((rank, n))
+            if trial % 3 == 0:
+                x[m // 2] = 0
+            x *= 10.0 ** rng.uniform(-3, 3)
+            sched = ["keller", "you", "polar_express", "textbook"][trial % 4]
+            steps = int(rng.integers(5, 41))
+            bound = singular_value_bound(sched, steps)
+            for dtype in ("float64", "float32"):
+                src, dst = os.path.join(tmp, "x.npy"), os.path.join(tmp, "o.npy")
+                np.save(src, x.astype(dtype))
+                run("orthogonalize", src, dst, "--schedule", sched, "--steps", str(steps),
+                    "--dtype", dtype)
+                o = np.load(dst).astype(np.float64)
+                checks += 1
+                what = f"low-rank {m}x{n} rank {rank} {sched} {steps} {dtype}"
+                if not np.all(np.isfinite(o)):
+                    failures.append(f"{what}: not finite")
+                    continue
+                s_max = np.linalg.svd(o, compute_uv=False).max() if o.size else 0.0
+                if s_max > bound * (1 + (2e-4 if dtype == "float32" else 1e-9)):
+                    failures.append(f"{what}: singular value {s_max:.6g} > bound {bound:.6g}")
+                if dtype == "float64" and steps <= 12:
+                    err = np.abs(o - newton_schulz(x, sched, steps)).max()
+                    if not err <= 1e-8:
+                        failures.append(f"{what}: {err:.3g} from the plain loop")
 
         for trial in range(16):
             shape = [(int(rng.integers(2, 30)), int(rng.integers(2, 30))),

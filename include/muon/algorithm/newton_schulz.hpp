@@ -23,14 +23,13 @@
 
 namespace muon {
 
-/// Runs the loop on a k x n `x` (k <= n; dense, row- or column-major) with workspace `y` (k x n,
-/// same layout) and `a`, `b` (k x k). Returns the view (x or y) that holds the result.
+/// The steps of the plain loop on a k x n `x` (k <= n; dense, row- or column-major), already
+/// normalized, with workspace `y` (k x n, same layout) and `a`, `b` (k x k). Returns the view
+/// (x or y) that holds the result.
 template <class B, class T, class S>
-MatrixView<T, S> newton_schulz_inplace(B& backend, MatrixView<T, S> x, MatrixView<T, S> y,
-                                       MatrixView<T, S> a, MatrixView<T, S> b,
-                                       std::span<const Coefficients> schedule, double norm_scale,
-                                       double eps) {
-  backend.normalize(x, norm_scale, eps);
+MatrixView<T, S> newton_schulz_steps(B& backend, MatrixView<T, S> x, MatrixView<T, S> y,
+                                     MatrixView<T, S> a, MatrixView<T, S> b,
+                                     std::span<const Coefficients> schedule) {
   for (const Coefficients& p : schedule) {
     backend.syrk(T(1), MatrixView<const T, S>(x), T(0), a);
     backend.symmetrize(a);
@@ -43,27 +42,105 @@ MatrixView<T, S> newton_schulz_inplace(B& backend, MatrixView<T, S> x, MatrixVie
   return x;
 }
 
-/// Gram Newton–Schulz: the same iteration carried out on the k x k Gram matrix only. Since
-/// every B_t is a polynomial in A_0 = X_0 X_0^T, all of them commute, and
-///   X_t = Q_t X_0 with Q_t = B_t ... B_1,   A_{t+1} = B_t A_t B_t = A_t B_t^2,
-/// so X is touched twice (A_0 = X_0 X_0^T and X_T = Q_T X_0) instead of twice per step:
-/// 3 k^2 N + (6T - 5) k^3 flops for T steps against T (3 k^2 N + k^3), fewer when N > 5k/3
-/// (1.75x at 1:4). Buffers: x, y (k x N); a, b, w, q, p (k x k). Returns y.
+/// Normalizes `x` and runs the plain loop on it (see newton_schulz_steps).
+template <class B, class T, class S>
+MatrixView<T, S> newton_schulz_inplace(B& backend, MatrixView<T, S> x, MatrixView<T, S> y,
+                                       MatrixView<T, S> a, MatrixView<T, S> b,
+                                       std::span<const Coefficients> schedule, double norm_scale,
+                                       double eps) {
+  backend.normalize(x, norm_scale, eps);
+  return newton_schulz_steps(backend, x, y, a, b, schedule);
+}
+
+// ---- the Gram form and when it restarts --------------------------------------------------
+//
+// Gram Newton–Schulz carries A_t = X_t X_t^T from step to step as A_{t+1} = A_t B_t^2 and never
+// forms it again from X. The rounding of the first product leaves A_0 with eigenvalues of order
+// -u ||A|| (u the unit roundoff) along the directions where X has (numerically) zero singular
+// values: rank-deficient and low-rank gradients, zero rows. There B_t(lambda) ~ a_t, so each
+// step multiplies that error by about a_t^2 (11.9 for keller), and once it reaches order 0.1
+// the quintic runs away (lambda -> c^2 lambda^5): NaN or entries of 1e29 after 8-10 float steps.
+// The plain loop forms A = X X^T afresh every step and never drifts. So the Gram form restarts
+// (X_t = Q_t X_s, A_t = X_t X_t^T, Q from I) before the drift kappa u prod(a_t^2) could pass
+// kGramDriftLimit. kappa = kGramRoundingFactor: measured, -lambda_min(A_t) / (u prod a^2)
+// stayed below 3 over ranks 1 to 64 and sizes 32x128 to 1024x4096 in float and double
+// (NumPy on OpenBLAS); 8 leaves a margin. Keller in float restarts every 5 steps and in double
+// every 12, so the default 5-step float run never restarts and costs what it did. Restarting
+// also bounds Q, whose eigenvalues along zero directions grow like prod(a_t) (a^72 overflows
+// float).
+
+/// The drift (in units of ||A||) at which the Gram form restarts.
+inline constexpr double kGramDriftLimit = 0.1;
+/// The measured bound on A's rounding error, in units of the unit roundoff, with a margin.
+inline constexpr double kGramRoundingFactor = 8;
+
+namespace detail {
+/// How much one step with these coefficients can multiply an eigenvalue |lambda| <=
+/// kGramDriftLimit of A: max B(lambda)^2 there.
+inline double gram_growth(const Coefficients& p) {
+  const double g = std::abs(p.a) + std::abs(p.b) * kGramDriftLimit +
+                   std::abs(p.c) * kGramDriftLimit * kGramDriftLimit;
+  return g * g;
+}
+}  // namespace detail
+
+/// The restart plan of the Gram form in a precision of unit roundoff `u`: feed it the steps in
+/// order; restart_after(t) says whether step t + 1 starts from a re-formed A.
+class GramRestartPlan {
+ public:
+  explicit GramRestartPlan(double u) : limit_(kGramDriftLimit / (kGramRoundingFactor * u)) {}
+  bool restart_after(const Coefficients& step) {
+    growth_ *= detail::gram_growth(step);
+    if (growth_ <= limit_) return false;
+    growth_ = 1;
+    return true;
+  }
+
+ private:
+  double limit_;
+  double growth_ = 1;
+};
+
+/// How many segments (1 + restarts) the Gram form runs `schedule` in, at unit roundoff `u`.
+inline std::size_t gram_segments(std::span<const Coefficients> schedule, double u) {
+  GramRestartPlan plan(u);
+  std::size_t segments = 1;
+  for (std::size_t t = 0; t + 1 < schedule.size(); ++t) segments += plan.restart_after(schedule[t]);
+  return segments;
+}
+
+template <class T>
+inline constexpr double unit_roundoff = std::numeric_limits<T>::epsilon() / 2;
+
+/// Gram Newton–Schulz: the same iteration carried out on the k x k Gram matrix. Since every
+/// B_t is a polynomial in A_s = X_s X_s^T, all of them commute, and within a segment that
+/// starts at step s
+///   X_t = Q_t X_s with Q_t = B_{t-1} ... B_s,   A_{t+1} = B_t A_t B_t = A_t B_t^2,
+/// so X is read twice per segment (A_s = X_s X_s^T and X = Q X_s) instead of twice per step.
+/// Segments follow GramRestartPlan (see above). Flops: S segments of T steps in all cost
+/// 3 S k^2 N + (6T - 5S) k^3 (gram_flops) against T (3 k^2 N + k^3) for the plain loop.
+/// Buffers: x, y, z (k x N; x keeps the normalized input); a, b, w, q, p (k x k). Returns the
+/// view (y or z) that holds the result. `plan_unit_roundoff` is the precision the restart plan
+/// assumes (tests pass a tiny one to see the run-away it prevents).
 template <class B, class T, class S>
 MatrixView<T, S> gram_newton_schulz_inplace(B& backend, MatrixView<T, S> x, MatrixView<T, S> y,
-                                            MatrixView<T, S> a, MatrixView<T, S> b,
-                                            MatrixView<T, S> w, MatrixView<T, S> q,
-                                            MatrixView<T, S> p,
+                                            MatrixView<T, S> z, MatrixView<T, S> a,
+                                            MatrixView<T, S> b, MatrixView<T, S> w,
+                                            MatrixView<T, S> q, MatrixView<T, S> p,
                                             std::span<const Coefficients> schedule,
-                                            double norm_scale, double eps) {
+                                            double norm_scale, double eps,
+                                            double plan_unit_roundoff = unit_roundoff<T>) {
   using C = MatrixView<const T, S>;
   // Once the iteration has converged, A's deviation from I is cubed at every step and would
   // sink into the subnormal range, where products run ~10x slower (measured). Entries below
   // sqrt(smallest normal) are far under rounding error; zeroing them keeps every product normal.
   const T tiny = std::sqrt(std::numeric_limits<T>::min());
   backend.normalize(x, norm_scale, eps);
-  backend.syrk(T(1), C(x), T(0), a);  // A_0 = X X^T
+  MatrixView<T, S> base = x, spare = y, other = z;  // X_s of this segment; where X goes next
+  backend.syrk(T(1), C(base), T(0), a);  // A_0 = X X^T
   backend.symmetrize(a);
+  GramRestartPlan plan(plan_unit_roundoff);
+  bool fresh = true;  // A was just formed from X; Q starts anew
   for (std::size_t t = 0; t < schedule.size(); ++t) {
     const Coefficients& k = schedule[t];
     backend.copy(C(a), b);  // B = c A^2 + b A + a I
@@ -71,13 +148,21 @@ MatrixView<T, S> gram_newton_schulz_inplace(B& backend, MatrixView<T, S> x, Matr
     backend.add_diagonal(b, static_cast<T>(k.a));
     backend.symmetrize(b);
     backend.flush_tiny(b, tiny);
-    if (t == 0) {
+    if (fresh) {
       backend.copy(C(b), q);  // Q = B
     } else {
       backend.symm(T(1), C(b), C(q), T(0), p);  // Q = B Q
       std::swap(q, p);
     }
-    if (t + 1 < schedule.size()) {
+    if (t + 1 == schedule.size()) break;
+    fresh = plan.restart_after(k);
+    if (fresh) {  // X_{t+1} = Q X_s, A_{t+1} = X_{t+1} X_{t+1}^T
+      backend.gemm(T(1), C(q), C(base), T(0), spare);
+      base = spare;
+      std::swap(spare, other);
+      backend.syrk(T(1), C(base), T(0), a);
+      backend.symmetrize(a);
+    } else {
       backend.syrk(T(1), C(b), T(0), w);  // W = B B^T = B^2
       backend.symmetrize(w);
       backend.symm(T(1), C(a), C(w), T(0), b);  // A = A B^2 (symmetric up to rounding)
@@ -86,21 +171,53 @@ MatrixView<T, S> gram_newton_schulz_inplace(B& backend, MatrixView<T, S> x, Matr
       backend.flush_tiny(a, tiny);
     }
   }
-  backend.gemm(T(1), C(q), C(x), T(0), y);  // X_T = Q X_0
-  return y;
+  backend.gemm(T(1), C(q), C(base), T(0), spare);  // X_T = Q X_s
+  return spare;
 }
 
-/// Gram Newton–Schulz pays off (fewer flops) from this aspect ratio on; see the measurements in
-/// the README before changing it.
-inline constexpr double kGramMinAspect = 2.0;
+/// Flops of the plain loop and of the Gram form (with its restarts) for T steps on a k x N
+/// matrix, k <= N.
+inline double standard_flops(std::size_t steps, double k, double n) {
+  return static_cast<double>(steps) * (3 * k * k * n + k * k * k);
+}
+inline double gram_flops(std::span<const Coefficients> schedule, double u, double k, double n) {
+  const auto s = static_cast<double>(gram_segments(schedule, u));
+  return 3 * s * k * k * n + (6 * static_cast<double>(schedule.size()) - 5 * s) * k * k * k;
+}
 
-/// Whether `method` runs the Gram form on an m x n matrix.
-inline bool uses_gram(NewtonSchulzMethod method, index_t rows, index_t cols) {
+/// `automatic` considers the Gram form from this aspect ratio on (measured: below it the k x k
+/// products' lower efficiency eats the saving; see the README) ...
+inline constexpr double kGramMinAspect = 2.0;
+/// ... and takes it when, with its restarts, it needs at most this share of the plain loop's
+/// flops (31/35 at aspect 2 for 5 steps without restart).
+inline constexpr double kGramMaxFlopShare = 0.9;
+
+/// Whether `method` may run the Gram form on an m x n matrix (what the workspace is sized for).
+inline bool may_use_gram(NewtonSchulzMethod method, index_t rows, index_t cols) {
   const auto k = static_cast<double>(std::min(rows, cols));
   const auto n = static_cast<double>(std::max(rows, cols));
   return method == NewtonSchulzMethod::gram ||
          (method == NewtonSchulzMethod::automatic && k > 0 && n >= kGramMinAspect * k);
 }
+
+/// Whether `method` runs the Gram form on an m x n matrix with this schedule at unit roundoff
+/// `u`: always for gram, never for standard; for automatic, when the aspect ratio reaches
+/// kGramMinAspect and the restarts leave it at most kGramMaxFlopShare of the plain loop's flops
+/// (so in bf16, where it would restart every step, never).
+inline bool uses_gram(NewtonSchulzMethod method, index_t rows, index_t cols,
+                      std::span<const Coefficients> schedule, double u) {
+  if (method != NewtonSchulzMethod::automatic) return method == NewtonSchulzMethod::gram;
+  if (!may_use_gram(method, rows, cols)) return false;
+  const auto k = static_cast<double>(std::min(rows, cols));
+  const auto n = static_cast<double>(std::max(rows, cols));
+  return gram_flops(schedule, u, k, n) <= kGramMaxFlopShare * standard_flops(schedule.size(), k, n);
+}
+
+/// A Gram result whose Frobenius norm passes kGramGuard * sqrt(k) (or is not finite) is taken
+/// as a run-away and recomputed by the plain loop. Legitimate results stay below
+/// sqrt(k) * (the schedule's singular-value bound, about 1.2), so a false alarm costs time,
+/// never accuracy.
+inline constexpr double kGramGuard = 2.0;
 
 /// Reusable workspace for orthogonalizing matrices up to a reserved size. All allocation
 /// happens in reserve(); input() and run() never allocate.
@@ -119,7 +236,8 @@ class NewtonSchulzWorkspace {
     grow(backend, y_, k * n);
     grow(backend, a_, k * k);
     grow(backend, b_, k * k);
-    if (uses_gram(method, rows, cols)) {
+    if (may_use_gram(method, rows, cols)) {
+      grow(backend, z_, k * n);
       grow(backend, w_, k * k);
       grow(backend, q_, k * k);
       grow(backend, p_, k * k);
@@ -158,18 +276,24 @@ class NewtonSchulzWorkspace {
                                                 norm_scale, eps, method))
         return rows > cols ? done->transposed() : *done;
     }
-    if (uses_gram(method, rows, cols)) {
+    const auto square = [&](auto& buf) { return backend.view(buf, k, k); };
+    // the precision of the products (a backend may multiply in less than T: TF32 on a GPU)
+    double u = unit_roundoff<T>;
+    if constexpr (requires { backend.template product_unit_roundoff<T>(); })
+      u = backend.template product_unit_roundoff<T>();
+    if (uses_gram(method, rows, cols, schedule, u)) {
       if (static_cast<index_t>(p_.size()) < k * k)
         throw InvalidArgument("muon: Gram Newton-Schulz workspace not reserved for " +
                               detail::shape_string(rows, cols));
-      out = gram_newton_schulz_inplace(
-          backend, short_side(x_), short_side(y_), backend.view(a_, k, k), backend.view(b_, k, k),
-          backend.view(w_, k, k), backend.view(q_, k, k), backend.view(p_, k, k), schedule,
-          norm_scale, eps);
+      out = gram_newton_schulz_inplace(backend, short_side(x_), short_side(y_), short_side(z_),
+                                       square(a_), square(b_), square(w_), square(q_),
+                                       square(p_), schedule, norm_scale, eps, u);
+      if (!gram_result_plausible(backend, ConstView(out), k))  // x_ still holds the input
+        out = newton_schulz_steps(backend, short_side(x_), short_side(y_), square(a_),
+                                  square(b_), schedule);
     } else {
-      out = newton_schulz_inplace(backend, short_side(x_), short_side(y_),
-                                  backend.view(a_, k, k), backend.view(b_, k, k), schedule,
-                                  norm_scale, eps);
+      out = newton_schulz_inplace(backend, short_side(x_), short_side(y_), square(a_),
+                                  square(b_), schedule, norm_scale, eps);
     }
     return rows > cols ? out.transposed() : out;
   }
@@ -179,12 +303,25 @@ class NewtonSchulzWorkspace {
     if (static_cast<index_t>(buf.size()) < n) backend.resize(buf, n);
   }
   void check(index_t rows, index_t cols) const {
-    if (std::min(rows, cols) * std::max(rows, cols) > static_cast<index_t>(x_.size()))
-      throw InvalidArgument("muon: Newton-Schulz workspace holds fewer elements than " +
-                            detail::shape_string(rows, cols) + "; call reserve() first");
+    const index_t k = std::min(rows, cols), n = std::max(rows, cols);
+    if (rows < 0 || cols < 0 || k * n > static_cast<index_t>(x_.size()) ||
+        k * k > static_cast<index_t>(a_.size()))
+      throw InvalidArgument("muon: Newton-Schulz workspace was not reserved for a " +
+                            detail::shape_string(rows, cols) +
+                            " matrix; call reserve() with that shape first");
+  }
+  /// kGramGuard's test, where the backend can read a norm back cheaply (the CPU); a backend
+  /// without frobenius_norm() relies on the restart plan alone.
+  static bool gram_result_plausible(B& backend, ConstView out, index_t k) {
+    if constexpr (requires { backend.frobenius_norm(out); }) {
+      const double norm = backend.frobenius_norm(out);
+      return norm <= kGramGuard * std::sqrt(static_cast<double>(k));  // false for NaN
+    } else {
+      return true;
+    }
   }
 
-  typename B::template Buffer<T> x_, y_, a_, b_, w_, q_, p_;
+  typename B::template Buffer<T> x_, y_, z_, a_, b_, w_, q_, p_;
 };
 
 /// One-off orthogonalization of `in` into `out` (same shape). Allocates its workspace; for

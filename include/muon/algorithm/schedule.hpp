@@ -15,6 +15,7 @@
 #include <array>
 #include <cmath>
 #include <limits>
+#include <span>
 #include <string>
 #include <utility>
 #include <vector>
@@ -29,6 +30,22 @@ struct Coefficients {
 };
 
 inline constexpr int kMaxNewtonSchulzSteps = 100;
+/// The largest value a schedule may map a singular value to, at any step (see
+/// singular_value_bound); beyond it float products could overflow, and no useful schedule
+/// comes near it (keller peaks at about 1.2).
+inline constexpr double kMaxScheduleGain = 1e3;
+
+/// The singular values a schedule can produce, in exact arithmetic, from inputs with singular
+/// values in [0, input_max] (1 after the Frobenius normalization; 1 / norm_scale for a
+/// norm_scale below 1): the largest output (`output`) and the largest value at any step
+/// (`peak`). Exact, not sampled: the image of an interval under a polynomial is the interval
+/// between its extremes there (at the ends or at a critical point), so the image of
+/// [0, input_max] is followed step by step.
+struct SingularValueBound {
+  double output = 0, peak = 0;
+};
+SingularValueBound singular_value_bound(std::span<const Coefficients> steps,
+                                        double input_max = 1.0);
 
 class Schedule {
  public:
@@ -156,6 +173,41 @@ inline std::vector<Coefficients> polar_express_coefficients(int steps, double l0
 
 }  // namespace detail
 
+inline SingularValueBound singular_value_bound(std::span<const Coefficients> steps,
+                                               double input_max) {
+  SingularValueBound bound;
+  double lo = 0, hi = input_max;  // the image so far
+  for (const Coefficients& p : steps) {
+    auto f = [&](double x) { return x * (p.a + x * x * (p.b + x * x * p.c)); };
+    double new_lo = std::min(f(lo), f(hi)), new_hi = std::max(f(lo), f(hi));
+    // critical points: p'(x) = a + 3 b x^2 + 5 c x^4 = 0, a quadratic in z = x^2
+    double z[2] = {-1, -1};
+    if (p.c != 0) {
+      const double disc = 9 * p.b * p.b - 20 * p.a * p.c;
+      if (disc >= 0) {
+        z[0] = (-3 * p.b - std::sqrt(disc)) / (10 * p.c);
+        z[1] = (-3 * p.b + std::sqrt(disc)) / (10 * p.c);
+      }
+    } else if (p.b != 0) {
+      z[0] = -p.a / (3 * p.b);
+    }
+    for (double zi : z) {
+      if (!(zi > 0)) continue;
+      for (double x : {std::sqrt(zi), -std::sqrt(zi)})
+        if (x > lo && x < hi) {
+          new_lo = std::min(new_lo, f(x));
+          new_hi = std::max(new_hi, f(x));
+        }
+    }
+    lo = new_lo;
+    hi = new_hi;
+    bound.peak = std::max({bound.peak, std::abs(lo), std::abs(hi)});
+    if (!(bound.peak <= kMaxScheduleGain)) break;  // diverging (or NaN): no need to go on
+  }
+  bound.output = std::max(std::abs(lo), std::abs(hi));
+  return bound;
+}
+
 inline std::vector<Coefficients> Schedule::resolve(int steps) const {
   if (steps < 1 || steps > kMaxNewtonSchulzSteps)
     throw InvalidArgument("muon: Newton-Schulz steps = " + std::to_string(steps) +
@@ -175,6 +227,14 @@ inline std::vector<Coefficients> Schedule::resolve(int steps) const {
   std::vector<Coefficients> out(static_cast<std::size_t>(steps));
   for (int t = 0; t < steps; ++t)
     out[t] = list_[std::min<std::size_t>(static_cast<std::size_t>(t), list_.size() - 1)];
+  // A schedule that blows singular values up would write Inf into the weights; refuse it here,
+  // where the user chose it, rather than inside step().
+  const double peak = singular_value_bound(out, 1.0 / std::min(norm_scale_, 1.0)).peak;
+  if (!(peak <= kMaxScheduleGain))
+    throw InvalidArgument("muon: schedule '" + name_ + "' with " + std::to_string(steps) +
+                          " steps maps singular values in [0, 1] up to " +
+                          std::to_string(peak) + "; a Newton-Schulz schedule must keep them below " +
+                          std::to_string(kMaxScheduleGain));
   return out;
 }
 

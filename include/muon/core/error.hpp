@@ -24,15 +24,29 @@ class InvalidArgument : public Error {
   using Error::Error;
 };
 
-/// step() met a NaN or Inf in a gradient under NonFinitePolicy::error. Nothing was modified.
-class NonFiniteGradient : public Error {
+/// A step() error about one parameter, named by parameter().
+class ParameterError : public Error {
  public:
-  NonFiniteGradient(const std::string& message, std::string parameter)
+  ParameterError(const std::string& message, std::string parameter)
       : Error(message), parameter_(std::move(parameter)) {}
   [[nodiscard]] const std::string& parameter() const noexcept { return parameter_; }
 
  private:
   std::string parameter_;
+};
+
+/// step() met a NaN or Inf in a gradient under NonFinitePolicy::error. Nothing was modified.
+class NonFiniteGradient : public ParameterError {
+ public:
+  using ParameterError::ParameterError;
+};
+
+/// step() found a Muon parameter's Newton–Schulz result not finite (its momentum overflowed,
+/// say) under NonFinitePolicy::error. That parameter and its momentum were left as they were;
+/// every other parameter took the step, which counts as taken.
+class NonFiniteUpdate : public ParameterError {
+ public:
+  using ParameterError::ParameterError;
 };
 
 /// Optimizer state could not be saved or loaded. A failed load leaves the optimizer unchanged.

@@ -24,12 +24,18 @@ enum class ScaleMode { original, match_rms_adamw, spectral, none };
 ///   error: throw NonFiniteGradient naming the parameter.   skip: return a report saying so.
 ///   unchecked: no check (as torch.optim does); NaN propagates into the parameters. On a GPU
 ///   this is what keeps step() free of host synchronization (and capturable in a CUDA graph).
+/// With error or skip each Muon parameter's Newton-Schulz result is checked too, before it is
+/// applied. Newton-Schulz is finite for finite input (schedules that diverge are refused), so
+/// this fires only when the momentum itself overflows (sum form, gradients near the float
+/// maximum): that parameter and its momentum are left as they were, the others take the step,
+/// and error throws NonFiniteUpdate afterwards while skip counts it in StepReport::refused.
 enum class NonFinitePolicy { error, skip, unchecked };
 
 /// How Newton–Schulz is carried out (the same iteration; only flops and rounding differ):
 ///   standard   X <- B X every step (3 k^2 N + k^3 flops a step)
 ///   gram       on the k x k Gram matrix, X touched once at the end (algorithm/newton_schulz.hpp)
-///   automatic  gram for matrices at least kGramMinAspect times as long as wide, else standard
+///   automatic  gram for matrices at least kGramMinAspect times as long as wide, where it saves
+///              flops even with the restarts the schedule and precision need; else standard
 enum class NewtonSchulzMethod { standard, gram, automatic };
 
 struct NewtonSchulzOptions {

@@ -32,6 +32,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "muon/algorithm/newton_schulz.hpp"
 #include "muon/algorithm/schedule.hpp"
 #include "muon/core/backend.hpp"
 #include "muon/core/error.hpp"
@@ -284,6 +285,14 @@ class CudaBackend {
     normalize_batched(MatrixView<const T, DeviceSpace>(x), 0, x, 0, 1, norm_scale, eps);
   }
   /// Synchronizes (a flag must reach the host); NonFinitePolicy::unchecked skips the call.
+  /// The unit roundoff of the Newton-Schulz products for T, which the Gram form's restart plan
+  /// needs: TF32 tensor-op math keeps 10 of float's 23 mantissa bits.
+  template <class T>
+  [[nodiscard]] double product_unit_roundoff() const noexcept {
+    if (std::is_same_v<T, float> && options_.newton_schulz == Precision::tf32) return 0x1p-11;
+    return std::numeric_limits<T>::epsilon() / 2;
+  }
+
   template <class T>
   bool all_finite(MatrixView<const T, DeviceSpace> x) const {
     if (x.empty()) return true;
@@ -344,8 +353,8 @@ class CudaBackend {
   /// per-head splits): matrix b is `in` offset by b * in_stride elements, its result goes to
   /// `out` offset by b * out_stride. Any shape and layout (m > n runs on the transpose).
   /// Storage precision `precision` (bf16 or fp16; products accumulate in fp32 on batched
-  /// cublasGemmEx). `method`: NewtonSchulzMethod::gram runs the Gram form, restarted once as
-  /// Dao-AILab's gram-newton-schulz does in half precision (lowp_gram_newton_schulz);
+  /// cublasGemmEx). `method`: NewtonSchulzMethod::gram runs the Gram form with the restarts
+  /// its drift needs in 16 bits (lowp_gram_newton_schulz);
   /// experimental, not yet run on a GPU. `automatic` runs the standard loop here until the
   /// 16-bit Gram form has been measured. The workspace grows on first use and is kept.
   void newton_schulz_batched(MatrixView<const float, DeviceSpace> in, index_t in_stride,
@@ -645,25 +654,29 @@ class CudaBackend {
   /// The Gram form (algorithm/newton_schulz.hpp) in half precision: with R = X_0 X_0^T and
   /// every B_t a polynomial in it, X_T = Q X_0 for Q = B_T ... B_1, and R_{t+1} = B_t R_t B_t.
   /// Every k x k product is symmetric (its factors commute), so all of them run blocked.
-  /// In 16 bits the iterated R drifts (spurious negative eigenvalues); as Dao-AILab's
-  /// gram-newton-schulz does (Zhang, Amsel, Chen, Dao 2026), it restarts once before step 3:
-  /// X <- Q X, R <- X X^T, Q <- I. Returns the result: x or y.
+  /// The iterated R drifts (spurious negative eigenvalues multiplied by about a_t^2 a step), so
+  /// it restarts (X <- Q X, R <- X X^T, Q <- I) where GramRestartPlan says for the storage's unit
+  /// roundoff: in bf16 before every step (then it is the standard loop), in fp16 every second.
+  /// Dao-AILab's gram-newton-schulz (Zhang, Amsel, Chen, Dao 2026) restarts at a fixed step.
+  /// Returns the result: x or y.
   template <class L>
   L* lowp_gram_newton_schulz(const LowpRun& run, std::span<const Coefficients> schedule, L* x,
                                L* y, L* r, L* b, L* w, L* q) const {
-    constexpr std::size_t kRestart = 2;  // the step before which X is recomputed
+    constexpr double u = std::is_same_v<L, __half> ? 0x1p-11 : 0x1p-8;  // fp16, bf16
+    muon::GramRestartPlan plan(u);
     const index_t k = run.k, n = run.n, kn = k * n, kk = k * k;
     lowp_symmetric(run, x, x, true, r);  // R = X X^T
-    bool q_is_identity = true;
+    bool q_is_identity = true, restart = false;
     for (std::size_t t = 0; t < schedule.size(); ++t) {
-      if (t == kRestart && !q_is_identity) {
+      if (restart) {
         lowp_gemm(run, CUBLAS_OP_N, k, n, k, q, kk, x, k, kn, y, kn);  // X = Q X
         std::swap(x, y);
         lowp_symmetric(run, x, x, true, r);  // R = X X^T
         q_is_identity = true;
       }
       lowp_polynomial(run, schedule[t], r, b);  // B = c R R + b R + a I
-      if (t + 1 < schedule.size() && t + 1 != kRestart) {
+      restart = t + 1 < schedule.size() && plan.restart_after(schedule[t]);
+      if (t + 1 < schedule.size() && !restart) {
         lowp_symmetric(run, r, b, false, w);  // W = R B
         lowp_symmetric(run, b, w, false, r);  // R = B R B
       }
