@@ -1,4 +1,4 @@
-// Seed 000, "When does Muon work? Model depth is a key factor" (Ziming Liu, 2026), SPEC.md §7:
+// Seed 000, "When does Muon work? Model depth is a key factor" (Ziming Liu, 2026):
 // Adam vs Muon on a linear teacher, students of depth 1, 2, 5 and 10, linear and SiLU, each
 // optimizer at learning rates 1e-4 ... 1e-2; the best final loss per cell decides the winner.
 //

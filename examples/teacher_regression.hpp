@@ -1,5 +1,5 @@
 #pragma once
-// The task of seed 000 ("When does Muon work? Model depth is a key factor", SPEC.md §7):
+// The task of seed 000 ("When does Muon work? Model depth is a key factor"):
 // a linear teacher y = W_gt x (x in R^100, W_gt 100 x 100) learned by a width-100 MLP of some
 // depth, linear or SiLU, under MSE, trained with Adam or with Muon on every weight matrix.
 // Shared by depth_experiment and svd_entropy.

@@ -336,7 +336,7 @@ TEST_CASE("schedules resolve to per-step coefficients", "[schedule]") {
 }
 
 TEST_CASE("polar_express reproduces the published 5-step coefficients", "[schedule]") {
-  // Published list (SPEC.md; Amsel et al. 2025 as used by modded-nanogpt and dion).
+  // Published list (Amsel et al. 2025 as used by modded-nanogpt and dion).
   const auto pe = Schedule::polar_express().resolve(5);
   REQUIRE(pe.size() == 5);
   CHECK(pe[0].a == Approx(8.1566).margin(1e-4));

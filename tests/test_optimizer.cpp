@@ -130,7 +130,7 @@ TEMPLATE_TEST_CASE("momentum buffers follow the EMA and sum forms", "[optimizer]
 }
 
 TEST_CASE("shape scales use the flattened shape of N-D weights", "[optimizer][scale]") {
-  // The formulas of SPEC.md section 3, evaluated independently.
+  // The update formulas, evaluated independently.
   CHECK(muon::shape_scale(muon::ScaleMode::original, 64, 18) == Approx(std::sqrt(64.0 / 18)));
   CHECK(muon::shape_scale(muon::ScaleMode::original, 18, 64) == Approx(1.0));
   CHECK(muon::shape_scale(muon::ScaleMode::match_rms_adamw, 18, 64, 0.2) ==

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Independent NumPy (float64) reference for muon, written from SPEC.md alone.
+"""Independent NumPy (float64) reference for muon, written from the published algorithm alone.
 
     python3 tests/reference/muon_reference.py generate tests/golden
         regenerates the committed golden files (fixed seed) and tests/golden/cases.txt;
@@ -16,7 +16,7 @@ import tempfile
 
 import numpy as np
 
-# ---- Newton-Schulz schedules (SPEC.md section 2) ------------------------------------------
+# ---- Newton-Schulz schedules --------------------------------------------------------
 KELLER = [(3.4445, -4.7750, 2.0315)]
 YOU = [(4.0848, -6.8946, 2.9270), (3.9505, -6.3029, 2.6377), (3.7418, -5.5913, 2.3037),
        (2.8769, -3.1427, 1.2046), (2.8366, -3.0525, 1.2012)]
@@ -95,7 +95,7 @@ def msign(g):
     return u @ vt
 
 
-# ---- the Muon and AdamW updates (SPEC.md sections 3 and 4) -------------------------------
+# ---- the Muon and AdamW updates -------------------------------------------
 def shape_scale(mode, rows, cols, factor=0.2):
     return {"original": np.sqrt(max(1.0, rows / cols)),
             "match_rms_adamw": factor * np.sqrt(max(rows, cols)),

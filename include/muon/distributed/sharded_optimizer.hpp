@@ -2,7 +2,7 @@
 // muon::ShardedOptimizer<Backend, Scalar, Communicator>: data-parallel Muon + AdamW. Every rank
 // holds the full parameters and its own local gradients; step() averages the gradients over
 // the ranks and updates the parameters identically on every rank, with the optimizer state
-// sharded (SPEC.md section 6). Strategies:
+// sharded. Strategies:
 //
 //   owner_compute  Each Muon matrix is owned by one rank (balanced by its cost k^2 N, k <= N
 //                  its sides); AdamW parameters are sliced as under zero1. Gradients are
