@@ -118,7 +118,7 @@ TEST_CASE("a NaN on one rank is refused on every rank together and changes nothi
   for (auto policy : {muon::NonFinitePolicy::error, muon::NonFinitePolicy::skip}) {
     const int world = 3;
     std::vector<int> refused(world, 0);
-    std::vector<bool> unchanged(world, false);
+    std::vector<char> unchanged(world, 0);  // not vector<bool>: ranks write concurrently
     muon::ThreadGroup::run(world, [&](muon::ThreadCommunicator comm) {
       ShardedModel<float> model;
       muon::OptimizerOptions options;
@@ -189,7 +189,7 @@ TEST_CASE("per-rank state saves and reloads bit-identically; a bad file stops ev
       }
     });
     std::vector<std::string> errors(world);
-    std::vector<bool> untouched(world, false);
+    std::vector<char> untouched(world, 0);  // not vector<bool>: ranks write concurrently
     muon::ThreadGroup::run(world, [&](muon::ThreadCommunicator comm) {
       const auto r = std::size_t(comm.rank());
       ShardedModel<double>& model = resumed[r];
