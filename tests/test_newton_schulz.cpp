@@ -311,6 +311,115 @@ TEST_CASE("without restarts the Gram form runs away on a rank-1 matrix", "[ns][g
   CHECK_FALSE((no_plan.allFinite() && no_plan.cwiseAbs().maxCoeff() < 10));
 }
 
+namespace {
+/// ||O O^T - I||_F / sqrt(k) on the short side, in double.
+double residual_in_double(const Eigen::MatrixXd& o) {
+  const Eigen::MatrixXd gram = o.rows() <= o.cols() ? Eigen::MatrixXd(o * o.transpose())
+                                                    : Eigen::MatrixXd(o.transpose() * o);
+  return (gram - Eigen::MatrixXd::Identity(gram.rows(), gram.cols())).norm() /
+         std::sqrt(double(gram.rows()));
+}
+
+template <class T>
+Mat<T> ns_reported(const Mat<T>& x, const muon::NewtonSchulzOptions& o,
+                   muon::NewtonSchulzReport& report) {
+  muon::EigenBackend backend;
+  Mat<T> out(x.rows(), x.cols());
+  muon::orthogonalize(backend, cview(x), muon::view(out), o, &report);
+  return out;
+}
+}  // namespace
+
+TEMPLATE_TEST_CASE("the reported residual is the result's, by every method and shape",
+                   "[ns][tolerance]", float, double) {
+  const double tol = std::is_same_v<TestType, float> ? 1e-5 : 1e-12;
+  for (auto [m, n] : {std::pair{48, 48}, std::pair{24, 96}, std::pair{96, 24}})
+    for (auto method : {muon::NewtonSchulzMethod::standard, muon::NewtonSchulzMethod::gram})
+      for (int steps : {1, 5, 9}) {
+        const Mat<TestType> x = gaussian<TestType>(m, n, 5 + steps);
+        muon::NewtonSchulzOptions o;
+        o.steps = steps;
+        o.method = method;
+        muon::NewtonSchulzReport report;
+        const Mat<TestType> out = ns_reported(x, o, report);
+        const double exact = residual_in_double(out.template cast<double>());
+        INFO(m << "x" << n << " method " << int(method) << " steps " << steps << ": reported "
+               << report.residual << ", in double " << exact);
+        CHECK(report.steps == steps);
+        CHECK(std::abs(report.residual - exact) <= tol);
+        // measuring leaves the result exactly as the unmeasured run gives it
+        CHECK((out.array() == ns(x, Schedule::keller(), steps, method).array()).all());
+      }
+}
+
+TEMPLATE_TEST_CASE("a tolerance adds textbook steps until the residual is below it",
+                   "[ns][tolerance]", float, double) {
+  const bool is_float = std::is_same_v<TestType, float>;
+  const double target = is_float ? 1e-4 : 1e-10;
+  for (auto [m, n] : {std::pair{32, 32}, std::pair{32, 128}, std::pair{128, 32}}) {
+    const Mat<TestType> x =
+        with_spectrum<TestType>(m, n, log_spaced(std::min(m, n), 1e-2, 2.0), 17);
+    muon::NewtonSchulzOptions o;  // keller, 5 steps: residual ~0.2 by design
+    o.tolerance = target;
+    o.max_extra_steps = 20;
+    muon::NewtonSchulzReport report;
+    const Eigen::MatrixXd out = ns_reported(x, o, report).template cast<double>();
+    const double distance = (out - muon::reference::msign(x.template cast<double>())).norm() /
+                            std::sqrt(double(std::min(m, n)));
+    INFO(m << "x" << n << ": " << report.steps << " steps, residual " << report.residual
+           << ", distance to msign " << distance);
+    CHECK(report.residual <= target);
+    CHECK(report.steps > 5);
+    CHECK(report.steps < 5 + o.max_extra_steps);
+    CHECK(residual_in_double(out) <= target * 1.01 + (is_float ? 1e-5 : 1e-12));
+    CHECK(distance <= (is_float ? 1e-3 : 1e-9));
+    // the same as running the extra textbook steps as a schedule, plain loop
+    std::vector<muon::Coefficients> list(5, {3.4445, -4.7750, 2.0315});
+    list.resize(std::size_t(report.steps), muon::kTextbookQuintic);
+    const Eigen::MatrixXd plain =
+        ns(x, Schedule::custom(list), report.steps, muon::NewtonSchulzMethod::standard)
+            .template cast<double>();
+    CHECK((out - plain).cwiseAbs().maxCoeff() <= (is_float ? 1e-4 : 1e-11));
+  }
+}
+
+TEST_CASE("a tolerance a rank-deficient matrix cannot reach ends at the cap, finite",
+          "[ns][tolerance]") {
+  // rank 4 of 32: 28 singular values stay 0, so the residual cannot go below sqrt(28 / 32)
+  Eigen::VectorXd s = Eigen::VectorXd::Zero(32);
+  s.head(4) << 3.0, 1.0, 0.3, 0.1;
+  const Mat<float> x = with_spectrum<float>(32, 96, s, 23);
+  muon::NewtonSchulzOptions o;
+  o.tolerance = 1e-3;
+  o.max_extra_steps = 7;
+  muon::NewtonSchulzReport report;
+  const Mat<float> out = ns_reported(x, o, report);
+  CHECK(report.steps == 5 + 7);
+  CHECK(out.allFinite());
+  CHECK(report.residual == Approx(std::sqrt(28.0 / 32.0)).epsilon(1e-4));
+  const Eigen::VectorXd sv = muon::reference::singular_values(out.cast<double>());
+  CHECK(sv.maxCoeff() <= 1.0 + 1e-4);  // the added steps took the four to 1
+  CHECK(sv(3) >= 1.0 - 1e-4);
+}
+
+TEST_CASE("tolerance options are checked where they are set", "[ns][tolerance]") {
+  muon::NewtonSchulzOptions o;
+  o.tolerance = -1;
+  CHECK_THROWS_WITH(muon::validate(o, "g"), Catch::Matchers::Contains("g.newton_schulz.tolerance"));
+  o.tolerance = 1e-3;
+  o.max_extra_steps = 101;
+  CHECK_THROWS_WITH(muon::validate(o, "g"),
+                    Catch::Matchers::Contains("g.newton_schulz.max_extra_steps"));
+  o.max_extra_steps = 10;
+  CHECK_NOTHROW(muon::validate(o, "g"));
+  // a schedule that can end above sqrt(7/3), where the textbook steps diverge
+  o.schedule = Schedule::custom({{2.0, 0.0, 0.0}});
+  o.steps = 1;
+  CHECK_THROWS_WITH(muon::validate(o, "g"), Catch::Matchers::Contains("diverge"));
+  o.tolerance = 0;  // without a tolerance the same schedule is allowed
+  CHECK_NOTHROW(muon::validate(o, "g"));
+}
+
 TEST_CASE("switching a group to the Gram method sizes its workspace", "[ns][gram]") {
   muon::Optimizer<muon::EigenBackend, float> opt;
   Mat<float> w = gaussian<float>(32, 32, 1);

@@ -176,6 +176,64 @@ TEST_CASE("match_rms_adamw makes the update RMS equal rms_factor", "[optimizer][
   }
 }
 
+TEST_CASE("telemetry reports each Muon matrix's residual, update RMS and steps",
+          "[optimizer][telemetry]") {
+  muon::OptimizerOptions oo;
+  oo.telemetry = true;
+  auto opts = muon_options(0.02, 0.0);
+  opts.muon.scale = muon::ScaleMode::match_rms_adamw;
+  Opt<float> opt(opts, oo);
+  Mat<float> a = gaussian<float>(32, 96, 1), b = gaussian<float>(40, 40, 2),
+             c = gaussian<float>(8, 8, 3), bias = gaussian<float>(1, 8, 4);
+  const Mat<float> ga = gaussian<float>(32, 96, 5), gb = gaussian<float>(40, 40, 6),
+                   gc = gaussian<float>(8, 8, 7), gbias = gaussian<float>(1, 8, 8);
+  const auto ida = opt.add_muon("a", a, ga);
+  opt.add_adamw("bias", bias, gbias);
+  const auto idb = opt.add_muon("b", b, gb);
+  const auto idc = opt.add_muon("c", c, gc);
+  opt.clear_grad(idc);
+  const Mat<float> a0 = a, b0 = b;
+  const auto report = opt.step();
+  REQUIRE(report.newton_schulz.size() == 2);  // AdamW and gradient-less parameters: no entry
+  CHECK(report.newton_schulz[0].param.value == ida.value);
+  CHECK(report.newton_schulz[1].param.value == idb.value);
+  const std::pair<const Mat<float>*, const Mat<float>*> moved[] = {{&a0, &a}, {&b0, &b}};
+  for (std::size_t i = 0; i < 2; ++i) {
+    const auto& t = report.newton_schulz[i];
+    // O recovered from the weight change (no weight decay): W1 = W0 - lr s O
+    const Eigen::MatrixXd step = (moved[i].first->cast<double>() - moved[i].second->cast<double>()) / 0.02;
+    const double s = std::sqrt(double(std::max(step.rows(), step.cols()))) * 0.2;
+    const Eigen::MatrixXd o = step / s;
+    const Eigen::MatrixXd gram = o.rows() <= o.cols() ? Eigen::MatrixXd(o * o.transpose())
+                                                      : Eigen::MatrixXd(o.transpose() * o);
+    const double residual = (gram - Eigen::MatrixXd::Identity(gram.rows(), gram.cols())).norm() /
+                            std::sqrt(double(gram.rows()));
+    INFO("matrix " << i << ": reported residual " << t.residual << " (from W: " << residual
+                   << "), update RMS " << t.update_rms);
+    CHECK(t.steps == 5);
+    CHECK(std::abs(t.residual - residual) <= 1e-3);
+    CHECK(t.update_rms == Approx(muon::update_rms(muon::MatrixView<const double>(
+                                     step.data(), step.rows(), step.cols(), 1, step.rows())))
+                              .epsilon(1e-4));
+    CHECK(t.update_rms > 0.14);  // keller keeps singular values in [0.7, 1.2]: RMS near 0.2
+    CHECK(t.update_rms < 0.24);
+  }
+  // with a tolerance the report counts the steps it added; without telemetry no entries
+  auto tight = opts;
+  tight.muon.newton_schulz.tolerance = 1e-4;
+  opt.set_group_options({}, tight);
+  const auto refined = opt.step();
+  REQUIRE(refined.newton_schulz.size() == 2);
+  for (const auto& t : refined.newton_schulz) {
+    CHECK(t.steps > 5);
+    CHECK(t.residual <= 1e-4);
+  }
+  Opt<float> quiet(opts);
+  Mat<float> w = a0;
+  quiet.add_muon("w", w, ga);
+  CHECK(quiet.step().newton_schulz.empty());
+}
+
 TEMPLATE_TEST_CASE("a parameter without a gradient is skipped entirely", "[optimizer]", float,
                    double) {
   Opt<TestType> opt(muon_options(0.02, 0.1));

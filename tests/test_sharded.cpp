@@ -147,6 +147,15 @@ TEST_CASE("a NaN on one rank is refused on every rank together and changes nothi
   }
 }
 
+TEST_CASE("telemetry is refused by the sharded optimizer, naming the option", "[sharded]") {
+  muon::OptimizerOptions options;
+  options.telemetry = true;
+  muon::ThreadGroup::run(1, [&](muon::ThreadCommunicator comm) {
+    CHECK_THROWS_WITH(Sharded<float>(comm, muon::ShardingStrategy::zero1, sharded_options(), options),
+                      Catch::Matchers::Contains("telemetry"));
+  });
+}
+
 TEST_CASE("ranks that registered different parameters are refused together", "[sharded]") {
   const int world = 2;
   std::vector<std::string> errors(world);

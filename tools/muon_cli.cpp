@@ -1,7 +1,8 @@
 // muon-cli: Muon on your own matrices, from .npy files.
 //
-//   muon-cli orthogonalize IN.npy OUT.npy [--schedule S] [--steps N] [--dtype D]
+//   muon-cli orthogonalize IN.npy OUT.npy [--schedule S] [--steps N] [--dtype D] [--tolerance X]
 //   muon-cli accuracy [--shape MxN]... [--schedule S]... [--steps N]... [--dtype D]...
+//                     [--tolerance X]
 //   muon-cli bench [--shape MxN]... [--steps N] [--schedule S] [--dtype D] [--repeat R]
 //   muon-cli step --param P.npy --grad G1.npy [--grad G2.npy ...] --out OUT.npy [options]
 //
@@ -24,8 +25,9 @@ namespace {
 
 constexpr const char* kUsage = R"(usage:
   muon-cli orthogonalize IN.npy OUT.npy [--schedule keller|you|polar_express|textbook]
-                                        [--steps N] [--dtype float32|float64]
+                                        [--steps N] [--dtype float32|float64] [--tolerance X]
   muon-cli accuracy [--shape MxN]... [--schedule S]... [--steps N]... [--dtype D]...
+                    [--tolerance X]
   muon-cli bench [--shape MxN]... [--steps N] [--schedule S] [--dtype D] [--repeat R]
   muon-cli step --param P.npy --grad G1.npy [--grad G2.npy ...] --out OUT.npy [--lr X]
                 [--momentum X] [--nesterov on|off] [--weight-decay X]
@@ -103,11 +105,14 @@ std::pair<muon::index_t, muon::index_t> matrix_shape(const std::vector<muon::ind
   return {t.flattened().rows(), t.flattened().cols()};
 }
 
-muon::NewtonSchulzOptions ns_options(const std::string& schedule, int steps) {
+/// --tolerance X: textbook steps after the schedule until the residual is at most X (at most
+/// the library's default cap of extra steps); 0 = off.
+muon::NewtonSchulzOptions ns_options(const std::string& schedule, int steps, double tolerance = 0) {
   muon::NewtonSchulzOptions o;
   o.schedule = muon::Schedule::from_name(schedule);
   o.steps = steps;
-  muon::validate(o, "--schedule/--steps");
+  o.tolerance = tolerance;
+  muon::validate(o, "--schedule/--steps/--tolerance");
   return o;
 }
 
@@ -136,10 +141,11 @@ void orthogonalize(const std::string& in, const std::string& out,
 }
 
 int cmd_orthogonalize(int argc, char** argv) {
-  Args args(argc, argv, 2, {"--schedule", "--steps", "--dtype"});
+  Args args(argc, argv, 2, {"--schedule", "--steps", "--dtype", "--tolerance"});
   if (args.positional.size() != 2) throw UsageError("orthogonalize needs IN.npy and OUT.npy");
   const auto o = ns_options(args.one("--schedule", "keller"),
-                            parse_int("--steps", args.one("--steps", "5")));
+                            parse_int("--steps", args.one("--steps", "5")),
+                            parse_number("--tolerance", args.one("--tolerance", "0")));
   const std::string dtype = args.one("--dtype", "float32");
   check_dtype(dtype);
   if (dtype == "float32")
@@ -175,22 +181,25 @@ Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> random_matrix(
 // ---- accuracy ---------------------------------------------------------------------------
 template <class T>
 void accuracy_row(muon::index_t m, muon::index_t n, const std::string& dtype,
-                  const std::string& schedule, int steps) {
+                  const std::string& schedule, int steps, double tolerance) {
   const auto x = random_matrix<T>(m, n);
   Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> o(m, n);
   muon::EigenBackend backend;
+  muon::NewtonSchulzReport report;
   muon::orthogonalize(backend, muon::MatrixView<const T>(muon::view(x)), muon::view(o),
-                      ns_options(schedule, steps));
+                      ns_options(schedule, steps, tolerance), &report);
   const auto r = muon::orthogonality(muon::MatrixView<const T>(muon::view(o)),
                                      muon::MatrixView<const T>(muon::view(x)));
-  std::printf("%-11s %-8s %-14s %5d %9.4f %9.4f %9.4f %11.3e\n",
+  std::printf("%-11s %-8s %-14s %5d %9.4f %9.4f %9.4f %11.3e %10.3e %5d\n",
               (std::to_string(m) + "x" + std::to_string(n)).c_str(), dtype.c_str(),
-              schedule.c_str(), steps, r.s_min, r.s_max, r.max_deviation, r.msign_distance);
+              schedule.c_str(), steps, r.s_min, r.s_max, r.max_deviation, r.msign_distance,
+              report.residual, report.steps);
 }
 
 int cmd_accuracy(int argc, char** argv) {
-  Args args(argc, argv, 2, {"--shape", "--schedule", "--steps", "--dtype"});
+  Args args(argc, argv, 2, {"--shape", "--schedule", "--steps", "--dtype", "--tolerance"});
   if (!args.positional.empty()) throw UsageError("accuracy takes no positional arguments");
+  const double tolerance = parse_number("--tolerance", args.one("--tolerance", "0"));
   auto shapes = args.all("--shape");
   auto schedules = args.all("--schedule");
   auto steps = args.all("--steps");
@@ -201,20 +210,22 @@ int cmd_accuracy(int argc, char** argv) {
   if (dtypes.empty()) dtypes = {"float32"};
   const auto dims = parse_shapes(shapes);
   for (const auto& d : dtypes) check_dtype(d);
-  for (const auto& s : schedules) (void)ns_options(s, 5);
-  for (const auto& k : steps) (void)ns_options("keller", parse_int("--steps", k));
+  for (const auto& s : schedules)
+    for (const auto& k : steps) (void)ns_options(s, parse_int("--steps", k), tolerance);
   std::printf("Newton-Schulz accuracy on Gaussian random matrices (seed 1234); singular values of\n"
-              "the result (1 = orthogonal) and ||O - msign(X)||_F / sqrt(min(m,n)) by SVD in double\n");
-  std::printf("%-11s %-8s %-14s %5s %9s %9s %9s %11s\n", "shape", "dtype", "schedule", "steps",
-              "s_min", "s_max", "max|s-1|", "dist_msign");
+              "the result (1 = orthogonal) and ||O - msign(X)||_F / sqrt(min(m,n)) by SVD in double;\n"
+              "residual = ||O O^T - I||_F / sqrt(min(m,n)) as the library measures it, and the\n"
+              "steps it ran (more than asked where --tolerance added textbook steps)\n");
+  std::printf("%-11s %-8s %-14s %5s %9s %9s %9s %11s %10s %5s\n", "shape", "dtype", "schedule",
+              "steps", "s_min", "s_max", "max|s-1|", "dist_msign", "residual", "ran");
   for (auto [m, n] : dims)
     for (const auto& d : dtypes)
       for (const auto& s : schedules)
         for (const auto& k : steps) {
           if (d == "float32")
-            accuracy_row<float>(m, n, d, s, parse_int("--steps", k));
+            accuracy_row<float>(m, n, d, s, parse_int("--steps", k), tolerance);
           else
-            accuracy_row<double>(m, n, d, s, parse_int("--steps", k));
+            accuracy_row<double>(m, n, d, s, parse_int("--steps", k), tolerance);
         }
   return 0;
 }

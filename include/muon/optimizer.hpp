@@ -40,12 +40,23 @@
 
 namespace muon {
 
+/// How orthogonal one Muon matrix's update was (OptimizerOptions::telemetry).
+struct NewtonSchulzTelemetry {
+  ParamId param;
+  double residual = 0;    ///< ||O O^T - I||_F / sqrt(min(m, n)) of the Newton-Schulz result O
+  double update_rms = 0;  ///< RMS of s O, the step per unit learning rate (rms_factor under
+                          ///< match_rms_adamw when O is orthogonal); weight decay not included
+  int steps = 0;          ///< Newton-Schulz steps run, with those a tolerance added
+};
+
 /// What a step() did.
 struct StepReport {
   bool applied = true;             ///< false when NonFinitePolicy::skip refused the step
   std::size_t updated = 0;         ///< parameters updated (those with a gradient)
   std::string skipped_because;     ///< the parameter whose gradient (or update) was not finite
   std::size_t refused = 0;         ///< Muon parameters left alone: Newton-Schulz result not finite
+  /// With OptimizerOptions::telemetry: one entry per Muon matrix updated, in registration order.
+  std::vector<NewtonSchulzTelemetry> newton_schulz;
 };
 
 template <class B, class T>
@@ -67,6 +78,9 @@ class Optimizer : public detail::Registrar<Optimizer<B, T>, T, typename B::memor
   /// `defaults` become group 0, the group parameters join unless told otherwise.
   explicit Optimizer(GroupOptions defaults = {}, OptimizerOptions options = {}, B backend = B{})
       : backend_(std::move(backend)), options_(options) {
+    if (options.telemetry && !measures_residual<B, T>)
+      throw InvalidArgument("muon: OptimizerOptions.telemetry: this backend cannot measure "
+                            "residuals (it has no frobenius_norm(); EigenBackend has)");
     add_group(defaults);
   }
 
@@ -118,7 +132,7 @@ class Optimizer : public detail::Registrar<Optimizer<B, T>, T, typename B::memor
     for (const Param& p : params_) {
       if (options_.non_finite == NonFinitePolicy::unchecked) break;
       if (!p.has_grad || p.value.empty() || backend_.all_finite(p.grad)) continue;
-      if (options_.non_finite == NonFinitePolicy::skip) return {false, 0, p.name};
+      if (options_.non_finite == NonFinitePolicy::skip) return {false, 0, p.name, 0, {}};
       throw NonFiniteGradient("muon: step refused: the gradient of parameter '" + p.name + "' (" +
                                   detail::shape_string(p.shape) +
                                   ") contains NaN or Inf; no parameter or state was changed",
@@ -130,7 +144,7 @@ class Optimizer : public detail::Registrar<Optimizer<B, T>, T, typename B::memor
       if (!p.has_grad || p.value.empty()) continue;
       if (p.rule == UpdateRule::adamw) {
         adamw_update(p);
-      } else if (!muon_update(p)) {
+      } else if (!muon_update(p, report)) {
         if (++report.refused == 1) refused = &p;
         continue;
       }
@@ -302,6 +316,7 @@ class Optimizer : public detail::Registrar<Optimizer<B, T>, T, typename B::memor
 
   static Group make_group(const GroupOptions& options, std::size_t index) {
     validate(options, "group " + std::to_string(index));
+    detail::check_measurable<B, T>(options.muon.newton_schulz, "group " + std::to_string(index));
     return {options,
             options.muon.newton_schulz.schedule.resolve(options.muon.newton_schulz.steps)};
   }
@@ -350,7 +365,7 @@ class Optimizer : public detail::Registrar<Optimizer<B, T>, T, typename B::memor
   /// One Muon step; false (and nothing changed) when the checked Newton-Schulz result is not
   /// finite. The checks cost a copy of M and a scan of the result, both memory-bound passes
   /// beside Newton-Schulz's k^2 N flops.
-  bool muon_update(Param& p) {
+  bool muon_update(Param& p, StepReport& report) {
     const Group& g = groups_[p.group];
     const MuonOptions& o = g.options.muon;
     const index_t rows = p.value.rows(), cols = p.value.cols();
@@ -358,15 +373,23 @@ class Optimizer : public detail::Registrar<Optimizer<B, T>, T, typename B::memor
     const View m = backend_.view(p.m, rows, cols);
     if (checked) backend_.copy(ConstView(m), backend_.view(saved_m_, rows, cols));
     backend_.momentum(m, p.grad, ns_.input(backend_, rows, cols), detail::momentum_step(o));
-    const ConstView update =
-        ns_.run(backend_, rows, cols, g.schedule, o.newton_schulz.schedule.norm_scale(),
-                o.newton_schulz.eps, o.newton_schulz.method);
+    NewtonSchulzReport ns;
+    const ConstView update = ns_.run(backend_, rows, cols, g.schedule, o.newton_schulz,
+                                     options_.telemetry ? &ns : nullptr);
     if (checked && !backend_.all_finite(update)) {
       backend_.copy(ConstView(backend_.view(saved_m_, rows, cols)), m);
       return false;
     }
     const auto [decay, alpha] = detail::muon_apply(o, rows, cols);
     backend_.apply_update(p.value, update, decay, alpha);
+    if constexpr (measures_residual<B, T>)
+      if (options_.telemetry) {
+        const double scale = shape_scale(o.scale, rows, cols, o.rms_factor);
+        const double rms = backend_.frobenius_norm(update) /
+                           std::sqrt(static_cast<double>(rows) * static_cast<double>(cols));
+        report.newton_schulz.push_back({ParamId{static_cast<std::size_t>(&p - params_.data())},
+                                        ns.residual, scale * rms, ns.steps});
+      }
     return true;
   }
 

@@ -16,6 +16,7 @@
 #include <cmath>
 #include <limits>
 #include <span>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -26,20 +27,80 @@ namespace muon {
 /// The steps of the plain loop on a k x n `x` (k <= n; dense, row- or column-major), already
 /// normalized, with workspace `y` (k x n, same layout) and `a`, `b` (k x k). Returns the view
 /// (x or y) that holds the result.
+namespace detail {
+/// a = x x^T, both triangles.
+template <class B, class T, class S>
+void form_gram(B& backend, MatrixView<T, S> x, MatrixView<T, S> a) {
+  backend.syrk(T(1), MatrixView<const T, S>(x), T(0), a);
+  backend.symmetrize(a);
+}
+/// One plain-loop step once a = x x^T is formed: y = (c A^2 + b A + a I) x, b as scratch.
+template <class B, class T, class S>
+void step_from_gram(B& backend, MatrixView<T, S> x, MatrixView<T, S> y, MatrixView<T, S> a,
+                    MatrixView<T, S> b, const Coefficients& p) {
+  backend.copy(MatrixView<const T, S>(a), b);
+  backend.syrk(static_cast<T>(p.c), MatrixView<const T, S>(a), static_cast<T>(p.b), b);
+  backend.add_diagonal(b, static_cast<T>(p.a));
+  backend.symm(T(1), MatrixView<const T, S>(b), MatrixView<const T, S>(x), T(0), y);
+}
+}  // namespace detail
+
 template <class B, class T, class S>
 MatrixView<T, S> newton_schulz_steps(B& backend, MatrixView<T, S> x, MatrixView<T, S> y,
                                      MatrixView<T, S> a, MatrixView<T, S> b,
                                      std::span<const Coefficients> schedule) {
   for (const Coefficients& p : schedule) {
-    backend.syrk(T(1), MatrixView<const T, S>(x), T(0), a);
-    backend.symmetrize(a);
-    backend.copy(MatrixView<const T, S>(a), b);
-    backend.syrk(static_cast<T>(p.c), MatrixView<const T, S>(a), static_cast<T>(p.b), b);
-    backend.add_diagonal(b, static_cast<T>(p.a));
-    backend.symm(T(1), MatrixView<const T, S>(b), MatrixView<const T, S>(x), T(0), y);
+    detail::form_gram(backend, x, a);
+    detail::step_from_gram(backend, x, y, a, b, p);
     std::swap(x, y);
   }
   return x;
+}
+
+/// What one orthogonalization did, measured on its result O (k = min(m, n)).
+struct NewtonSchulzReport {
+  double residual = 0;  ///< ||O O^T - I||_F / sqrt(k), in the working precision; 0 for k = 0
+  int steps = 0;        ///< steps run: the schedule's plus those the tolerance added
+};
+
+/// Whether backend B can measure a result's residual (tolerance, reports): it reads a norm
+/// back to the host. EigenBackend can; the CUDA backend, whose steps never wait for the GPU,
+/// cannot.
+template <class B, class T>
+inline constexpr bool measures_residual =
+    requires(B& b, MatrixView<const T, typename B::memory_space> v) { b.frobenius_norm(v); };
+
+namespace detail {
+/// Refuses a tolerance on a backend that cannot measure it, where the options are chosen.
+template <class B, class T>
+void check_measurable(const NewtonSchulzOptions& o, const std::string& where) {
+  if (o.tolerance > 0 && !measures_residual<B, T>)
+    throw InvalidArgument("muon: " + where + ".newton_schulz.tolerance = " +
+                          std::to_string(o.tolerance) +
+                          ": this backend cannot measure residuals (it has no frobenius_norm(); "
+                          "EigenBackend has); leave tolerance at 0");
+}
+}  // namespace detail
+
+/// Measures the residual of the k x N result `x` and, while it is above `tolerance`, adds
+/// textbook steps (at most `max_extra_steps`). The first product of each added step is the
+/// measurement's, so a tolerance costs one SYRK beyond the steps it adds. Returns the view
+/// (x or y) that holds the result; the backend must read a norm back (frobenius_norm).
+template <class B, class T, class S>
+MatrixView<T, S> refine_to_tolerance(B& backend, MatrixView<T, S> x, MatrixView<T, S> y,
+                                     MatrixView<T, S> a, MatrixView<T, S> b, double tolerance,
+                                     int max_extra_steps, NewtonSchulzReport& report) {
+  const double root_k = std::sqrt(static_cast<double>(x.rows()));
+  for (int extra = 0;; ++extra) {
+    detail::form_gram(backend, x, a);
+    backend.copy(MatrixView<const T, S>(a), b);
+    backend.add_diagonal(b, T(-1));
+    report.residual = backend.frobenius_norm(MatrixView<const T, S>(b)) / root_k;
+    if (!(report.residual > tolerance) || extra == max_extra_steps) return x;  // NaN ends too
+    detail::step_from_gram(backend, x, y, a, b, kTextbookQuintic);
+    std::swap(x, y);
+    ++report.steps;
+  }
 }
 
 /// Normalizes `x` and runs the plain loop on it (see newton_schulz_steps).
@@ -257,8 +318,57 @@ class NewtonSchulzWorkspace {
                               std::span<const Coefficients> schedule, double norm_scale,
                               double eps,
                               NewtonSchulzMethod method = NewtonSchulzMethod::automatic) {
+    return short_side_result(backend, rows, cols,
+                             iterate(backend, rows, cols, schedule, norm_scale, eps, method));
+  }
+
+  /// As above with every option of `options` (`schedule` is options.schedule resolved, which
+  /// the caller keeps so run() never allocates), including its tolerance; `report`, if given,
+  /// receives the residual of the result and the steps run. The residual costs one SYRK (k^2 N
+  /// flops, about 1/16 of five steps on a wide matrix) and one host read; it needs a backend
+  /// with frobenius_norm() (EigenBackend), and other backends refuse it.
+  [[nodiscard]] ConstView run(B& backend, index_t rows, index_t cols,
+                              std::span<const Coefficients> schedule,
+                              const NewtonSchulzOptions& options,
+                              NewtonSchulzReport* report = nullptr) {
+    View out = iterate(backend, rows, cols, schedule, options.schedule.norm_scale(), options.eps,
+                       options.method);
+    if (report == nullptr && options.tolerance == 0) return short_side_result(backend, rows, cols, out);
+    NewtonSchulzReport measured{0, static_cast<int>(schedule.size())};
+    if (rows != 0 && cols != 0) {
+      if constexpr (measures_residual<B, T>) {
+        const index_t k = std::min(rows, cols);
+        // the k x N buffer that does not hold the result (x_ keeps the Gram form's input)
+        auto& spare = out.data() == backend.view(x_, rows, cols).data() ? y_ : x_;
+        View other = backend.view(spare, rows, cols);
+        if (rows > cols) other = other.transposed();
+        out = refine_to_tolerance(backend, out, other, backend.view(a_, k, k),
+                                  backend.view(b_, k, k), options.tolerance,
+                                  options.tolerance > 0 ? options.max_extra_steps : 0, measured);
+      } else {
+        throw InvalidArgument(
+            "muon: Newton-Schulz tolerance and residual reports need a backend that reads a "
+            "norm back to the host (frobenius_norm(), as EigenBackend has); this one has none");
+      }
+    }
+    if (report != nullptr) *report = measured;
+    return short_side_result(backend, rows, cols, out);
+  }
+
+ private:
+  /// The result as the m x n matrix (the k x N working view transposed back when m > n).
+  static ConstView short_side_result(B&, index_t rows, index_t cols, View out) {
+    return rows > cols ? out.transposed() : out;
+  }
+
+  /// The iteration on the k x N short side; returns the view holding the result.
+  View iterate(B& backend, index_t rows, index_t cols, std::span<const Coefficients> schedule,
+               double norm_scale, double eps, NewtonSchulzMethod method) {
     check(rows, cols);
-    if (rows == 0 || cols == 0) return backend.view(x_, rows, cols);
+    if (rows == 0 || cols == 0) {
+      const View v = backend.view(x_, rows, cols);
+      return rows > cols ? v.transposed() : v;
+    }
     const index_t k = std::min(rows, cols);
     // The k x N short-side view of the row-major m x n storage (column-major when m > n).
     auto short_side = [&](auto& buf) {
@@ -274,7 +384,7 @@ class NewtonSchulzWorkspace {
                   }) {
       if (auto done = backend.try_newton_schulz(short_side(x_), short_side(y_), schedule,
                                                 norm_scale, eps, method))
-        return rows > cols ? done->transposed() : *done;
+        return *done;
     }
     const auto square = [&](auto& buf) { return backend.view(buf, k, k); };
     // the precision of the products (a backend may multiply in less than T: TF32 on a GPU)
@@ -295,10 +405,9 @@ class NewtonSchulzWorkspace {
       out = newton_schulz_inplace(backend, short_side(x_), short_side(y_), square(a_),
                                   square(b_), schedule, norm_scale, eps);
     }
-    return rows > cols ? out.transposed() : out;
+    return out;
   }
 
- private:
   void grow(B& backend, typename B::template Buffer<T>& buf, index_t n) {
     if (static_cast<index_t>(buf.size()) < n) backend.resize(buf, n);
   }
@@ -324,11 +433,13 @@ class NewtonSchulzWorkspace {
   typename B::template Buffer<T> x_, y_, z_, a_, b_, w_, q_, p_;
 };
 
-/// One-off orthogonalization of `in` into `out` (same shape). Allocates its workspace; for
+/// One-off orthogonalization of `in` into `out` (same shape), with every option of `options`;
+/// `report` receives the result's residual and the steps run. Allocates its workspace; for
 /// repeated calls keep a NewtonSchulzWorkspace.
 template <class B, class T, class S>
 void orthogonalize(B& backend, MatrixView<const T, S> in, MatrixView<T, S> out,
-                   const NewtonSchulzOptions& options = {}) {
+                   const NewtonSchulzOptions& options = {},
+                   NewtonSchulzReport* report = nullptr) {
   static_assert(std::is_same_v<S, typename B::memory_space>,
                 "muon::orthogonalize: the views live in another memory space than the backend");
   if (in.rows() != out.rows() || in.cols() != out.cols())
@@ -341,9 +452,7 @@ void orthogonalize(B& backend, MatrixView<const T, S> in, MatrixView<T, S> out,
   NewtonSchulzWorkspace<B, T> ws;
   ws.reserve(backend, in.rows(), in.cols(), options.method);
   backend.copy(in, ws.input(backend, in.rows(), in.cols()));
-  backend.copy(ws.run(backend, in.rows(), in.cols(), schedule, options.schedule.norm_scale(),
-                      options.eps, options.method),
-               out);
+  backend.copy(ws.run(backend, in.rows(), in.cols(), schedule, options, report), out);
 }
 
 }  // namespace muon

@@ -30,6 +30,12 @@ struct Coefficients {
 };
 
 inline constexpr int kMaxNewtonSchulzSteps = 100;
+
+/// The convergent quintic p(s) = (15 s - 10 s^3 + 3 s^5) / 8: p(1) = 1 with p'(1) = p''(1) = 0,
+/// so each step cubes the distance to 1. It maps [0, kTextbookBasin] into itself, and every
+/// s in (0, kTextbookBasin) goes to 1 (kTextbookBasin = sqrt(7/3) is its other fixed point).
+inline constexpr Coefficients kTextbookQuintic{1.875, -1.25, 0.375};
+inline constexpr double kTextbookBasin = 1.5275252316519468;
 /// The largest value a schedule may map a singular value to, at any step (see
 /// singular_value_bound); beyond it float products could overflow, and no useful schedule
 /// comes near it (keller peaks at about 1.2).
@@ -63,7 +69,7 @@ class Schedule {
             1.0};
   }
   static Schedule polar_express() { return {Kind::polar_express, "polar_express", {}, 1.02}; }
-  static Schedule textbook() { return {Kind::textbook, "textbook", {{1.875, -1.25, 0.375}}, 1.0}; }
+  static Schedule textbook() { return {Kind::textbook, "textbook", {kTextbookQuintic}, 1.0}; }
   /// A user list; `norm_scale` multiplies ||X||_F in the initial normalization.
   static Schedule custom(std::vector<Coefficients> coefficients, double norm_scale = 1.0) {
     return {Kind::custom, "custom", std::move(coefficients), norm_scale};

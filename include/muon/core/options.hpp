@@ -3,7 +3,9 @@
 // with PyTorch keeps its settings. Every option is checked by validate() when an optimizer or
 // group is created or changed, never inside step().
 #include <cmath>
+#include <algorithm>
 #include <string>
+#include <vector>
 
 #include "muon/algorithm/schedule.hpp"
 #include "muon/core/error.hpp"
@@ -43,6 +45,14 @@ struct NewtonSchulzOptions {
   int steps = 5;
   double eps = 1e-7;  ///< X is divided by max(norm_scale * ||X||_F, eps)
   NewtonSchulzMethod method = NewtonSchulzMethod::automatic;
+  /// 0: run the schedule only. Otherwise, after the schedule, textbook quintic steps follow
+  /// until the result's residual ||O O^T - I||_F / sqrt(min(m, n)) is at most `tolerance` or
+  /// `max_extra_steps` were added (each costs one plain-loop step; the check itself one SYRK).
+  /// keller and you stop short of 1 by design (residual about 0.1-0.3), so with them this is a
+  /// clean-up to the exact msign; polar_express and textbook are already close. A matrix of
+  /// rank r cannot get below sqrt(1 - r / min(m, n)): the cap is what ends such runs.
+  double tolerance = 0;
+  int max_extra_steps = 10;
 };
 
 struct MuonOptions {
@@ -72,6 +82,10 @@ struct GroupOptions {
 
 struct OptimizerOptions {
   NonFinitePolicy non_finite = NonFinitePolicy::error;
+  /// Each step() reports, per Muon matrix, how orthogonal its update was (StepReport::
+  /// newton_schulz). Costs one SYRK and two host reads a matrix, and the report's allocation;
+  /// needs a backend that measures residuals (EigenBackend). Optimizer only.
+  bool telemetry = false;
 };
 
 inline const char* to_string(MomentumForm f) { return f == MomentumForm::ema ? "ema" : "sum"; }
@@ -111,11 +125,26 @@ inline void require(bool ok, const std::string& where, const char* field, double
 inline void validate(const NewtonSchulzOptions& o, const std::string& where) {
   detail::require(std::isfinite(o.eps) && o.eps > 0, where, "newton_schulz.eps", o.eps,
                   "finite and > 0");
+  detail::require(std::isfinite(o.tolerance) && o.tolerance >= 0, where,
+                  "newton_schulz.tolerance", o.tolerance, "finite and >= 0 (0 = off)");
+  detail::require(o.max_extra_steps >= 0 && o.max_extra_steps <= kMaxNewtonSchulzSteps, where,
+                  "newton_schulz.max_extra_steps", o.max_extra_steps, "in [0, 100]");
+  std::vector<Coefficients> steps;
   try {
-    (void)o.schedule.resolve(o.steps);
+    steps = o.schedule.resolve(o.steps);
   } catch (const InvalidArgument& e) {
     throw InvalidArgument(std::string(e.what()) + " (in " + where + ".newton_schulz)");
   }
+  // The added textbook steps converge only from singular values below kTextbookBasin.
+  const double output =
+      singular_value_bound(steps, 1.0 / std::min(o.schedule.norm_scale(), 1.0)).output;
+  if (o.tolerance > 0 && !(output < kTextbookBasin))
+    throw InvalidArgument("muon: " + where + ".newton_schulz.tolerance: schedule '" +
+                          o.schedule.name() + "' with " + std::to_string(o.steps) +
+                          " steps can end with singular values up to " +
+                          std::to_string(output) +
+                          ", from where the added textbook steps diverge (they need < " +
+                          std::to_string(kTextbookBasin) + ")");
 }
 
 inline void validate(const MuonOptions& o, const std::string& where = "MuonOptions") {

@@ -76,6 +76,9 @@ class ShardedOptimizer
                    OptimizerOptions options = {}, B backend = B{})
       : comm_(std::move(comm)), strategy_(strategy), backend_(std::move(backend)),
         options_(options) {
+    if (options.telemetry)
+      throw InvalidArgument("muon: OptimizerOptions.telemetry is not available in "
+                            "ShardedOptimizer (muon::Optimizer reports it)");
     add_group(defaults);
   }
 
@@ -121,7 +124,7 @@ class ShardedOptimizer
       const std::string who = bad != nullptr ? "parameter '" + bad->name + "' on rank " +
                                                    std::to_string(comm_.rank())
                                              : "a parameter on another rank";
-      if (options_.non_finite == NonFinitePolicy::skip) return {false, 0, who};
+      if (options_.non_finite == NonFinitePolicy::skip) return {false, 0, who, 0, {}};
       throw NonFiniteGradient("muon: step refused on every rank: the gradient of " + who +
                                   " contains NaN or Inf; no parameter or state was changed",
                               bad != nullptr ? bad->name : std::string());
@@ -168,7 +171,7 @@ class ShardedOptimizer
         if (r != me) backend_.copy(ConstView(packed(full_, r, p.pieces[r])), block(p.value, p.pieces[r]));
     }
     ++steps_;
-    return {true, params_.size(), {}};
+    return {true, params_.size(), {}, 0, {}};
   }
 
   // ---- introspection ---------------------------------------------------------------------
@@ -301,6 +304,7 @@ class ShardedOptimizer
   };
   static Group make_group(const GroupOptions& options, std::size_t index) {
     validate(options, "group " + std::to_string(index));
+    detail::check_measurable<B, T>(options.muon.newton_schulz, "group " + std::to_string(index));
     return {options,
             options.muon.newton_schulz.schedule.resolve(options.muon.newton_schulz.steps)};
   }
@@ -410,9 +414,7 @@ class ShardedOptimizer
   void orthogonalize_and_apply(Param& p) {
     const MuonOptions& o = groups_[p.group].options.muon;
     const index_t rows = p.value.rows(), cols = p.value.cols();
-    const ConstView update =
-        ns_.run(backend_, rows, cols, groups_[p.group].schedule, o.newton_schulz.schedule.norm_scale(),
-                o.newton_schulz.eps, o.newton_schulz.method);
+    const ConstView update = ns_.run(backend_, rows, cols, groups_[p.group].schedule, o.newton_schulz);
     const auto [decay, alpha] = detail::muon_apply(o, rows, cols);
     backend_.apply_update(p.value, update, decay, alpha);
   }
