@@ -24,9 +24,6 @@
 
 namespace muon {
 
-/// The steps of the plain loop on a k x n `x` (k <= n; dense, row- or column-major), already
-/// normalized, with workspace `y` (k x n, same layout) and `a`, `b` (k x k). Returns the view
-/// (x or y) that holds the result.
 namespace detail {
 /// a = x x^T, both triangles.
 template <class B, class T, class S>
@@ -45,6 +42,9 @@ void step_from_gram(B& backend, MatrixView<T, S> x, MatrixView<T, S> y, MatrixVi
 }
 }  // namespace detail
 
+/// The steps of the plain loop on a k x n `x` (k <= n; dense, row- or column-major), already
+/// normalized, with workspace `y` (k x n, same layout) and `a`, `b` (k x k). Returns the view
+/// (x or y) that holds the result.
 template <class B, class T, class S>
 MatrixView<T, S> newton_schulz_steps(B& backend, MatrixView<T, S> x, MatrixView<T, S> y,
                                      MatrixView<T, S> a, MatrixView<T, S> b,
@@ -318,8 +318,7 @@ class NewtonSchulzWorkspace {
                               std::span<const Coefficients> schedule, double norm_scale,
                               double eps,
                               NewtonSchulzMethod method = NewtonSchulzMethod::automatic) {
-    return short_side_result(backend, rows, cols,
-                             iterate(backend, rows, cols, schedule, norm_scale, eps, method));
+    return as_matrix(rows, cols, iterate(backend, rows, cols, schedule, norm_scale, eps, method));
   }
 
   /// As above with every option of `options` (`schedule` is options.schedule resolved, which
@@ -333,16 +332,15 @@ class NewtonSchulzWorkspace {
                               NewtonSchulzReport* report = nullptr) {
     View out = iterate(backend, rows, cols, schedule, options.schedule.norm_scale(), options.eps,
                        options.method);
-    if (report == nullptr && options.tolerance == 0) return short_side_result(backend, rows, cols, out);
+    if (report == nullptr && options.tolerance == 0) return as_matrix(rows, cols, out);
     NewtonSchulzReport measured{0, static_cast<int>(schedule.size())};
     if (rows != 0 && cols != 0) {
       if constexpr (measures_residual<B, T>) {
         const index_t k = std::min(rows, cols);
         // the k x N buffer that does not hold the result (x_ keeps the Gram form's input)
         auto& spare = out.data() == backend.view(x_, rows, cols).data() ? y_ : x_;
-        View other = backend.view(spare, rows, cols);
-        if (rows > cols) other = other.transposed();
-        out = refine_to_tolerance(backend, out, other, backend.view(a_, k, k),
+        out = refine_to_tolerance(backend, out, short_side(backend, spare, rows, cols),
+                                  backend.view(a_, k, k),
                                   backend.view(b_, k, k), options.tolerance,
                                   options.tolerance > 0 ? options.max_extra_steps : 0, measured);
       } else {
@@ -352,12 +350,18 @@ class NewtonSchulzWorkspace {
       }
     }
     if (report != nullptr) *report = measured;
-    return short_side_result(backend, rows, cols, out);
+    return as_matrix(rows, cols, out);
   }
 
  private:
-  /// The result as the m x n matrix (the k x N working view transposed back when m > n).
-  static ConstView short_side_result(B&, index_t rows, index_t cols, View out) {
+  /// The k x N short-side view of a buffer holding a row-major m x n matrix (column-major
+  /// when m > n), and back: the result as the m x n matrix.
+  static View short_side(B& backend, typename B::template Buffer<T>& buf, index_t rows,
+                         index_t cols) {
+    const View v = backend.view(buf, rows, cols);
+    return rows > cols ? v.transposed() : v;
+  }
+  static ConstView as_matrix(index_t rows, index_t cols, View out) {
     return rows > cols ? out.transposed() : out;
   }
 
@@ -365,24 +369,17 @@ class NewtonSchulzWorkspace {
   View iterate(B& backend, index_t rows, index_t cols, std::span<const Coefficients> schedule,
                double norm_scale, double eps, NewtonSchulzMethod method) {
     check(rows, cols);
-    if (rows == 0 || cols == 0) {
-      const View v = backend.view(x_, rows, cols);
-      return rows > cols ? v.transposed() : v;
-    }
+    if (rows == 0 || cols == 0) return short_side(backend, x_, rows, cols);
     const index_t k = std::min(rows, cols);
-    // The k x N short-side view of the row-major m x n storage (column-major when m > n).
-    auto short_side = [&](auto& buf) {
-      View v = backend.view(buf, rows, cols);
-      return rows > cols ? v.transposed() : v;
-    };
+    const auto side = [&](auto& buf) { return short_side(backend, buf, rows, cols); };
     View out;
     // A backend may carry out the whole iteration itself (the CUDA backend in bf16 or fp16);
     // it returns an empty optional when it leaves the matrix to the generic code below.
     if constexpr (requires {
-                    backend.try_newton_schulz(short_side(x_), short_side(y_), schedule,
+                    backend.try_newton_schulz(side(x_), side(y_), schedule,
                                               norm_scale, eps, method);
                   }) {
-      if (auto done = backend.try_newton_schulz(short_side(x_), short_side(y_), schedule,
+      if (auto done = backend.try_newton_schulz(side(x_), side(y_), schedule,
                                                 norm_scale, eps, method))
         return *done;
     }
@@ -395,14 +392,14 @@ class NewtonSchulzWorkspace {
       if (static_cast<index_t>(p_.size()) < k * k)
         throw InvalidArgument("muon: Gram Newton-Schulz workspace not reserved for " +
                               detail::shape_string(rows, cols));
-      out = gram_newton_schulz_inplace(backend, short_side(x_), short_side(y_), short_side(z_),
+      out = gram_newton_schulz_inplace(backend, side(x_), side(y_), side(z_),
                                        square(a_), square(b_), square(w_), square(q_),
                                        square(p_), schedule, norm_scale, eps, u);
       if (!gram_result_plausible(backend, ConstView(out), k))  // x_ still holds the input
-        out = newton_schulz_steps(backend, short_side(x_), short_side(y_), square(a_),
+        out = newton_schulz_steps(backend, side(x_), side(y_), square(a_),
                                   square(b_), schedule);
     } else {
-      out = newton_schulz_inplace(backend, short_side(x_), short_side(y_), square(a_),
+      out = newton_schulz_inplace(backend, side(x_), side(y_), square(a_),
                                   square(b_), schedule, norm_scale, eps);
     }
     return out;

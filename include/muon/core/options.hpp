@@ -2,8 +2,8 @@
 // Hyper-parameters. Defaults are torch.optim.Muon's and torch.optim.AdamW's, so a model tuned
 // with PyTorch keeps its settings. Every option is checked by validate() when an optimizer or
 // group is created or changed, never inside step().
-#include <cmath>
 #include <algorithm>
+#include <cmath>
 #include <string>
 #include <vector>
 
@@ -135,10 +135,11 @@ inline void validate(const NewtonSchulzOptions& o, const std::string& where) {
   } catch (const InvalidArgument& e) {
     throw InvalidArgument(std::string(e.what()) + " (in " + where + ".newton_schulz)");
   }
+  if (o.tolerance == 0) return;
   // The added textbook steps converge only from singular values below kTextbookBasin.
   const double output =
       singular_value_bound(steps, 1.0 / std::min(o.schedule.norm_scale(), 1.0)).output;
-  if (o.tolerance > 0 && !(output < kTextbookBasin))
+  if (!(output < kTextbookBasin))
     throw InvalidArgument("muon: " + where + ".newton_schulz.tolerance: schedule '" +
                           o.schedule.name() + "' with " + std::to_string(o.steps) +
                           " steps can end with singular values up to " +

@@ -284,7 +284,6 @@ class CudaBackend {
   void normalize(MatrixView<T, DeviceSpace> x, double norm_scale, double eps) const {
     normalize_batched(MatrixView<const T, DeviceSpace>(x), 0, x, 0, 1, norm_scale, eps);
   }
-  /// Synchronizes (a flag must reach the host); NonFinitePolicy::unchecked skips the call.
   /// The unit roundoff of the Newton-Schulz products for T, which the Gram form's restart plan
   /// needs: TF32 tensor-op math keeps 10 of float's 23 mantissa bits.
   template <class T>
@@ -293,6 +292,7 @@ class CudaBackend {
     return std::numeric_limits<T>::epsilon() / 2;
   }
 
+  /// Synchronizes (a flag must reach the host); NonFinitePolicy::unchecked skips the call.
   template <class T>
   bool all_finite(MatrixView<const T, DeviceSpace> x) const {
     if (x.empty()) return true;
