@@ -22,7 +22,7 @@ int main(int argc, char** argv) {
     if (act != "silu" && act != "linear")
       throw std::invalid_argument("--activation must be silu or linear, got '" + act + "'");
     muon_run.activation = act == "silu" ? Activation::silu : Activation::linear;
-    // Each optimizer's best learning rate for this model in the depth experiment (README).
+    // Each optimizer's best learning rate for this model in the depth experiment (docs/seeds.md).
     muon_run.lr = std::stod(option(argc, argv, "--muon-lr", act == "silu" ? "1e-2" : "3e-3"));
     adamw_lr = std::stod(option(argc, argv, "--adamw-lr", "3e-3"));
   } catch (const std::exception& e) {

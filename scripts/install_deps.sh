@@ -3,7 +3,7 @@
 # lacks. Runs apt-get only when something is missing; uses sudo when not root.
 set -euo pipefail
 packages=(cmake make g++ clang pkg-config libeigen3-dev catch2 python3-numpy libbenchmark-dev
-          libopenblas-dev clang-tidy libclang-rt-14-dev libopenmpi-dev openmpi-bin
+          libopenblas-dev clang-tidy libclang-rt-14-dev libopenmpi-dev openmpi-bin libcli11-dev
           libtorch-dev libxtensor-dev python3-matplotlib)
 missing=()
 for p in "${packages[@]}"; do

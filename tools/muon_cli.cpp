@@ -1,100 +1,43 @@
-// muon-cli: Muon on your own matrices, from .npy files.
+// muon-cli: Muon on your own matrices, from .npy files. Arguments are parsed by CLI11;
+// `muon-cli --help` and `muon-cli COMMAND --help` list every option with its default.
 //
 //   muon-cli orthogonalize IN.npy OUT.npy [--schedule S] [--steps N] [--dtype D] [--tolerance X]
 //   muon-cli accuracy [--shape MxN]... [--schedule S]... [--steps N]... [--dtype D]...
-//                     [--tolerance X]
 //   muon-cli bench [--shape MxN]... [--steps N] [--schedule S] [--dtype D] [--repeat R]
 //   muon-cli step --param P.npy --grad G1.npy [--grad G2.npy ...] --out OUT.npy [options]
 //
-// Any bad input ends with one line on stderr ("muon-cli: error: ...") and exit status 1.
+// Any bad input ends with one line on stderr ("muon-cli: error: ...") and exit status 1,
+// before anything is written to stdout or to a file.
+#include <unistd.h>
+
+#include <CLI/CLI.hpp>
 #include <algorithm>
 #include <charconv>
 #include <chrono>
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <iostream>
-#include <map>
+#include <memory>
+#include <new>
 #include <random>
 #include <string>
 #include <vector>
 
 #include "muon/eigen.hpp"
 #include "muon/io/npy.hpp"
+#include "muon/version.hpp"
 
 namespace {
 
-constexpr const char* kUsage = R"(usage:
-  muon-cli orthogonalize IN.npy OUT.npy [--schedule keller|you|polar_express|textbook]
-                                        [--steps N] [--dtype float32|float64] [--tolerance X]
-  muon-cli accuracy [--shape MxN]... [--schedule S]... [--steps N]... [--dtype D]...
-                    [--tolerance X]
-  muon-cli bench [--shape MxN]... [--steps N] [--schedule S] [--dtype D] [--repeat R]
-  muon-cli step --param P.npy --grad G1.npy [--grad G2.npy ...] --out OUT.npy [--lr X]
-                [--momentum X] [--nesterov on|off] [--weight-decay X]
-                [--scale original|match_rms_adamw|spectral|none] [--momentum-form ema|sum]
-                [--schedule S] [--steps N] [--dtype D]
-An N-D array (N > 2) is treated as the (shape[0], product of the rest) matrix.
-)";
+using Shape = std::pair<muon::index_t, muon::index_t>;
 
 struct UsageError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-/// Positional arguments and repeated --key value options, checked against an allowed list.
-struct Args {
-  std::vector<std::string> positional;
-  std::map<std::string, std::vector<std::string>> options;
-
-  Args(int argc, char** argv, int first, const std::vector<std::string>& allowed) {
-    for (int i = first; i < argc; ++i) {
-      const std::string a = argv[i];
-      if (a.rfind("--", 0) != 0) {
-        positional.push_back(a);
-        continue;
-      }
-      if (std::find(allowed.begin(), allowed.end(), a) == allowed.end())
-        throw UsageError("unknown option '" + a + "'");
-      if (i + 1 >= argc) throw UsageError("option '" + a + "' needs a value");
-      options[a].push_back(argv[++i]);
-    }
-  }
-  std::vector<std::string> all(const std::string& key) const {
-    auto it = options.find(key);
-    return it == options.end() ? std::vector<std::string>{} : it->second;
-  }
-  std::string one(const std::string& key, const std::string& fallback) const {
-    auto v = all(key);
-    if (v.size() > 1) throw UsageError("option '" + key + "' given more than once");
-    return v.empty() ? fallback : v.front();
-  }
-};
-
-double parse_number(const std::string& key, const std::string& text) {
-  double v = 0;
-  auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), v);
-  if (ec != std::errc() || end != text.data() + text.size())
-    throw UsageError("option '" + key + "' expects a number, got '" + text + "'");
-  return v;
-}
-
-int parse_int(const std::string& key, const std::string& text) {
-  int v = 0;
-  auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), v);
-  if (ec != std::errc() || end != text.data() + text.size())
-    throw UsageError("option '" + key + "' expects an integer, got '" + text + "'");
-  return v;
-}
-
-bool parse_on_off(const std::string& key, const std::string& text) {
-  if (text == "on") return true;
-  if (text == "off") return false;
-  throw UsageError("option '" + key + "' expects on or off, got '" + text + "'");
-}
-
-void check_dtype(const std::string& d) {
-  if (d != "float32" && d != "float64")
-    throw UsageError("--dtype must be float32 or float64, got '" + d + "'");
-}
+const std::vector<std::string> kCommands = {"orthogonalize", "accuracy", "bench", "step"};
+const std::vector<std::string> kDtypes = {"float32", "float64"};
 
 std::pair<muon::index_t, muon::index_t> matrix_shape(const std::vector<muon::index_t>& shape,
                                                      const std::string& file) {
@@ -122,50 +65,92 @@ template <class T>
 void require_finite(const std::vector<T>& data, const std::string& file) {
   const auto bad = std::find_if(data.begin(), data.end(), [](T v) { return !std::isfinite(v); });
   if (bad != data.end())
-    throw std::runtime_error(file + ": entry " + std::to_string(bad - data.begin()) + " (row-major) is " +
-                     std::to_string(*bad) + "; the input must be finite");
+    throw std::runtime_error(file + ": entry " + std::to_string(bad - data.begin()) +
+                             " (row-major) is " + std::to_string(*bad) +
+                             "; the input must be finite");
+}
+
+/// A .npy file in the working precision T. Read as double (exact for float32 files), so that
+/// the dtype the file held is known before T is chosen.
+template <class T>
+muon::npy::Array<T> in_precision(const muon::npy::Array<double>& a) {
+  if constexpr (std::is_same_v<T, double>) {
+    return a;
+  } else {
+    return {a.shape, std::vector<T>(a.data.begin(), a.data.end()), a.stored};
+  }
+}
+
+/// --dtype when given, else the dtype of the file the command reads.
+std::string dtype_or(const std::string& requested, const muon::npy::Array<double>& a) {
+  return requested.empty() ? muon::npy::to_string(a.stored) : requested;
 }
 
 // ---- orthogonalize ----------------------------------------------------------------------
 template <class T>
-void orthogonalize(const std::string& in, const std::string& out,
-                   const muon::NewtonSchulzOptions& o) {
-  auto a = muon::npy::read<T>(in);
+void orthogonalize(const std::string& in, const muon::npy::Array<double>& file,
+                   const std::string& out, const muon::NewtonSchulzOptions& o) {
+  auto a = in_precision<T>(file);
   const auto [rows, cols] = matrix_shape(a.shape, in);
   require_finite(a.data, in);
   std::vector<T> result(a.data.size());
   muon::EigenBackend backend;
-  muon::orthogonalize(backend, muon::row_major_view<muon::HostSpace, const T>(a.data.data(), rows, cols),
+  muon::orthogonalize(backend,
+                      muon::row_major_view<muon::HostSpace, const T>(a.data.data(), rows, cols),
                       muon::row_major_view(result.data(), rows, cols), o);
   muon::npy::write(out, a.shape, result.data());
 }
 
-int cmd_orthogonalize(int argc, char** argv) {
-  Args args(argc, argv, 2, {"--schedule", "--steps", "--dtype", "--tolerance"});
-  if (args.positional.size() != 2) throw UsageError("orthogonalize needs IN.npy and OUT.npy");
-  const auto o = ns_options(args.one("--schedule", "keller"),
-                            parse_int("--steps", args.one("--steps", "5")),
-                            parse_number("--tolerance", args.one("--tolerance", "0")));
-  const std::string dtype = args.one("--dtype", "float32");
-  check_dtype(dtype);
-  if (dtype == "float32")
-    orthogonalize<float>(args.positional[0], args.positional[1], o);
-  else
-    orthogonalize<double>(args.positional[0], args.positional[1], o);
-  return 0;
+// ---- shapes and memory --------------------------------------------------------------------
+/// MxN with 64-bit extents >= 1; an extent past int64, or M*N past it, is reported as overflow.
+Shape parse_shape(const std::string& s) {
+  const auto x = s.find('x');
+  if (x == std::string::npos) throw UsageError("--shape expects MxN, got '" + s + "'");
+  auto extent = [&](const std::string& text) {
+    std::int64_t v = 0;
+    auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), v);
+    if (ec == std::errc::result_out_of_range)
+      throw UsageError("--shape '" + s + "': extent " + text + " overflows a 64-bit integer");
+    if (ec != std::errc() || end != text.data() + text.size())
+      throw UsageError("--shape expects MxN with integer extents, got '" + s + "'");
+    if (v < 1) throw UsageError("--shape extents must be >= 1, got '" + s + "'");
+    return static_cast<muon::index_t>(v);
+  };
+  const muon::index_t m = extent(s.substr(0, x)), n = extent(s.substr(x + 1));
+  muon::index_t size = 0;
+  if (__builtin_mul_overflow(m, n, &size))
+    throw UsageError("--shape '" + s + "': " + std::to_string(m) + " * " + std::to_string(n) +
+                     " elements overflow a 64-bit integer");
+  return {m, n};
 }
 
-std::vector<std::pair<muon::index_t, muon::index_t>> parse_shapes(
-    const std::vector<std::string>& shapes) {
-  std::vector<std::pair<muon::index_t, muon::index_t>> dims;
-  for (const auto& s : shapes) {
-    const auto x = s.find('x');
-    if (x == std::string::npos) throw UsageError("--shape expects MxN, got '" + s + "'");
-    const int m = parse_int("--shape", s.substr(0, x)), n = parse_int("--shape", s.substr(x + 1));
-    if (m < 1 || n < 1) throw UsageError("--shape extents must be >= 1, got '" + s + "'");
-    dims.emplace_back(m, n);
-  }
+std::vector<Shape> parse_shapes(const std::vector<std::string>& shapes) {
+  std::vector<Shape> dims;
+  for (const auto& s : shapes) dims.push_back(parse_shape(s));
   return dims;
+}
+
+/// Refuses, before any output, a shape whose buffers (`copies` matrices of `bytes`-byte
+/// scalars, about) cannot fit: more than the machine's memory, or an allocation that fails.
+void require_memory(const std::vector<Shape>& shapes, double copies, std::size_t bytes) {
+  const double physical = static_cast<double>(sysconf(_SC_PHYS_PAGES)) *
+                          static_cast<double>(sysconf(_SC_PAGESIZE));
+  for (auto [m, n] : shapes) {
+    const double need = static_cast<double>(m) * static_cast<double>(n) * copies *
+                        static_cast<double>(bytes);
+    auto gib = [](double b) {
+      char text[32];
+      std::snprintf(text, sizeof text, "%.1f GiB", b / (1 << 30));
+      return std::string(text);
+    };
+    const std::string what = "--shape " + std::to_string(m) + "x" + std::to_string(n) +
+                             " needs about " + gib(need);
+    if (physical > 0 && need > physical)
+      throw UsageError(what + ", more than this machine's " + gib(physical) + " of memory");
+    // Reserved, not touched: refused here where the allocator already knows it cannot.
+    std::unique_ptr<char[]> probe(new (std::nothrow) char[static_cast<std::size_t>(need)]);
+    if (!probe) throw UsageError(what + ", which could not be allocated");
+  }
 }
 
 template <class T>
@@ -196,22 +181,20 @@ void accuracy_row(muon::index_t m, muon::index_t n, const std::string& dtype,
               report.residual, report.steps);
 }
 
-int cmd_accuracy(int argc, char** argv) {
-  Args args(argc, argv, 2, {"--shape", "--schedule", "--steps", "--dtype", "--tolerance"});
-  if (!args.positional.empty()) throw UsageError("accuracy takes no positional arguments");
-  const double tolerance = parse_number("--tolerance", args.one("--tolerance", "0"));
-  auto shapes = args.all("--shape");
-  auto schedules = args.all("--schedule");
-  auto steps = args.all("--steps");
-  auto dtypes = args.all("--dtype");
-  if (shapes.empty()) shapes = {"256x256", "256x1024", "1024x256"};
-  if (schedules.empty()) schedules = {"keller", "you", "polar_express", "textbook"};
-  if (steps.empty()) steps = {"5"};
-  if (dtypes.empty()) dtypes = {"float32"};
-  const auto dims = parse_shapes(shapes);
-  for (const auto& d : dtypes) check_dtype(d);
-  for (const auto& s : schedules)
-    for (const auto& k : steps) (void)ns_options(s, parse_int("--steps", k), tolerance);
+struct AccuracyArgs {
+  std::vector<std::string> shapes{"256x256", "256x1024", "1024x256"};
+  std::vector<std::string> schedules{"keller", "you", "polar_express", "textbook"};
+  std::vector<int> steps{muon::NewtonSchulzOptions{}.steps};
+  std::vector<std::string> dtypes{"float32"};
+  double tolerance = 0;
+};
+
+void run_accuracy(const AccuracyArgs& a) {
+  const auto dims = parse_shapes(a.shapes);
+  for (const auto& s : a.schedules)
+    for (int k : a.steps) (void)ns_options(s, k, a.tolerance);
+  // The input, the result, the workspace, and the SVD's double copies.
+  require_memory(dims, 12, 8);
   std::printf("Newton-Schulz accuracy on Gaussian random matrices (seed 1234); singular values of\n"
               "the result (1 = orthogonal) and ||O - msign(X)||_F / sqrt(min(m,n)) by SVD in double;\n"
               "residual = ||O O^T - I||_F / sqrt(min(m,n)) as the library measures it, and the\n"
@@ -219,15 +202,14 @@ int cmd_accuracy(int argc, char** argv) {
   std::printf("%-11s %-8s %-14s %5s %9s %9s %9s %11s %10s %5s\n", "shape", "dtype", "schedule",
               "steps", "s_min", "s_max", "max|s-1|", "dist_msign", "residual", "ran");
   for (auto [m, n] : dims)
-    for (const auto& d : dtypes)
-      for (const auto& s : schedules)
-        for (const auto& k : steps) {
+    for (const auto& d : a.dtypes)
+      for (const auto& s : a.schedules)
+        for (int k : a.steps) {
           if (d == "float32")
-            accuracy_row<float>(m, n, d, s, parse_int("--steps", k), tolerance);
+            accuracy_row<float>(m, n, d, s, k, a.tolerance);
           else
-            accuracy_row<double>(m, n, d, s, parse_int("--steps", k), tolerance);
+            accuracy_row<double>(m, n, d, s, k, a.tolerance);
         }
-  return 0;
 }
 
 // ---- bench ------------------------------------------------------------------------------
@@ -276,38 +258,39 @@ void bench_row(muon::index_t m, muon::index_t n, const std::string& dtype,
   std::fflush(stdout);
 }
 
-int cmd_bench(int argc, char** argv) {
-  Args args(argc, argv, 2, {"--shape", "--schedule", "--steps", "--dtype", "--repeat"});
-  if (!args.positional.empty()) throw UsageError("bench takes no positional arguments");
-  auto shapes = args.all("--shape");
-  if (shapes.empty()) shapes = {"1024x1024", "1024x4096", "4096x1024", "2048x2048"};
-  const auto dims = parse_shapes(shapes);
-  const auto o = ns_options(args.one("--schedule", "keller"),
-                            parse_int("--steps", args.one("--steps", "5")));
-  const std::string dtype = args.one("--dtype", "float32");
-  check_dtype(dtype);
-  const int repeat = parse_int("--repeat", args.one("--repeat", "5"));
-  if (repeat < 1) throw UsageError("--repeat must be >= 1");
+struct BenchArgs {
+  std::vector<std::string> shapes{"1024x1024", "1024x4096", "4096x1024", "2048x2048"};
+  std::string schedule = "keller";
+  int steps = muon::NewtonSchulzOptions{}.steps;
+  std::string dtype = "float32";
+  int repeat = 5;
+};
+
+void run_bench(const BenchArgs& a) {
+  const auto dims = parse_shapes(a.shapes);
+  const auto o = ns_options(a.schedule, a.steps);
+  // The input, the workspace, and the GEMM's operands.
+  require_memory(dims, 8, a.dtype == "float32" ? 4 : 8);
   std::printf("Newton-Schulz speed: median of %d runs after a warm-up; products on %s.\n"
               "GFLOP/s counts the nominal 4k^2N + 2k^3 flops per step (k = min, N = max side);\n"
               "gemm_ratio = NS GFLOP/s / GFLOP/s of a k x N by N x k GEMM measured in this run.\n",
-              repeat, muon::EigenBackend::products());
+              a.repeat, muon::EigenBackend::products());
   std::printf("%-11s %-8s %-14s %5s %10s %9s %10s %9s\n", "shape", "dtype", "schedule", "steps",
               "ms", "GFLOP/s", "gemm_GF/s", "gemm_ratio");
   for (auto [m, n] : dims) {
-    if (dtype == "float32")
-      bench_row<float>(m, n, dtype, o, repeat);
+    if (a.dtype == "float32")
+      bench_row<float>(m, n, a.dtype, o, a.repeat);
     else
-      bench_row<double>(m, n, dtype, o, repeat);
+      bench_row<double>(m, n, a.dtype, o, a.repeat);
   }
-  return 0;
 }
 
 // ---- step -------------------------------------------------------------------------------
 template <class T>
-void step(const std::string& param_file, const std::vector<std::string>& grad_files,
-          const std::string& out, const muon::MuonOptions& options) {
-  auto param = muon::npy::read<T>(param_file);
+void step(const std::string& param_file, const muon::npy::Array<double>& file,
+          const std::vector<std::string>& grad_files, const std::string& out,
+          const muon::MuonOptions& options) {
+  auto param = in_precision<T>(file);
   (void)matrix_shape(param.shape, param_file);
   require_finite(param.data, param_file);
   std::vector<T> grad(param.data.size());
@@ -316,10 +299,10 @@ void step(const std::string& param_file, const std::vector<std::string>& grad_fi
   muon::Optimizer<muon::EigenBackend, T> opt(group);
   opt.add_muon("param", muon::TensorView<T>{param.data.data(), param.shape},
                muon::TensorView<const T>{grad.data(), param.shape});
-  for (const auto& file : grad_files) {
-    auto g = muon::npy::read<T>(file);
+  for (const auto& name : grad_files) {
+    auto g = in_precision<T>(muon::npy::read<double>(name));
     if (g.shape != param.shape)
-      throw UsageError(file + ": gradient shape " + muon::detail::shape_string(g.shape) +
+      throw UsageError(name + ": gradient shape " + muon::detail::shape_string(g.shape) +
                        " differs from the parameter's " + muon::detail::shape_string(param.shape));
     grad = std::move(g.data);
     opt.set_grad(muon::ParamId{0}, muon::TensorView<const T>{grad.data(), param.shape}.flattened());
@@ -328,53 +311,139 @@ void step(const std::string& param_file, const std::vector<std::string>& grad_fi
   muon::npy::write(out, param.shape, param.data.data());
 }
 
-int cmd_step(int argc, char** argv) {
-  Args args(argc, argv, 2,
-            {"--param", "--grad", "--out", "--lr", "--momentum", "--nesterov", "--weight-decay",
-             "--scale", "--momentum-form", "--schedule", "--steps", "--dtype"});
-  if (!args.positional.empty())
-    throw UsageError("step takes no positional arguments (got '" + args.positional[0] + "')");
-  const std::string param = args.one("--param", ""), out = args.one("--out", "");
-  const auto grads = args.all("--grad");
-  if (param.empty()) throw UsageError("step needs --param P.npy");
-  if (out.empty()) throw UsageError("step needs --out OUT.npy");
-  if (grads.empty()) throw UsageError("step needs at least one --grad G.npy");
+struct StepArgs {
+  std::string param, out, nesterov = "on", scale = "original", momentum_form = "ema",
+                          schedule = "keller", dtype;
+  std::vector<std::string> grads;
   muon::MuonOptions o;
-  o.lr = parse_number("--lr", args.one("--lr", "0.001"));
-  o.momentum = parse_number("--momentum", args.one("--momentum", "0.95"));
-  o.nesterov = parse_on_off("--nesterov", args.one("--nesterov", "on"));
-  o.weight_decay = parse_number("--weight-decay", args.one("--weight-decay", "0.1"));
-  o.scale = muon::scale_mode_from_name(args.one("--scale", "original"));
-  o.momentum_form = muon::momentum_form_from_name(args.one("--momentum-form", "ema"));
-  o.newton_schulz = ns_options(args.one("--schedule", "keller"),
-                               parse_int("--steps", args.one("--steps", "5")));
-  muon::validate(o, "options");
-  const std::string dtype = args.one("--dtype", "float32");
-  check_dtype(dtype);
-  if (dtype == "float32")
-    step<float>(param, grads, out, o);
+};
+
+void run_step(StepArgs& a) {
+  a.o.nesterov = a.nesterov == "on";
+  a.o.scale = muon::scale_mode_from_name(a.scale);
+  a.o.momentum_form = muon::momentum_form_from_name(a.momentum_form);
+  a.o.newton_schulz = ns_options(a.schedule, a.o.newton_schulz.steps);
+  muon::validate(a.o, "options");
+  const auto file = muon::npy::read<double>(a.param);
+  if (dtype_or(a.dtype, file) == "float32")
+    step<float>(a.param, file, a.grads, a.out, a.o);
   else
-    step<double>(param, grads, out, o);
-  return 0;
+    step<double>(a.param, file, a.grads, a.out, a.o);
+}
+
+/// The options every Newton-Schulz command shares.
+void add_schedule_options(CLI::App& cmd, std::string& schedule, int& steps) {
+  cmd.add_option("--schedule", schedule,
+                 "Newton-Schulz coefficients: keller, you, polar_express or textbook");
+  cmd.add_option("--steps", steps, "Newton-Schulz steps");
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  const std::string command = argc > 1 ? argv[1] : "";
+  CLI::App app{"muon-cli: the Muon optimizer's Newton-Schulz orthogonalization and update step "
+               "on .npy files.\nAn N-D array (N > 2) is treated as the (shape[0], product of "
+               "the rest) matrix.",
+               "muon-cli"};
+  app.set_version_flag("--version", std::string("muon-cli ") + MUON_VERSION_STRING +
+                                        " (products on " + muon::EigenBackend::products() + ")");
+  app.option_defaults()->always_capture_default();  // --help shows every default
+  const auto dtype_check = CLI::IsMember(kDtypes);
+
+  std::string o_in, o_out, o_schedule = "keller", o_dtype;
+  int o_steps = muon::NewtonSchulzOptions{}.steps;
+  double o_tolerance = 0;
+  CLI::App* orth = app.add_subcommand("orthogonalize", "Newton-Schulz of one matrix, IN to OUT");
+  orth->add_option("IN", o_in, "input .npy (float32 or float64)")->required();
+  orth->add_option("OUT", o_out, "output .npy")->required();
+  add_schedule_options(*orth, o_schedule, o_steps);
+  orth->add_option("--dtype", o_dtype, "working and output precision (default: the input's)")
+      ->check(dtype_check);
+  orth->add_option("--tolerance", o_tolerance,
+                   "add textbook steps until ||O O^T - I||_F / sqrt(k) <= X (0: off)");
+
+  AccuracyArgs acc;
+  CLI::App* accuracy = app.add_subcommand(
+      "accuracy", "How close to orthogonal Newton-Schulz gets on random matrices (SVD in double)");
+  accuracy->add_option("--shape", acc.shapes, "MxN, repeatable");
+  accuracy->add_option("--schedule", acc.schedules, "repeatable");
+  accuracy->add_option("--steps", acc.steps, "repeatable");
+  accuracy->add_option("--dtype", acc.dtypes, "repeatable")->check(dtype_check);
+  accuracy->add_option("--tolerance", acc.tolerance, "as for orthogonalize");
+
+  BenchArgs bench;
+  CLI::App* bench_cmd = app.add_subcommand(
+      "bench", "Newton-Schulz speed against a same-size GEMM measured in the same run");
+  bench_cmd->add_option("--shape", bench.shapes, "MxN, repeatable");
+  add_schedule_options(*bench_cmd, bench.schedule, bench.steps);
+  bench_cmd->add_option("--dtype", bench.dtype)->check(dtype_check);
+  bench_cmd->add_option("--repeat", bench.repeat, "timed runs per shape (median)")
+      ->check(CLI::Range(1, 1000));
+
+  StepArgs st;
+  CLI::App* step_cmd = app.add_subcommand(
+      "step", "Muon steps on one parameter, one step per --grad; writes the new parameter");
+  step_cmd->add_option("--param", st.param, "parameter .npy (2-D, or N-D flattened)")->required();
+  step_cmd->add_option("--grad", st.grads, "gradient .npy, repeatable: one step each")
+      ->required();
+  step_cmd->add_option("--out", st.out, "where the updated parameter is written")->required();
+  step_cmd->add_option("--lr", st.o.lr, "learning rate");
+  step_cmd->add_option("--momentum", st.o.momentum, "momentum coefficient mu");
+  step_cmd->add_option("--nesterov", st.nesterov, "Nesterov momentum")
+      ->check(CLI::IsMember({"on", "off"}));
+  step_cmd->add_option("--weight-decay", st.o.weight_decay, "decoupled weight decay");
+  step_cmd->add_option("--scale", st.scale,
+                       "update scale: original, match_rms_adamw, spectral or none");
+  step_cmd->add_option("--momentum-form", st.momentum_form, "ema or sum");
+  add_schedule_options(*step_cmd, st.schedule, st.o.newton_schulz.steps);
+  step_cmd->add_option("--dtype", st.dtype, "working and output precision (default: the "
+                                            "parameter's)")
+      ->check(dtype_check);
+
+  // Commands are checked here so that a typo reads as one, not as CLI11's "not expected".
+  if (argc < 2) {
+    std::cerr << "muon-cli: error: no command given (orthogonalize, accuracy, bench or step; "
+                 "see muon-cli --help)\n";
+    return 1;
+  }
+  const std::string command = argv[1];
+  if (command.rfind('-', 0) != 0 &&
+      std::find(kCommands.begin(), kCommands.end(), command) == kCommands.end()) {
+    std::cerr << "muon-cli: error: unknown command '" << command << "' (see muon-cli --help)\n";
+    return 1;
+  }
   try {
-    if (command == "orthogonalize") return cmd_orthogonalize(argc, argv);
-    if (command == "accuracy") return cmd_accuracy(argc, argv);
-    if (command == "bench") return cmd_bench(argc, argv);
-    if (command == "step") return cmd_step(argc, argv);
-    if (command == "--help" || command == "-h" || command == "help") {
-      std::cout << kUsage;
-      return 0;
+    app.parse(argc, argv);
+  } catch (const CLI::Success& e) {  // --help, --version
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    std::cerr << "muon-cli: error: " << e.what() << " (see muon-cli "
+              << (command.rfind('-', 0) == 0 ? "" : command + " ") << "--help)\n";
+    return 1;
+  }
+  try {
+    if (orth->parsed()) {
+      const auto o = ns_options(o_schedule, o_steps, o_tolerance);
+      const auto file = muon::npy::read<double>(o_in);
+      if (dtype_or(o_dtype, file) == "float32")
+        orthogonalize<float>(o_in, file, o_out, o);
+      else
+        orthogonalize<double>(o_in, file, o_out, o);
+    } else if (accuracy->parsed()) {
+      run_accuracy(acc);
+    } else if (bench_cmd->parsed()) {
+      run_bench(bench);
+    } else if (step_cmd->parsed()) {
+      run_step(st);
+    } else {
+      std::cerr << "muon-cli: error: no command given (see muon-cli --help)\n";
+      return 1;
     }
-    throw UsageError(command.empty() ? "no command given (orthogonalize, accuracy or step)"
-                                     : "unknown command '" + command + "'");
+    return 0;
   } catch (const UsageError& e) {
-    std::cerr << "muon-cli: error: " << e.what() << " (see muon-cli --help)\n";
+    std::cerr << "muon-cli: error: " << e.what() << " (see muon-cli " << command << " --help)\n";
+  } catch (const std::bad_alloc&) {
+    std::cerr << "muon-cli: error: out of memory\n";
   } catch (const std::exception& e) {
     const std::string what = e.what();
     std::cerr << "muon-cli: error: " << (what.rfind("muon: ", 0) == 0 ? what.substr(6) : what)

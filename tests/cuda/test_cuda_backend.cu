@@ -1,6 +1,6 @@
 // The CUDA backend against the CPU one: the same optimizer, the same parameters and gradients,
 // on the GPU and on Eigen (the double-precision reference), compared with per-precision
-// tolerances (measured; see README "CUDA backend"). Exits 77 (CTest skip) without a GPU.
+// tolerances (measured; see docs/cuda.md). Exits 77 (CTest skip) without a GPU.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>

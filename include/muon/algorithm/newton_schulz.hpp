@@ -247,7 +247,7 @@ inline double gram_flops(std::span<const Coefficients> schedule, double u, doubl
 }
 
 /// `automatic` considers the Gram form from this aspect ratio on (measured: below it the k x k
-/// products' lower efficiency eats the saving; see the README) ...
+/// products' lower efficiency eats the saving; see docs/speed.md) ...
 inline constexpr double kGramMinAspect = 2.0;
 /// ... and takes it when, with its restarts, it needs at most this share of the plain loop's
 /// flops (31/35 at aspect 2 for 5 steps without restart).

@@ -78,7 +78,7 @@ struct CudaOptions {
   /// grid only, nb(nb + 1)/2 of nb^2 GEMMs in one batched call, then mirrored. 1 (the
   /// default) multiplies whole matrices; 0 picks nb from the size (blocks of 512 or more).
   /// nb is used only where it splits k into blocks of a multiple of 64. Experimental: compiled
-  /// and covered by the GPU tests, not yet run on a GPU (README, "CUDA backend").
+  /// and covered by the GPU tests, not yet run on a GPU (docs/cuda.md).
   int symmetric_blocks = 1;
 };
 
