@@ -22,6 +22,7 @@
 #include <new>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "muon/eigen.hpp"
@@ -36,7 +37,6 @@ struct UsageError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-const std::vector<std::string> kCommands = {"orthogonalize", "accuracy", "bench", "step"};
 const std::vector<std::string> kDtypes = {"float32", "float64"};
 
 std::pair<muon::index_t, muon::index_t> matrix_shape(const std::vector<muon::index_t>& shape,
@@ -73,9 +73,9 @@ void require_finite(const std::vector<T>& data, const std::string& file) {
 /// A .npy file in the working precision T. Read as double (exact for float32 files), so that
 /// the dtype the file held is known before T is chosen.
 template <class T>
-muon::npy::Array<T> in_precision(const muon::npy::Array<double>& a) {
+muon::npy::Array<T> in_precision(muon::npy::Array<double> a) {
   if constexpr (std::is_same_v<T, double>) {
-    return a;
+    return a;  // moved, not copied
   } else {
     return {a.shape, std::vector<T>(a.data.begin(), a.data.end()), a.stored};
   }
@@ -88,9 +88,9 @@ std::string dtype_or(const std::string& requested, const muon::npy::Array<double
 
 // ---- orthogonalize ----------------------------------------------------------------------
 template <class T>
-void orthogonalize(const std::string& in, const muon::npy::Array<double>& file,
-                   const std::string& out, const muon::NewtonSchulzOptions& o) {
-  auto a = in_precision<T>(file);
+void orthogonalize(const std::string& in, muon::npy::Array<double> file, const std::string& out,
+                   const muon::NewtonSchulzOptions& o) {
+  auto a = in_precision<T>(std::move(file));
   const auto [rows, cols] = matrix_shape(a.shape, in);
   require_finite(a.data, in);
   std::vector<T> result(a.data.size());
@@ -99,6 +99,21 @@ void orthogonalize(const std::string& in, const muon::npy::Array<double>& file,
                       muon::row_major_view<muon::HostSpace, const T>(a.data.data(), rows, cols),
                       muon::row_major_view(result.data(), rows, cols), o);
   muon::npy::write(out, a.shape, result.data());
+}
+
+struct OrthogonalizeArgs {
+  std::string in, out, schedule = "keller", dtype;
+  int steps = muon::NewtonSchulzOptions{}.steps;
+  double tolerance = 0;
+};
+
+void run_orthogonalize(const OrthogonalizeArgs& a) {
+  const auto o = ns_options(a.schedule, a.steps, a.tolerance);
+  auto file = muon::npy::read<double>(a.in);
+  if (dtype_or(a.dtype, file) == "float32")
+    orthogonalize<float>(a.in, std::move(file), a.out, o);
+  else
+    orthogonalize<double>(a.in, std::move(file), a.out, o);
 }
 
 // ---- shapes and memory --------------------------------------------------------------------
@@ -287,10 +302,10 @@ void run_bench(const BenchArgs& a) {
 
 // ---- step -------------------------------------------------------------------------------
 template <class T>
-void step(const std::string& param_file, const muon::npy::Array<double>& file,
+void step(const std::string& param_file, muon::npy::Array<double> file,
           const std::vector<std::string>& grad_files, const std::string& out,
           const muon::MuonOptions& options) {
-  auto param = in_precision<T>(file);
+  auto param = in_precision<T>(std::move(file));
   (void)matrix_shape(param.shape, param_file);
   require_finite(param.data, param_file);
   std::vector<T> grad(param.data.size());
@@ -324,11 +339,11 @@ void run_step(StepArgs& a) {
   a.o.momentum_form = muon::momentum_form_from_name(a.momentum_form);
   a.o.newton_schulz = ns_options(a.schedule, a.o.newton_schulz.steps);
   muon::validate(a.o, "options");
-  const auto file = muon::npy::read<double>(a.param);
+  auto file = muon::npy::read<double>(a.param);
   if (dtype_or(a.dtype, file) == "float32")
-    step<float>(a.param, file, a.grads, a.out, a.o);
+    step<float>(a.param, std::move(file), a.grads, a.out, a.o);
   else
-    step<double>(a.param, file, a.grads, a.out, a.o);
+    step<double>(a.param, std::move(file), a.grads, a.out, a.o);
 }
 
 /// The options every Newton-Schulz command shares.
@@ -350,16 +365,15 @@ int main(int argc, char** argv) {
   app.option_defaults()->always_capture_default();  // --help shows every default
   const auto dtype_check = CLI::IsMember(kDtypes);
 
-  std::string o_in, o_out, o_schedule = "keller", o_dtype;
-  int o_steps = muon::NewtonSchulzOptions{}.steps;
-  double o_tolerance = 0;
+  OrthogonalizeArgs orth_args;
   CLI::App* orth = app.add_subcommand("orthogonalize", "Newton-Schulz of one matrix, IN to OUT");
-  orth->add_option("IN", o_in, "input .npy (float32 or float64)")->required();
-  orth->add_option("OUT", o_out, "output .npy")->required();
-  add_schedule_options(*orth, o_schedule, o_steps);
-  orth->add_option("--dtype", o_dtype, "working and output precision (default: the input's)")
+  orth->add_option("IN", orth_args.in, "input .npy (float32 or float64)")->required();
+  orth->add_option("OUT", orth_args.out, "output .npy")->required();
+  add_schedule_options(*orth, orth_args.schedule, orth_args.steps);
+  orth->add_option("--dtype", orth_args.dtype,
+                   "working and output precision (default: the input's)")
       ->check(dtype_check);
-  orth->add_option("--tolerance", o_tolerance,
+  orth->add_option("--tolerance", orth_args.tolerance,
                    "add textbook steps until ||O O^T - I||_F / sqrt(k) <= X (0: off)");
 
   AccuracyArgs acc;
@@ -407,8 +421,10 @@ int main(int argc, char** argv) {
     return 1;
   }
   const std::string command = argv[1];
+  const auto commands = {orth, accuracy, bench_cmd, step_cmd};
   if (command.rfind('-', 0) != 0 &&
-      std::find(kCommands.begin(), kCommands.end(), command) == kCommands.end()) {
+      std::none_of(commands.begin(), commands.end(),
+                   [&](const CLI::App* c) { return c->get_name() == command; })) {
     std::cerr << "muon-cli: error: unknown command '" << command << "' (see muon-cli --help)\n";
     return 1;
   }
@@ -423,12 +439,7 @@ int main(int argc, char** argv) {
   }
   try {
     if (orth->parsed()) {
-      const auto o = ns_options(o_schedule, o_steps, o_tolerance);
-      const auto file = muon::npy::read<double>(o_in);
-      if (dtype_or(o_dtype, file) == "float32")
-        orthogonalize<float>(o_in, file, o_out, o);
-      else
-        orthogonalize<double>(o_in, file, o_out, o);
+      run_orthogonalize(orth_args);
     } else if (accuracy->parsed()) {
       run_accuracy(acc);
     } else if (bench_cmd->parsed()) {
