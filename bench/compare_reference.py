@@ -1,15 +1,18 @@
 #!/usr/bin/env python3
 """Times muon's Newton-Schulz (keller, 5 steps, float32) against the reference NS5 loop in
-NumPy and in PyTorch on the CPU, side by side in one run on this machine, and checks that all
-three are equally close to the exact msign.
+NumPy and in PyTorch on the CPU (float32, and torch.optim.Muon's own bfloat16 NS), side by side
+in one run on this machine, and checks how close each is to the exact msign.
 
-    python3 bench/compare_reference.py --cli build/muon-cli [--shape MxN]... [--repeat R]
+    python3 -m venv .venv-torch && .venv-torch/bin/pip install torch numpy   # once, not in CI
+    .venv-torch/bin/python bench/compare_reference.py --cli build/muon-cli [--shape MxN]...
 
 The reference loop is the one of the public implementations (torch.optim.Muon, Keller Jordan's
 muon.py), written here with NumPy or torch matrix products:
     X /= max(||X||_F, 1e-7);  for 5 steps: A = X X^T;  B = b A + c A A;  X = a X + B X
-(iterated on the short side). NumPy and muon use the same BLAS (Debian's OpenBLAS). PyTorch
-(python3-torch) is optional: its column is left out if it cannot be imported.
+(iterated on the short side). The bf16 column is torch.optim.Muon's own function (PyTorch >= 2.9).
+NumPy uses its own BLAS (a wheel bundles a newer OpenBLAS than Debian's); PyTorch's CPU
+products are MKL/oneDNN. Missing packages leave their columns out (nan). The first line printed
+is muon's: the CPU's instruction set and the kernels its products run on.
 """
 import argparse
 import os
@@ -68,13 +71,20 @@ def main():
     try:
         import torch
         torch.set_num_threads(os.cpu_count())
+        muon_ns_bf16 = getattr(getattr(torch.optim, "_muon", None), "_zeropower_via_newtonschulz",
+                               None)
     except ImportError:
-        torch = None
+        torch, muon_ns_bf16 = None, None
     shapes = args.shape or SHAPES
+    version = subprocess.run([args.cli, "--version"], check=True, capture_output=True,
+                             text=True).stdout.strip()
+    print(version)
     print(f"NS5 keller float32, median of {args.repeat} after a warm-up, {os.cpu_count()} cores; "
-          f"numpy {np.__version__}" + (f", torch {torch.__version__}" if torch else ", no torch"))
-    print(f"{'shape':<11} {'muon ms':>9} {'numpy ms':>9} {'torch ms':>9} {'vs numpy':>9} "
-          f"{'vs torch':>9}   dist_msign muon / numpy / torch")
+          f"numpy {np.__version__}" + (f", torch {torch.__version__}" if torch else ", no torch")
+          + ("" if muon_ns_bf16 else " (no torch.optim.Muon: no bf16 column)"))
+    print(f"{'shape':<11} {'muon ms':>8} {'gemm_ratio':>10} {'numpy ms':>9} {'torch ms':>9} "
+          f"{'bf16 ms':>8} {'vs numpy':>9} {'vs torch':>9} {'vs bf16':>8}   "
+          f"dist_msign muon / numpy / torch / bf16")
     rng = np.random.default_rng(1234)
     with tempfile.TemporaryDirectory() as tmp:
         for shape in shapes:
@@ -82,8 +92,8 @@ def main():
             out = subprocess.run([args.cli, "bench", "--shape", shape, "--dtype", "float32",
                                   "--repeat", str(args.repeat)], check=True, capture_output=True,
                                  text=True).stdout
-            row = next(line for line in out.splitlines() if line.startswith(shape + " "))
-            muon_ms = float(row.split()[4])
+            row = next(line for line in out.splitlines() if line.startswith(shape + " ")).split()
+            muon_ms, gemm_ratio = float(row[4]), float(row[7])
             g = rng.standard_normal((m, n)).astype(np.float32)
             numpy_ms = median_ms(lambda: ns5_numpy(g), args.repeat)
             src, dst = os.path.join(tmp, "g.npy"), os.path.join(tmp, "o.npy")
@@ -91,14 +101,20 @@ def main():
             subprocess.run([args.cli, "orthogonalize", src, dst, "--dtype", "float32"],
                            check=True)
             d_muon, d_numpy = msign_distance(np.load(dst), g), msign_distance(ns5_numpy(g), g)
-            torch_ms, d_torch = float("nan"), float("nan")
+            nan = float("nan")
+            torch_ms = d_torch = bf16_ms = d_bf16 = nan
             if torch:
                 tg = torch.from_numpy(g)
                 torch_ms = median_ms(lambda: ns5_torch(torch, tg), args.repeat)
                 d_torch = msign_distance(ns5_torch(torch, tg).numpy(), g)
-            print(f"{shape:<11} {muon_ms:9.1f} {numpy_ms:9.1f} {torch_ms:9.1f} "
-                  f"{numpy_ms / muon_ms:8.2f}x {torch_ms / muon_ms:8.2f}x   "
-                  f"{d_muon:.4f} / {d_numpy:.4f} / {d_torch:.4f}", flush=True)
+            if muon_ns_bf16:
+                bf16 = lambda: muon_ns_bf16(tg, (A, B, C), 5, 1e-7)  # noqa: E731
+                bf16_ms = median_ms(bf16, args.repeat)
+                d_bf16 = msign_distance(bf16().float().numpy(), g)
+            print(f"{shape:<11} {muon_ms:8.1f} {gemm_ratio:10.2f} {numpy_ms:9.1f} {torch_ms:9.1f} "
+                  f"{bf16_ms:8.1f} {numpy_ms / muon_ms:8.2f}x {torch_ms / muon_ms:8.2f}x "
+                  f"{bf16_ms / muon_ms:7.2f}x   "
+                  f"{d_muon:.4f} / {d_numpy:.4f} / {d_torch:.4f} / {d_bf16:.4f}", flush=True)
 
 
 if __name__ == "__main__":

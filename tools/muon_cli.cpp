@@ -286,10 +286,10 @@ void run_bench(const BenchArgs& a) {
   const auto o = ns_options(a.schedule, a.steps);
   // The input, the workspace, and the GEMM's operands.
   require_memory(dims, 8, a.dtype == "float32" ? 4 : 8);
-  std::printf("Newton-Schulz speed: median of %d runs after a warm-up; products on %s.\n"
+  std::printf("%s\nNewton-Schulz speed: median of %d runs after a warm-up.\n"
               "GFLOP/s counts the nominal 4k^2N + 2k^3 flops per step (k = min, N = max side);\n"
               "gemm_ratio = NS GFLOP/s / GFLOP/s of a k x N by N x k GEMM measured in this run.\n",
-              a.repeat, muon::EigenBackend::products());
+              muon::EigenBackend::products().c_str(), a.repeat);
   std::printf("%-11s %-8s %-14s %5s %10s %9s %10s %9s\n", "shape", "dtype", "schedule", "steps",
               "ms", "GFLOP/s", "gemm_GF/s", "gemm_ratio");
   for (auto [m, n] : dims) {
@@ -361,7 +361,7 @@ int main(int argc, char** argv) {
                "the rest) matrix.",
                "muon-cli"};
   app.set_version_flag("--version", std::string("muon-cli ") + MUON_VERSION_STRING +
-                                        " (products on " + muon::EigenBackend::products() + ")");
+                                        " (" + muon::EigenBackend::products() + ")");
   app.option_defaults()->always_capture_default();  // --help shows every default
   const auto dtype_check = CLI::IsMember(kDtypes);
 

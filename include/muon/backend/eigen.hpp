@@ -1,13 +1,17 @@
 #pragma once
 // CPU backend on Eigen 3.4. The symmetric products of Newton–Schulz are triangle-only (SYRK,
 // SYMM); matrix products run on a CBLAS such as OpenBLAS when MUON_USE_CBLAS is defined (CMake
-// does this when it finds one) and on Eigen's own kernels otherwise. Elementwise stages are
+// does this when it finds one) and on Eigen's own kernels otherwise (or when
+// muon::cpu::set_products / MUON_PRODUCTS=eigen asks); making a backend runs
+// muon::cpu::configure() once, which checks that the BLAS's kernels match the CPU's instruction
+// set (cpu_dispatch.hpp). Elementwise stages are
 // Eigen array expressions over the (possibly strided) views. State and workspace are
 // std::vectors.
 #include <Eigen/Core>
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -17,6 +21,7 @@
 #endif
 
 #include "muon/adapters/eigen.hpp"
+#include "muon/backend/cpu_dispatch.hpp"
 #include "muon/core/backend.hpp"
 
 namespace muon {
@@ -27,14 +32,10 @@ class EigenBackend {
   template <class T>
   using Buffer = std::vector<T>;
 
-  /// Which kernels run the matrix products (for benchmark tables and logs).
-  static constexpr const char* products() noexcept {
-#if MUON_USE_CBLAS
-    return "CBLAS";
-#else
-    return "Eigen kernels";
-#endif
-  }
+  EigenBackend() { cpu::configure(); }
+
+  /// The CPU, the product engine and its kernels, in one line (for benchmark tables and logs).
+  static std::string products() { return cpu::report().summary(); }
 
   // ---- storage ---------------------------------------------------------------------------
   template <class T>
@@ -68,7 +69,7 @@ class EigenBackend {
     if (c.col_stride() != 1 && c.row_stride() == 1)  // column-major C: C^T = B^T A^T
       return gemm(alpha, b.transposed(), a.transposed(), beta, c.transposed());
     Blas ba, bb, bc;
-    if (a.cols() > 0 && blas_operand(a, ba) && blas_operand(b, bb) && blas_output(c, bc)) {
+    if (on_blas() && a.cols() > 0 && blas_operand(a, ba) && blas_operand(b, bb) && blas_output(c, bc)) {
       cblas::gemm(CblasRowMajor, ba.trans, bb.trans, blas_int(c.rows()), blas_int(c.cols()),
                   blas_int(a.cols()), alpha, a.data(), ba.ld, b.data(), bb.ld, beta, c.data(),
                   bc.ld);
@@ -85,7 +86,7 @@ class EigenBackend {
     if (c.empty()) return;
 #if MUON_USE_CBLAS
     Blas ba, bc;
-    if (a.cols() > 0 && blas_operand(a, ba) && blas_output(c, bc)) {
+    if (on_blas() && a.cols() > 0 && blas_operand(a, ba) && blas_output(c, bc)) {
       cblas::syrk(CblasRowMajor, CblasLower, ba.trans, blas_int(c.rows()), blas_int(a.cols()),
                   alpha, a.data(), ba.ld, beta, c.data(), bc.ld);
       return;
@@ -110,7 +111,7 @@ class EigenBackend {
     if (c.empty()) return;
 #if MUON_USE_CBLAS
     Blas ba, bb, bc;
-    if (a.cols() > 0 && blas_output(a, ba)) {
+    if (on_blas() && a.cols() > 0 && blas_output(a, ba)) {
       if (blas_output(b, bb) && blas_output(c, bc)) {
         cblas::symm(CblasRowMajor, CblasLeft, CblasLower, blas_int(c.rows()), blas_int(c.cols()),
                     alpha, a.data(), ba.ld, b.data(), bb.ld, beta, c.data(), bc.ld);
@@ -258,6 +259,7 @@ class EigenBackend {
 
  private:
 #if MUON_USE_CBLAS
+  static bool on_blas() { return cpu::products() == cpu::Products::blas; }
   struct Blas {
     CBLAS_TRANSPOSE trans = CblasNoTrans;
     blasint ld = 0;

@@ -1,0 +1,328 @@
+#pragma once
+// What the CPU can run and what the CPU backend's products actually run on.
+//
+// A BLAS that dispatches by CPU model (OpenBLAS's DYNAMIC_ARCH builds do) falls back to its
+// oldest x86-64 kernels on a model it does not know, which is what virtual machines and newer
+// CPUs often are: Debian's OpenBLAS 0.3.21 runs its Prescott (SSE3) kernels on an AVX-512 Xeon
+// whose model postdates it, 4-6x below the machine's speed. Here the instruction set is read
+// from cpuid (features the CPU and the OS both enable, not model numbers), compared with the
+// kernel the BLAS reports, and, where the BLAS runs below the CPU and can be re-pointed, its
+// dispatch is redone once for the kernel family the features support (OpenBLAS's own
+// OPENBLAS_CORETYPE mechanism, applied from inside the process). Where it cannot, a one-time
+// warning says so. Environment:
+//   OPENBLAS_CORETYPE=<name>  the user's choice of OpenBLAS kernel: respected, never redone;
+//   MUON_BLAS_DISPATCH=keep   leave the BLAS's own choice (the warning still tells); `auto`
+//                             (the default) redoes it;
+//   MUON_PRODUCTS=eigen       run the products on Eigen's kernels instead of the BLAS (`blas`,
+//                             the default, where the build has one).
+// Any other value is refused (std::invalid_argument naming the variable) when the first CPU
+// backend is made.
+#include <algorithm>
+#include <atomic>
+#include <cctype>
+#include <cstdio>
+#include <cstdlib>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#define MUON_X86 1
+#else
+#define MUON_X86 0
+#endif
+#if MUON_USE_CBLAS
+#include <cblas.h>  // OpenBLAS's declares openblas_get_config() and openblas_get_corename()
+#endif
+#if defined(__linux__) || defined(__APPLE__)
+#include <dlfcn.h>
+#define MUON_HAVE_DLSYM 1
+#else
+#define MUON_HAVE_DLSYM 0
+#endif
+
+namespace muon::cpu {
+
+/// x86-64 instruction-set levels that matter for GEMM kernels, in increasing order.
+/// `avx2` means AVX2 with FMA; `avx512` means AVX-512 F, DQ, BW and VL (what the SkylakeX
+/// family of kernels uses). `none` is a CPU that is not x86 (no claim is made there).
+enum class Isa { none, baseline, avx, avx2, avx512 };
+
+inline const char* name(Isa isa) {
+  switch (isa) {
+    case Isa::baseline: return "SSE2-SSE4";
+    case Isa::avx: return "AVX";
+    case Isa::avx2: return "AVX2+FMA";
+    case Isa::avx512: return "AVX-512";
+    case Isa::none: break;
+  }
+  return "not x86";
+}
+
+/// The highest level the CPU supports and the OS has enabled (XSAVE state for the vector
+/// registers: a CPU with AVX-512 under an OS that does not save zmm registers cannot use it).
+inline Isa cpu_isa() {
+#if MUON_X86
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (!__get_cpuid(1, &eax, &ebx, &ecx, &edx)) return Isa::baseline;
+  const bool osxsave = (ecx >> 27) & 1u, avx = (ecx >> 28) & 1u, fma = (ecx >> 12) & 1u;
+  if (!osxsave || !avx) return Isa::baseline;
+  unsigned lo = 0, hi = 0;
+  __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+  const unsigned long long xcr0 = (static_cast<unsigned long long>(hi) << 32) | lo;
+  if ((xcr0 & 0x6u) != 0x6u) return Isa::baseline;  // xmm and ymm state
+  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return Isa::avx;
+  const bool avx2 = (ebx >> 5) & 1u;
+  const bool avx512 = ((ebx >> 16) & 1u) && ((ebx >> 17) & 1u) && ((ebx >> 30) & 1u) &&
+                      ((ebx >> 31) & 1u);                  // F, DQ, BW, VL
+  const bool zmm_state = (xcr0 & 0xE0u) == 0xE0u;       // opmask, zmm0-15 high, zmm16-31
+  if (avx2 && fma && avx512 && zmm_state) return Isa::avx512;
+  if (avx2 && fma) return Isa::avx2;
+  return Isa::avx;
+#else
+  return Isa::none;
+#endif
+}
+
+/// The level an OpenBLAS kernel family needs (`openblas_get_corename()`'s names, any case);
+/// `none` for a name this table does not know.
+inline Isa openblas_kernel_isa(std::string_view core) {
+  std::string n(core);
+  std::transform(n.begin(), n.end(), n.begin(), [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
+  for (const char* k : {"skylakex", "cooperlake", "sapphirerapids"})
+    if (n == k) return Isa::avx512;
+  for (const char* k : {"haswell", "zen", "skylake"})
+    if (n == k) return Isa::avx2;
+  for (const char* k : {"sandybridge", "bulldozer", "piledriver", "steamroller", "excavator"})
+    if (n == k) return Isa::avx;
+  for (const char* k : {"prescott", "core2", "penryn", "dunnington", "nehalem", "atom", "nano",
+                        "opteron", "opteron_sse3", "barcelona", "bobcat", "katmai",
+                        "coppermine", "northwood", "banias", "athlon"})
+    if (n == k) return Isa::baseline;
+  return Isa::none;
+}
+
+/// The OpenBLAS kernel family that runs at a level (the oldest that reaches it, which every
+/// DYNAMIC_ARCH build since 0.3.10 has).
+inline const char* openblas_kernel_for(Isa isa) {
+  switch (isa) {
+    case Isa::avx512: return "SkylakeX";
+    case Isa::avx2: return "Haswell";
+    case Isa::avx: return "Sandybridge";
+    default: return nullptr;
+  }
+}
+
+/// The level Eigen's own kernels were compiled for (the compiler's -m flags).
+constexpr Isa eigen_kernel_isa() {
+#if !MUON_X86
+  return Isa::none;
+#elif defined(__AVX512F__) && defined(__AVX512DQ__) && defined(__AVX512BW__) && \
+    defined(__AVX512VL__)
+  return Isa::avx512;
+#elif defined(__AVX2__) && defined(__FMA__)
+  return Isa::avx2;
+#elif defined(__AVX__)
+  return Isa::avx;
+#else
+  return Isa::baseline;
+#endif
+}
+
+/// Which kernels run the CPU backend's matrix products.
+enum class Products { blas, eigen };
+
+/// What `report()` found: the CPU, the BLAS and its kernel, the engine the products run on.
+struct Report {
+  Isa cpu = Isa::none;
+  bool blas_linked = false;      // built with a CBLAS (MUON_USE_CBLAS)
+  std::string blas;              // e.g. "OpenBLAS 0.3.21 NO_LAPACKE DYNAMIC_ARCH ..."; "" if unknown
+  std::string kernel;            // the BLAS's kernel family ("SkylakeX"); "" if it does not say
+  Isa kernel_isa = Isa::none;    // the level that kernel needs (none: unknown)
+  std::string redispatched_from; // the kernel the BLAS had chosen, when muon redid the choice
+  std::string kept_because;      // why a below-ISA kernel was left as it is
+  Products products = Products::blas;
+  Isa products_isa = Isa::none;  // the level the products run at (none: unknown)
+  /// True when the products run on kernels known to be below what the CPU can run.
+  bool below_cpu() const {
+    return cpu != Isa::none && products_isa != Isa::none && products_isa < cpu;
+  }
+  /// One line: "CPU AVX-512 | products: OpenBLAS 0.3.21, SkylakeX kernels (AVX-512; ...)".
+  std::string summary() const {
+    std::string s = std::string("CPU ") + name(cpu) + " | products: ";
+    if (products == Products::eigen) {
+      s += std::string("Eigen kernels (") + name(products_isa) + ")";
+    } else {
+      std::string lib = blas.empty() ? std::string("CBLAS") : blas.substr(0, blas.find(' ', 9));
+      s += lib;
+      if (!kernel.empty()) s += ", " + kernel + " kernels (" + name(kernel_isa) + ")";
+      if (!redispatched_from.empty()) s += ", re-dispatched from " + redispatched_from;
+    }
+    if (below_cpu()) s += ", BELOW the CPU";
+    return s;
+  }
+  /// The one-time warning configure() prints; empty when the products run at the CPU's level.
+  std::string warning() const {
+    if (!below_cpu()) return {};
+    return "muon: matrix products run below this CPU's instruction set (" + summary() + ")" +
+           (kept_because.empty() ? std::string() : ": " + kept_because) +
+           "; expect a fraction of its speed. See muon::cpu::report() and docs/speed.md.";
+  }
+};
+
+namespace detail {
+
+inline const char* env(const char* key) {
+  const char* v = std::getenv(key);
+  return v && *v ? v : nullptr;
+}
+
+/// The value of an environment variable that takes one of two words; `first` when unset.
+inline std::string_view env_choice(const char* key, std::string_view first,
+                                   std::string_view second) {
+  const char* v = env(key);
+  if (!v || v == first) return first;
+  if (v == second) return second;
+  throw std::invalid_argument(std::string(key) + "=" + v + ": expected " + std::string(first) +
+                              " or " + std::string(second));
+}
+
+#if MUON_HAVE_DLSYM
+template <class F>
+F* blas_symbol(const char* symbol) {
+  return reinterpret_cast<F*>(dlsym(RTLD_DEFAULT, symbol));
+}
+#else
+template <class F>
+F* blas_symbol(const char*) {
+  return nullptr;
+}
+#endif
+
+// Called directly when the CBLAS header is OpenBLAS's (which also keeps the library linked
+// under --as-needed); looked up at run time otherwise.
+inline std::string openblas_config() {
+#ifdef OPENBLAS_CONFIG_H
+  return openblas_get_config();
+#else
+  auto* f = blas_symbol<char*()>("openblas_get_config");
+  return f ? std::string(f()) : std::string();
+#endif
+}
+inline std::string openblas_core() {
+#ifdef OPENBLAS_CONFIG_H
+  return openblas_get_corename();
+#else
+  auto* f = blas_symbol<char*()>("openblas_get_corename");
+  return f ? std::string(f()) : std::string();
+#endif
+}
+
+/// Redoes OpenBLAS's kernel choice for `core` (its DYNAMIC_ARCH dispatch reads
+/// OPENBLAS_CORETYPE when it runs; it runs again after its quit). Must not race with a BLAS call
+/// on another thread: it is done once, when the first CPU backend is made.
+inline bool redo_openblas_dispatch(const char* core) {
+  auto* quit = blas_symbol<void()>("gotoblas_dynamic_quit");
+  auto* init = blas_symbol<void()>("gotoblas_dynamic_init");
+  if (!quit || !init) return false;
+  setenv("OPENBLAS_CORETYPE", core, 1);
+  quit();
+  init();
+  unsetenv("OPENBLAS_CORETYPE");
+  return true;
+}
+
+#if MUON_USE_CBLAS
+inline constexpr bool blas_linked = true;
+#else
+inline constexpr bool blas_linked = false;
+#endif
+
+inline std::atomic<int>& products_setting() {
+  static std::atomic<int> p{blas_linked ? static_cast<int>(Products::blas)
+                                        : static_cast<int>(Products::eigen)};
+  return p;
+}
+
+inline Report& the_report() {
+  static Report r;
+  return r;
+}
+
+/// Reads the CPU and the BLAS, and redoes the BLAS's dispatch where it runs below the CPU.
+inline Report inspect_and_redispatch() {
+  Report r;
+  r.cpu = cpu_isa();
+  r.blas_linked = blas_linked;
+  if (!blas_linked) return r;
+  r.blas = openblas_config();
+  r.kernel = openblas_core();
+  r.kernel_isa = openblas_kernel_isa(r.kernel);
+  if (r.cpu == Isa::none || r.kernel_isa == Isa::none || r.kernel_isa >= r.cpu) return r;
+  const char* target = openblas_kernel_for(r.cpu);
+  if (env("OPENBLAS_CORETYPE")) {
+    r.kept_because = "OPENBLAS_CORETYPE is set";
+  } else if (env_choice("MUON_BLAS_DISPATCH", "auto", "keep") == "keep") {
+    r.kept_because = "MUON_BLAS_DISPATCH=keep";
+  } else if (r.blas.find("DYNAMIC_ARCH") == std::string::npos) {
+    r.kept_because = "the BLAS is built for one CPU model (no DYNAMIC_ARCH)";
+  } else if (!target || !redo_openblas_dispatch(target)) {
+    r.kept_because = "the BLAS offers no way to redo its dispatch";
+  } else {
+    r.redispatched_from = r.kernel;
+    r.blas = openblas_config();  // names the kernel in use
+    r.kernel = openblas_core();
+    r.kernel_isa = openblas_kernel_isa(r.kernel);
+    if (r.kernel_isa < r.cpu) r.kept_because = "the BLAS has no kernel for this CPU";
+  }
+  return r;
+}
+
+inline void set_engine(Report& r, Products p) {
+  r.products = p;
+  r.products_isa = p == Products::eigen ? eigen_kernel_isa() : r.kernel_isa;
+}
+
+}  // namespace detail
+
+/// Inspects the CPU and the BLAS once per process, redoes the BLAS's kernel choice where it
+/// runs below the CPU (see the top of this file), picks the product engine (MUON_PRODUCTS) and
+/// warns once on stderr if the products still run below the CPU. The CPU backend calls it when
+/// it is made; call it yourself first if other threads of yours may be inside the BLAS then.
+inline const Report& configure() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    const bool eigen = detail::env_choice("MUON_PRODUCTS", "blas", "eigen") == "eigen";
+    (void)detail::env_choice("MUON_BLAS_DISPATCH", "auto", "keep");
+    Report r = detail::inspect_and_redispatch();
+    if (eigen) detail::products_setting() = static_cast<int>(Products::eigen);
+    detail::set_engine(r, static_cast<Products>(detail::products_setting().load()));
+    if (r.below_cpu()) std::fprintf(stderr, "%s\n", r.warning().c_str());
+    detail::the_report() = r;
+  });
+  return detail::the_report();
+}
+
+/// What configure() found and chose.
+inline const Report& report() { return configure(); }
+
+/// The engine of the CPU backend's products now.
+inline Products products() {
+  return static_cast<Products>(detail::products_setting().load(std::memory_order_relaxed));
+}
+
+/// Chooses the engine of the products for the whole process (MUON_PRODUCTS=eigen does it from
+/// the environment). Not to be called while another thread runs a product. `blas` needs a
+/// build with a CBLAS (MUON_USE_CBLAS).
+inline void set_products(Products p) {
+  if (p == Products::blas && !detail::blas_linked)
+    throw std::invalid_argument(
+        "muon::cpu::set_products(blas): this build has no CBLAS (configure with MUON_BLAS)");
+  configure();
+  detail::products_setting() = static_cast<int>(p);
+  detail::set_engine(detail::the_report(), p);
+}
+
+}  // namespace muon::cpu
