@@ -203,22 +203,17 @@ F* blas_symbol(const char*) {
 
 // Called directly when the CBLAS header is OpenBLAS's (which also keeps the library linked
 // under --as-needed); looked up at run time otherwise.
-inline std::string openblas_config() {
 #ifdef OPENBLAS_CONFIG_H
-  return openblas_get_config();
+inline std::string openblas_config() { return openblas_get_config(); }
+inline std::string openblas_core() { return openblas_get_corename(); }
 #else
-  auto* f = blas_symbol<char*()>("openblas_get_config");
+inline std::string openblas_string(const char* symbol) {
+  auto* f = blas_symbol<char*()>(symbol);
   return f ? std::string(f()) : std::string();
-#endif
 }
-inline std::string openblas_core() {
-#ifdef OPENBLAS_CONFIG_H
-  return openblas_get_corename();
-#else
-  auto* f = blas_symbol<char*()>("openblas_get_corename");
-  return f ? std::string(f()) : std::string();
+inline std::string openblas_config() { return openblas_string("openblas_get_config"); }
+inline std::string openblas_core() { return openblas_string("openblas_get_corename"); }
 #endif
-}
 
 /// Redoes OpenBLAS's kernel choice for `core` (its DYNAMIC_ARCH dispatch reads
 /// OPENBLAS_CORETYPE when it runs; it runs again after its quit). Must not race with a BLAS call
