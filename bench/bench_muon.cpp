@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <limits>
 #include <map>
 #include <random>
 #include <tuple>
@@ -145,14 +146,16 @@ void Gpt2SmallStep(benchmark::State& state) {
       (void)ws.run(backend, r, c, schedule, o.schedule.norm_scale(), o.eps, o.method);
     }
   });
-  double seconds = 0;
+  // Best step against best NS pass, both after a first run (which touches the state).
+  double best = std::numeric_limits<double>::infinity();
   for (auto _ : state) {
     const auto start = std::chrono::steady_clock::now();
     opt.step();
-    seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
   }
   state.counters["ns_only_ms"] = ns_only * 1e3;
-  state.counters["step_over_ns"] = seconds / double(state.iterations()) / ns_only;
+  state.counters["step_ms"] = best * 1e3;
+  state.counters["step_over_ns"] = best / ns_only;
 }
 
 }  // namespace
@@ -165,7 +168,7 @@ BENCHMARK_TEMPLATE(Gpt2SmallStep, float)
     ->ArgName("policy")
     ->Unit(benchmark::kMillisecond)
     ->UseRealTime()
-    ->MinTime(2.0);
+    ->Iterations(3);
 
 int main(int argc, char** argv) {
   // The header names what the products ran on, so a slow table explains itself.

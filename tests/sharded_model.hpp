@@ -109,4 +109,33 @@ ShardedModel<T> single_process_reference(int world, int steps) {
   return model;
 }
 
+/// Registers all but "square" and "head" first, adds those two after two steps, clears the
+/// gradients of "wide" and "bias" for step 3 and restores them for step 4; `gradients(s)`
+/// fills the model's gradients for step s. Returns each step's StepReport::updated.
+template <class T, class Opt, class Gradients>
+std::vector<std::size_t> late_and_cleared(ShardedModel<T>& model, Opt& opt, Gradients gradients) {
+  const auto& shapes = sharded_shapes();
+  std::vector<muon::ParamId> ids(shapes.size());
+  const auto add = [&](std::size_t i) {
+    ids[i] = shapes[i].muon ? opt.add_muon(shapes[i].name, model.w[i], model.g[i])
+                            : opt.add_adamw(shapes[i].name, model.w[i], model.g[i]);
+  };
+  for (std::size_t i = 0; i < shapes.size(); ++i)
+    if (i != 2 && i != 7) add(i);
+  std::vector<std::size_t> updated;
+  for (int s = 0; s < 6; ++s) {
+    if (s == 2) {
+      add(2);
+      add(7);
+    }
+    for (std::size_t i : {std::size_t(1), std::size_t(5)}) {
+      if (s == 3) opt.clear_grad(ids[i]);
+      if (s == 4) opt.set_grad(ids[i], cview(model.g[i]));
+    }
+    gradients(s);
+    updated.push_back(opt.step().updated);
+  }
+  return updated;
+}
+
 }  // namespace muon_test

@@ -152,7 +152,7 @@ TEST_CASE("sync_masters restarts the masters from the bf16 parameters", "[master
   CHECK(same_bits(master_of(mixed, id), widened));
 }
 
-TEST_CASE("a refused Newton-Schulz result leaves its bf16 parameter; the others are rounded",
+TEST_CASE("a refused Newton-Schulz result leaves its bf16 parameter, the others are rounded",
           "[master_weights][robust]") {
   // sum-form momentum on bf16 gradients of ~1e38 overflows float at the third step (as in
   // test_optimizer.cpp)

@@ -4,9 +4,13 @@
 #include <catch2/catch.hpp>
 #include <cstring>
 #include <limits>
+#include <random>
 #include <sstream>
+#include <stdexcept>
+#include <utility>
 
 #include "muon/distributed/thread_communicator.hpp"
+#include "muon/master_weights.hpp"
 #include "sharded_model.hpp"
 
 using namespace muon_test;
@@ -174,7 +178,7 @@ TEST_CASE("ranks that registered different parameters are refused together", "[s
   for (const auto& e : errors) CHECK_THAT(e, Contains("registered different parameters"));
 }
 
-TEST_CASE("per-rank state saves and reloads bit-identically; a bad file stops every rank",
+TEST_CASE("per-rank state saves and reloads bit-identically, a bad file stops every rank",
           "[sharded]") {
   for (auto strategy : {muon::ShardingStrategy::owner_compute, muon::ShardingStrategy::zero1}) {
     const int world = 3;
@@ -233,4 +237,130 @@ TEST_CASE("per-rank state saves and reloads bit-identically; a bad file stops ev
       CHECK_THAT(errors[r], Contains(r == 2 ? "checksum" : "refused on another rank"));
     }
   }
+}
+
+TEST_CASE("late registration keeps every state and AdamW step count, cleared gradients are "
+          "skipped as by the single-process optimizer",
+          "[sharded]") {
+  const auto strategy = GENERATE(muon::ShardingStrategy::owner_compute, muon::ShardingStrategy::zero1);
+  const int world = GENERATE(1, 2, 3);
+  INFO(muon::to_string(strategy) << " on " << world << " ranks");
+  ShardedModel<double> reference;
+  muon::Optimizer<muon::EigenBackend, double> single(sharded_options());
+  const auto expected = late_and_cleared(reference, single, [&](int s) { reference.mean_gradients(world, s); });
+  CHECK(expected == std::vector<std::size_t>{6, 6, 8, 6, 8, 8});
+  std::vector<ShardedModel<double>> models(static_cast<std::size_t>(world));
+  std::vector<std::vector<std::size_t>> updated(static_cast<std::size_t>(world));
+  muon::ThreadGroup::run(world, [&](muon::ThreadCommunicator comm) {
+    const auto r = static_cast<std::size_t>(comm.rank());
+    Sharded<double> opt(comm, strategy, sharded_options());
+    updated[r] = late_and_cleared(models[r], opt, [&](int s) { models[r].local_gradients(comm.rank(), s); });
+  });
+  for (std::size_t r = 0; r < models.size(); ++r) {
+    INFO("rank " << r);
+    CHECK(updated[r] == expected);
+    CHECK(bitwise_equal(models[r], reference));
+  }
+}
+
+TEST_CASE("ranks whose group options or cleared gradients differ are refused together",
+          "[sharded]") {
+  const int world = 3;
+  for (const char* what : {"lr at construction", "lr set later", "cleared gradient"}) {
+    INFO(what);
+    std::vector<std::string> errors(world);
+    std::vector<char> unchanged(world, 0);  // not vector<bool>: ranks write concurrently
+    muon::ThreadGroup::run(world, [&](muon::ThreadCommunicator comm) {
+      const bool odd = comm.rank() == 1;
+      const std::string w(what);
+      muon::GroupOptions options = sharded_options();
+      if (odd && w == "lr at construction") options.muon.lr *= 2;
+      ShardedModel<float> model;
+      Sharded<float> opt(comm, muon::ShardingStrategy::zero1, options);
+      model.register_with(opt);
+      model.local_gradients(comm.rank(), 0);
+      if (w != "lr at construction") opt.step();
+      if (odd && w == "lr set later") {
+        options.muon.lr *= 2;
+        opt.set_group_options({}, options);
+      }
+      if (odd && w == "cleared gradient") opt.clear_grad(muon::ParamId{3});
+      const ShardedModel<float> before = model;
+      try {
+        opt.step();
+      } catch (const muon::InvalidArgument& e) {
+        errors[std::size_t(comm.rank())] = e.what();
+      }
+      unchanged[std::size_t(comm.rank())] = bitwise_equal(model, before);
+    });
+    for (int r = 0; r < world; ++r) {
+      CHECK_THAT(errors[std::size_t(r)], Contains("group options"));
+      CHECK(unchanged[std::size_t(r)]);
+    }
+  }
+}
+
+TEST_CASE("a rank that throws before a collective stops the others instead of hanging them",
+          "[sharded]") {
+  const auto run = [] {
+    muon::ThreadGroup::run(3, [](muon::ThreadCommunicator comm) {
+      ShardedModel<float> model;
+      Sharded<float> opt(comm, muon::ShardingStrategy::owner_compute, sharded_options());
+      model.register_with(opt);
+      model.local_gradients(comm.rank(), 0);
+      if (comm.rank() == 1) throw std::runtime_error("rank 1 failed before its step");
+      for (int s = 0; s < 3; ++s) opt.step();  // blocked on rank 1 without the abort
+    });
+  };
+  CHECK_THROWS_WITH(run(), Contains("rank 1 failed before its step"));
+}
+
+TEST_CASE("MasterWeights over the sharded optimizer equals it over the single-process one",
+          "[sharded][master_weights]") {
+  // bf16 gradients k/8 with |k| < 32: a sum over 2 ranks and its half are exact in bf16 and
+  // float, so both runs see the same mean gradient bit for bit.
+  using bf16 = Eigen::bfloat16;
+  using Mat16 = RowMat<bf16>;
+  const int world = 2, steps = 4;
+  const auto gradient = [](int rank, int step, Eigen::Index rows, Eigen::Index cols, unsigned salt) {
+    std::mt19937_64 rng(977u * static_cast<unsigned>(rank + 1) + 131u * static_cast<unsigned>(step) + salt);
+    std::uniform_int_distribution<int> d(-31, 31);
+    RowMat<float> g(rows, cols);
+    for (Eigen::Index i = 0; i < g.size(); ++i) g.data()[i] = static_cast<float>(d(rng)) / 8.0f;
+    return g;
+  };
+  const RowMat<float> w0 = initial_weight<float>({"w", true, 6, 10}, 0);
+  const RowMat<float> b0 = initial_weight<float>({"b", false, 1, 10}, 1);
+  // Reference: one process, the mean gradient.
+  Mat16 w = w0.cast<bf16>(), b = b0.cast<bf16>(), gw(6, 10), gb(1, 10);
+  muon::Optimizer<muon::EigenBackend, float> single(sharded_options());
+  muon::MasterWeights<muon::EigenBackend, float, bf16> mixed(single);
+  mixed.add_muon("w", muon::view(w), muon::view(std::as_const(gw)));
+  mixed.add_adamw("b", muon::view(b), muon::view(std::as_const(gb)));
+  for (int s = 0; s < steps; ++s) {
+    gw = ((gradient(0, s, 6, 10, 1) + gradient(1, s, 6, 10, 1)) * 0.5f).cast<bf16>();
+    gb = ((gradient(0, s, 1, 10, 2) + gradient(1, s, 1, 10, 2)) * 0.5f).cast<bf16>();
+    mixed.step();
+  }
+  std::vector<Mat16> ws(world), bs(world);
+  muon::ThreadGroup::run(world, [&](muon::ThreadCommunicator comm) {
+    const auto r = std::size_t(comm.rank());
+    ws[r] = w0.cast<bf16>();
+    bs[r] = b0.cast<bf16>();
+    Mat16 lw(6, 10), lb(1, 10);
+    Sharded<float> opt(comm, muon::ShardingStrategy::zero1, sharded_options());
+    muon::MasterWeights<muon::EigenBackend, float, bf16, Sharded<float>> rank_mixed(opt);
+    rank_mixed.add_muon("w", muon::view(ws[r]), muon::view(std::as_const(lw)));
+    rank_mixed.add_adamw("b", muon::view(bs[r]), muon::view(std::as_const(lb)));
+    for (int s = 0; s < steps; ++s) {
+      lw = gradient(comm.rank(), s, 6, 10, 1).cast<bf16>();
+      lb = gradient(comm.rank(), s, 1, 10, 2).cast<bf16>();
+      rank_mixed.step();
+    }
+  });
+  for (std::size_t r = 0; r < std::size_t(world); ++r) {
+    CHECK(std::memcmp(ws[r].data(), w.data(), sizeof(bf16) * std::size_t(w.size())) == 0);
+    CHECK(std::memcmp(bs[r].data(), b.data(), sizeof(bf16) * std::size_t(b.size())) == 0);
+  }
+  CHECK((w.cast<float>() - w0).norm() > 1e-2f);  // the weights moved
 }

@@ -104,7 +104,7 @@ TEST_CASE("state files go through a temporary and a rename", "[state]") {
   std::filesystem::remove_all(dir);
 }
 
-TEMPLATE_TEST_CASE("every truncation and every corrupted byte is refused; nothing changes",
+TEMPLATE_TEST_CASE("every truncation and every corrupted byte is refused, nothing changes",
                    "[state]", float, double) {
   Model<TestType> source;
   source.train(0, 2);

@@ -1,8 +1,9 @@
 #pragma once
-// muon::MasterWeights<B, T, L>: parameters stored in a narrow type L (bf16 or fp16: the
+// muon::MasterWeights<B, T, L, Opt>: parameters stored in a narrow type L (bf16 or fp16: the
 // model's own tensors), updated through wider T masters (fp32) so that updates smaller than
-// L's rounding step still accumulate. The wrapped Optimizer<B, T> sees only T: the masters as
-// its parameters and T copies of the gradients.
+// L's rounding step still accumulate. The wrapped optimizer (Opt: Optimizer<B, T> by default,
+// or a ShardedOptimizer<B, T, Comm>, whose step() every rank then calls through its own
+// MasterWeights) sees only T: the masters as its parameters and T copies of the gradients.
 //
 //   muon::Optimizer<muon::cuda::CudaBackend, float> opt(defaults, {}, gpu);
 //   muon::MasterWeights<muon::cuda::CudaBackend, float, __nv_bfloat16> mixed(opt);
@@ -27,13 +28,17 @@
 
 namespace muon {
 
-template <class B, class T, class L>
+template <class B, class T, class L, class Opt = Optimizer<B, T>>
 class MasterWeights {
  public:
   using Space = typename B::memory_space;
   using NarrowView = MatrixView<L, Space>;
   using ConstNarrowView = MatrixView<const L, Space>;
 
+  static_assert(std::is_same_v<typename Opt::backend_type, B> &&
+                    std::is_same_v<typename Opt::scalar_type, T>,
+                "muon::MasterWeights<B, T, L, Opt>: Opt must be an optimizer over backend B and "
+                "Scalar T (muon::Optimizer<B, T> or muon::ShardedOptimizer<B, T, Comm>)");
   static_assert(!std::is_same_v<T, L>,
                 "muon::MasterWeights<B, T, L>: L is the parameters' narrow type and must differ "
                 "from the optimizer's Scalar T");
@@ -46,7 +51,7 @@ class MasterWeights {
       "muon::MasterWeights<B, T, L>: the backend's copy() must convert between T and L");
 
   /// Parameters go to `optimizer` (its groups, options and state), which must outlive this.
-  explicit MasterWeights(Optimizer<B, T>& optimizer) : opt_(optimizer) {}
+  explicit MasterWeights(Opt& optimizer) : opt_(optimizer) {}
 
   /// A 16-bit weight matrix updated by Muon through a T master (initialized from it).
   ParamId add_muon(std::string name, NarrowView param, ConstNarrowView grad, GroupId group = {}) {
@@ -89,7 +94,7 @@ class MasterWeights {
     for (Entry& e : entries_) opt_.backend().copy(ConstNarrowView(e.param), wide(e.master, e));
   }
 
-  [[nodiscard]] Optimizer<B, T>& optimizer() noexcept { return opt_; }
+  [[nodiscard]] Opt& optimizer() noexcept { return opt_; }
 
  private:
   using Buffer = typename B::template Buffer<T>;
@@ -139,7 +144,7 @@ class MasterWeights {
     return entries_.back().id;
   }
 
-  Optimizer<B, T>& opt_;
+  Opt& opt_;
   std::vector<Entry> entries_;
 };
 

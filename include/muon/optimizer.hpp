@@ -35,6 +35,7 @@
 #include "muon/algorithm/update.hpp"
 #include "muon/core/adapter.hpp"
 #include "muon/core/backend.hpp"
+#include "muon/core/optimizer_core.hpp"
 #include "muon/core/registration.hpp"
 #include "muon/serialize.hpp"
 
@@ -60,88 +61,46 @@ struct StepReport {
 };
 
 template <class B, class T>
-class Optimizer : public detail::Registrar<Optimizer<B, T>, T, typename B::memory_space> {
+class Optimizer : public detail::OptimizerCore<Optimizer<B, T>, B, T, detail::WholeMatrix> {
   static_assert(SupportedScalar<T>,
                 "muon::Optimizer<Backend, Scalar>: Scalar must be float or double; complex and "
                 "integer parameters are not supported.");
   static_assert(Backend<B, T>,
                 "muon::Optimizer<Backend, Scalar>: Backend does not provide, for this Scalar, "
                 "the operations listed by the muon::Backend concept in muon/core/backend.hpp.");
+  using Core = detail::OptimizerCore<Optimizer<B, T>, B, T, detail::WholeMatrix>;
 
  public:
-  using backend_type = B;
-  using scalar_type = T;
-  using Space = typename B::memory_space;
-  using View = MatrixView<T, Space>;
-  using ConstView = MatrixView<const T, Space>;
+  using typename Core::Space;
+  using typename Core::View;
+  using typename Core::ConstView;
 
   /// `defaults` become group 0, the group parameters join unless told otherwise.
   explicit Optimizer(GroupOptions defaults = {}, OptimizerOptions options = {}, B backend = B{})
-      : backend_(std::move(backend)), options_(options) {
+      : Core(std::move(backend), options, defaults) {
     if (options.telemetry && !measures_residual<B, T>)
       throw InvalidArgument("muon: OptimizerOptions.telemetry: this backend cannot measure "
                             "residuals (it has no frobenius_norm(); EigenBackend has)");
-    add_group(defaults);
   }
 
-  // ---- groups ----------------------------------------------------------------------------
-  GroupId add_group(const GroupOptions& options) {
-    groups_.push_back(make_group(options, groups_.size()));
-    return {groups_.size() - 1};
-  }
-  /// Replaces a group's options (e.g. a learning-rate schedule); validated first.
-  void set_group_options(GroupId id, const GroupOptions& options) {
-    check_group(id);
-    Group group = make_group(options, id.value);
-    for (const Param& p : params_)  // a new NS method may need more workspace: size it now
-      if (p.group == id.value && p.rule == UpdateRule::muon)
-        ns_.reserve(backend_, p.value.rows(), p.value.cols(),
-                    options.muon.newton_schulz.method);
-    groups_[id.value] = std::move(group);
-  }
-  [[nodiscard]] const GroupOptions& group_options(GroupId id = {}) const {
-    check_group(id);
-    return groups_[id.value].options;
-  }
-  [[nodiscard]] std::size_t num_groups() const noexcept { return groups_.size(); }
-
-  // ---- parameters ------------------------------------------------------------------------
-  // add_muon / add_adamw: see detail::Registrar (muon/core/registration.hpp).
-  using detail::Registrar<Optimizer<B, T>, T, typename B::memory_space>::add_muon;
-  using detail::Registrar<Optimizer<B, T>, T, typename B::memory_space>::add_adamw;
-
-  /// Points a parameter at a (new) gradient; it takes part in the next steps again.
-  void set_grad(ParamId id, ConstView grad) {
-    check_param(id);
-    Param& p = params_[id.value];
-    detail::check_grad(params_, p.name, p.shape, p.value, grad, id.value);
-    p.grad = grad;
-    p.has_grad = true;
-  }
-  /// The parameter has no gradient: step() leaves it and its state alone (no weight decay
-  /// either), as torch does for a parameter whose .grad is None, until set_grad().
-  void clear_grad(ParamId id) {
-    check_param(id);
-    params_[id.value].has_grad = false;
-  }
+  // Groups, add_muon / add_adamw, set_grad / clear_grad and introspection: see
+  // detail::OptimizerCore (muon/core/optimizer_core.hpp) and detail::Registrar.
 
   // ---- the step --------------------------------------------------------------------------
   /// One optimizer step over every parameter that has a gradient. Gradients are checked for
   /// NaN/Inf first; if one is found nothing is modified (see NonFinitePolicy).
   StepReport step() {
-    for (const Param& p : params_) {
-      if (options_.non_finite == NonFinitePolicy::unchecked) break;
-      if (!p.has_grad || p.value.empty() || backend_.all_finite(p.grad)) continue;
-      if (options_.non_finite == NonFinitePolicy::skip) return {false, 0, p.name, 0, {}};
-      throw NonFiniteGradient("muon: step refused: the gradient of parameter '" + p.name + "' (" +
-                                  detail::shape_string(p.shape) +
+    if (const Param* bad = this->first_nonfinite_grad()) {
+      if (options_.non_finite == NonFinitePolicy::skip) return {false, 0, bad->name, 0, {}};
+      throw NonFiniteGradient("muon: step refused: the gradient of parameter '" + bad->name +
+                                  "' (" + detail::shape_string(bad->shape) +
                                   ") contains NaN or Inf; no parameter or state was changed",
-                              p.name);
+                              bad->name);
     }
     StepReport report;
     const Param* refused = nullptr;
     for (Param& p : params_) {
-      if (!p.has_grad || p.value.empty()) continue;
+      if (!p.takes_part()) continue;
       if (p.rule == UpdateRule::adamw) {
         adamw_update(p);
       } else if (!muon_update(p, report)) {
@@ -161,18 +120,12 @@ class Optimizer : public detail::Registrar<Optimizer<B, T>, T, typename B::memor
                           refused->name);
   }
 
-  // ---- introspection ---------------------------------------------------------------------
-  [[nodiscard]] std::uint64_t step_count() const noexcept { return steps_; }
-  [[nodiscard]] std::size_t num_params() const noexcept { return params_.size(); }
-  [[nodiscard]] const std::string& name(ParamId id) const { return param(id).name; }
-  [[nodiscard]] UpdateRule rule(ParamId id) const { return param(id).rule; }
   /// Muon's momentum buffer M, or AdamW's first moment m, as a dense view.
   [[nodiscard]] ConstView momentum_buffer(ParamId id) {
-    check_param(id);
+    this->check_param(id);
     Param& p = params_[id.value];
     return backend_.view(p.m, p.value.rows(), p.value.cols());
   }
-  [[nodiscard]] B& backend() noexcept { return backend_; }
 
   // ---- state -----------------------------------------------------------------------------
   void save_state(std::ostream& out) {
@@ -295,62 +248,26 @@ class Optimizer : public detail::Registrar<Optimizer<B, T>, T, typename B::memor
   }
 
  private:
-  friend class detail::Registrar<Optimizer<B, T>, T, typename B::memory_space>;
-  using Buffer = typename B::template Buffer<T>;
+  friend Core;
+  friend class detail::Registrar<Optimizer<B, T>, T, Space>;
+  using typename Core::Buffer;
+  using typename Core::Group;
+  using typename Core::Param;
+  using Core::backend_;
+  using Core::buffer_count;
+  using Core::describe;
+  using Core::groups_;
+  using Core::ns_;
+  using Core::options_;
+  using Core::params_;
+  using Core::state_buffers;
+  using Core::steps_;
 
-  struct Group {
-    GroupOptions options;
-    std::vector<Coefficients> schedule;  // resolved once, so step() never allocates
-  };
-  struct Param {
-    std::string name;
-    UpdateRule rule;
-    std::size_t group;
-    std::vector<index_t> shape;  // as registered (N-D for flattened weights)
-    View value;
-    ConstView grad;
-    bool has_grad = true;
-    Buffer m, v;  // muon: m = momentum; adamw: m, v = first and second moments
-    std::uint64_t adam_steps = 0;
-  };
-
-  static Group make_group(const GroupOptions& options, std::size_t index) {
-    validate(options, "group " + std::to_string(index));
-    detail::check_measurable<B, T>(options.muon.newton_schulz, "group " + std::to_string(index));
-    return {options,
-            options.muon.newton_schulz.schedule.resolve(options.muon.newton_schulz.steps)};
-  }
-
-  static std::string describe(std::uint8_t rule) {
-    return rule == 0 ? "muon" : rule == 1 ? "adamw" : "rule " + std::to_string(rule);
-  }
-
-  static std::size_t buffer_count(UpdateRule rule) { return rule == UpdateRule::muon ? 1 : 2; }
-  std::vector<Buffer*> state_buffers(Param& p) {
-    if (p.rule == UpdateRule::muon) return {&p.m};
-    return {&p.m, &p.v};
-  }
-  const Param& param(ParamId id) const {
-    check_param(id);
-    return params_[id.value];
-  }
-  void check_param(ParamId id) const {
-    if (id.value >= params_.size())
-      throw InvalidArgument("muon: no parameter with id " + std::to_string(id.value) + " (have " +
-                            std::to_string(params_.size()) + ")");
-  }
-  void check_group(GroupId id) const {
-    if (id.value >= groups_.size())
-      throw InvalidArgument("muon: no parameter group with id " + std::to_string(id.value) +
-                            " (have " + std::to_string(groups_.size()) + ")");
-  }
+  bool runs_newton_schulz(const Param& p) const { return p.rule == UpdateRule::muon; }
 
   ParamId add(std::string name, UpdateRule rule, std::vector<index_t> shape, View value,
               ConstView grad, GroupId group) {
-    check_group(group);
-    detail::check_new_param(params_, name, shape, value, grad);
-
-    Param p{std::move(name), rule, group.value, std::move(shape), value, grad, true, {}, {}, 0};
+    Param& p = this->register_param(std::move(name), rule, std::move(shape), value, grad, group);
     backend_.resize(p.m, value.size());
     if (rule == UpdateRule::adamw) backend_.resize(p.v, value.size());
     if (rule == UpdateRule::muon) {
@@ -358,7 +275,6 @@ class Optimizer : public detail::Registrar<Optimizer<B, T>, T, typename B::memor
                   groups_[group.value].options.muon.newton_schulz.method);
       if (static_cast<index_t>(saved_m_.size()) < value.size()) backend_.resize(saved_m_, value.size());
     }
-    params_.push_back(std::move(p));
     return {params_.size() - 1};
   }
 
@@ -399,13 +315,7 @@ class Optimizer : public detail::Registrar<Optimizer<B, T>, T, typename B::memor
                    detail::adamw_step(groups_[p.group].options.adamw, ++p.adam_steps));
   }
 
-  B backend_;
-  OptimizerOptions options_;
-  std::vector<Group> groups_;
-  std::vector<Param> params_;
-  NewtonSchulzWorkspace<B, T> ns_;
   Buffer saved_m_;  // a Muon parameter's momentum before its step, while the step is checked
-  std::uint64_t steps_ = 0;
 };
 
 }  // namespace muon

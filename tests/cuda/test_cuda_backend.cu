@@ -592,6 +592,28 @@ void test_low_rank_stays_bounded() {
   }
 }
 
+/// The same input gives the same bits twice: the Frobenius norm adds its partial sums in a
+/// fixed order (no atomics), and cuBLAS is deterministic for a fixed size and stream.
+void test_deterministic_run_to_run() {
+  const index_t m = 1024, n = 2048;  // 2M entries: thousands of blocks' partial sums
+  std::mt19937 rng(5);
+  const auto g = gaussian<float>(static_cast<std::size_t>(m * n), rng);
+  for (Precision p : {Precision::native, Precision::tf32, Precision::bf16}) {
+    CudaBackend gpu(muon::cuda::CudaOptions{p});
+    DeviceBuffer<float> in = upload(gpu, g);
+    std::vector<std::vector<float>> results;
+    for (int run = 0; run < 2; ++run) {
+      DeviceBuffer<float> out = upload(gpu, std::vector<float>(g.size()));
+      muon::orthogonalize(gpu, muon::row_major_view<DeviceSpace, const float>(in.data(), m, n),
+                          muon::row_major_view<DeviceSpace>(out.data(), m, n));
+      gpu.synchronize();
+      results.push_back(download(out));
+    }
+    CHECK(std::memcmp(results[0].data(), results[1].data(), g.size() * sizeof(float)) == 0,
+          "%s: two runs on the same input differ", muon::cuda::to_string(p));
+  }
+}
+
 int main() {
   if (!muon::cuda::device_available()) {
     std::printf("no CUDA device visible: skipped\n");
@@ -609,6 +631,7 @@ int main() {
       {"state_round_trip", test_state_round_trip},
       {"master_weights_bf16", test_master_weights_bf16},
       {"bad_layout_refused", test_bad_layout_refused},
+      {"deterministic_run_to_run", test_deterministic_run_to_run},
   };
   for (const auto& [name, run] : tests) {
     const int before = failures;

@@ -1,6 +1,7 @@
 // ShardedOptimizer over MPI (run by ctest under mpiexec with 1-4 processes): every rank's
-// weights equal the single-process optimizer's bit for bit, a NaN on one rank is refused on all,
-// and per-rank state reloads bit-identically. Exits 0 on every rank or 1 on every rank.
+// weights equal the single-process optimizer's bit for bit (also with late registration and
+// cleared gradients), a NaN or differing group options on one rank are refused on all, and
+// per-rank state reloads bit-identically. Exits 0 on every rank or 1 on every rank.
 #include <mpi.h>
 
 #include <cstdio>
@@ -78,6 +79,33 @@ void check(muon::ShardingStrategy strategy) {
   }
   expect(refused, "a non-finite gradient on one rank is refused on every rank", rank);
   expect(same(resumed, before) && again.step_count() == 4, "a refused step changes nothing", rank);
+
+  // Parameters registered after two steps, gradients cleared for one: as the single process.
+  muon_test::ShardedModel<T> single_model, late;
+  muon::Optimizer<muon::EigenBackend, T> single(muon_test::sharded_options());
+  const auto want = muon_test::late_and_cleared(
+      single_model, single, [&](int s) { single_model.mean_gradients(world, s); });
+  Opt late_opt(comm, strategy, muon_test::sharded_options());
+  const auto got = muon_test::late_and_cleared(late, late_opt, [&](int s) { late.local_gradients(rank, s); });
+  expect(got == want && same(late, single_model),
+         "late registration and cleared gradients give the single-process result", rank);
+
+  // Group options that differ on the last rank: refused on every rank, nothing changed.
+  muon::GroupOptions odd = muon_test::sharded_options();
+  if (rank == world - 1 && world > 1) odd.muon.lr *= 2;
+  muon_test::ShardedModel<T> differing;
+  Opt differing_opt(comm, strategy, odd);
+  differing.register_with(differing_opt);
+  differing.local_gradients(rank, 0);
+  const muon_test::ShardedModel<T> untouched = differing;
+  bool options_refused = false;
+  try {
+    differing_opt.step();
+  } catch (const muon::InvalidArgument&) {
+    options_refused = true;
+  }
+  expect(options_refused == (world > 1) && (world > 1) == same(differing, untouched),
+         "ranks whose group options differ are refused together", rank);
 }
 
 }  // namespace

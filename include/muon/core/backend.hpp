@@ -59,6 +59,16 @@ concept Backend = requires(B& b, const B& cb, typename B::template Buffer<T>& bu
   b.adamw(x, cx, x, x, as);       // W, G, m, v
 };
 
+/// Optional: several finiteness scans with one verdict (on a GPU one device flag and one host
+/// read for all of them). The optimizers scan all gradients this way when a backend has it,
+/// and call all_finite() once per parameter otherwise.
+template <class B, class T>
+concept ScansFiniteTogether = requires(B& b, MatrixView<const T, typename B::memory_space> cx) {
+  b.begin_finite_scan();
+  b.scan_finite(cx);
+  { b.end_finite_scan() } -> std::same_as<bool>;
+};
+
 /// float and double. Other element types (complex, integers) are refused with this message.
 template <class T>
 concept SupportedScalar = std::same_as<T, float> || std::same_as<T, double>;

@@ -22,9 +22,20 @@
 // rank's segment to the busiest rank's Muon matrices, so its bytes and state exceed 1/N by the
 // imbalance of the partition (bench/comm_volume prints both). Plus one full-size gather buffer.
 //
-// Every rank must register the same parameters in the same order and call step(), save_state
-// and load_state together; the registration is checked collectively on the first step. A
-// rank that meets a non-finite gradient or a bad state file makes every rank refuse together.
+// Every rank must register the same parameters in the same order, with the same group options,
+// clear the same gradients, and call step(), save_state and load_state together. Each step
+// checks that collectively with the non-finite check, in two all_reduce_max of one word (the
+// flag and a fingerprint of registration, options and gradients present), so a disagreement is
+// refused on every rank together. Under NonFinitePolicy::unchecked step() issues no such
+// collective, except at the first step after a registration: an option changed on some ranks
+// only then goes unnoticed. A rank that meets a non-finite gradient or a bad state file makes
+// every rank refuse together. A parameter registered after steps is laid out after the others,
+// so their state and AdamW step counts carry on unchanged (a state saved after such a late
+// registration reloads into an optimizer registered in the same sequence).
+//
+// Groups, registration, gradients, state buffers and the checks are detail::OptimizerCore's,
+// the same code muon::Optimizer runs; this class adds the layout of the pieces and the
+// exchange.
 #include <algorithm>
 #include <cstdint>
 #include <istream>
@@ -38,6 +49,7 @@
 #include "muon/algorithm/update.hpp"
 #include "muon/core/adapter.hpp"
 #include "muon/core/backend.hpp"
+#include "muon/core/optimizer_core.hpp"
 #include "muon/core/registration.hpp"
 #include "muon/distributed/communicator.hpp"
 #include "muon/optimizer.hpp"
@@ -51,9 +63,41 @@ inline const char* to_string(ShardingStrategy s) {
   return s == ShardingStrategy::zero1 ? "zero1" : "owner_compute";
 }
 
+namespace detail {
+/// A rows x cols block of a parameter, stored densely at `offset` of a rank's segment.
+struct Piece {
+  index_t row0 = 0, col0 = 0, rows = 0, cols = 0, offset = 0;
+  [[nodiscard]] index_t size() const { return rows * cols; }
+  [[nodiscard]] bool empty() const { return rows == 0 || cols == 0; }
+};
+/// The sharded placement's data of one parameter: its piece on every rank.
+struct ShardedPieces {
+  std::vector<Piece> pieces;
+};
+
+/// A hash of everything the ranks must agree on in a group: its options, with the schedule
+/// as resolved.
+inline std::uint64_t options_fingerprint(const GroupOptions& g,
+                                         const std::vector<Coefficients>& schedule) {
+  StateWriter w;
+  const MuonOptions& m = g.muon;
+  const NewtonSchulzOptions& ns = m.newton_schulz;
+  for (double x : {m.lr, m.weight_decay, m.momentum, m.rms_factor, ns.eps, ns.tolerance,
+                   ns.schedule.norm_scale(), g.adamw.lr, g.adamw.beta1, g.adamw.beta2,
+                   g.adamw.eps, g.adamw.weight_decay})
+    w.put<double>(x);
+  for (int x : {int(m.nesterov), int(m.momentum_form), int(m.scale), ns.steps, int(ns.method),
+                ns.max_extra_steps})
+    w.put<std::int32_t>(x);
+  for (const Coefficients& c : schedule)
+    for (double x : {c.a, c.b, c.c}) w.put<double>(x);
+  return fnv1a64(w.finish());
+}
+}  // namespace detail
+
 template <class B, class T, class C>
 class ShardedOptimizer
-    : public detail::Registrar<ShardedOptimizer<B, T, C>, T, typename B::memory_space> {
+    : public detail::OptimizerCore<ShardedOptimizer<B, T, C>, B, T, detail::ShardedPieces> {
   static_assert(SupportedScalar<T>,
                 "muon::ShardedOptimizer<Backend, Scalar, Comm>: Scalar must be float or double.");
   static_assert(Backend<B, T>,
@@ -66,61 +110,52 @@ class ShardedOptimizer
   static_assert(std::is_same_v<typename C::memory_space, typename B::memory_space>,
                 "muon::ShardedOptimizer: the communicator and the backend must work in the same "
                 "memory space");
+  using Core = detail::OptimizerCore<ShardedOptimizer<B, T, C>, B, T, detail::ShardedPieces>;
 
  public:
-  using Space = typename B::memory_space;
-  using View = MatrixView<T, Space>;
-  using ConstView = MatrixView<const T, Space>;
+  using typename Core::Space;
+  using typename Core::View;
+  using typename Core::ConstView;
 
   ShardedOptimizer(C comm, ShardingStrategy strategy, GroupOptions defaults = {},
                    OptimizerOptions options = {}, B backend = B{})
-      : comm_(std::move(comm)), strategy_(strategy), backend_(std::move(backend)),
-        options_(options) {
+      : Core(std::move(backend), options, defaults), comm_(std::move(comm)), strategy_(strategy) {
     if (options.telemetry)
       throw InvalidArgument("muon: OptimizerOptions.telemetry is not available in "
                             "ShardedOptimizer (muon::Optimizer reports it)");
-    add_group(defaults);
   }
 
-  GroupId add_group(const GroupOptions& options) {
-    groups_.push_back(make_group(options, groups_.size()));
-    return {groups_.size() - 1};
-  }
+  // Groups, add_muon / add_adamw and introspection: see detail::OptimizerCore
+  // (muon/core/optimizer_core.hpp) and detail::Registrar. What changes what the ranks must
+  // agree on is checked again, collectively, at the next step.
+
   /// Replaces a group's options (e.g. a learning-rate schedule); call it on every rank.
   void set_group_options(GroupId id, const GroupOptions& options) {
-    check_group(id);
-    Group group = make_group(options, id.value);
-    if (laid_out_)  // a new Newton-Schulz method may need more workspace: size it now
-      for (const Param& p : params_)
-        if (p.group == id.value && runs_newton_schulz(p))
-          ns_.reserve(backend_, p.value.rows(), p.value.cols(), options.muon.newton_schulz.method);
-    groups_[id.value] = std::move(group);
+    Core::set_group_options(id, options);
+    fingerprint_stale_ = true;
   }
-
-  // add_muon / add_adamw: see detail::Registrar (muon/core/registration.hpp).
-  using detail::Registrar<ShardedOptimizer<B, T, C>, T, typename B::memory_space>::add_muon;
-  using detail::Registrar<ShardedOptimizer<B, T, C>, T, typename B::memory_space>::add_adamw;
-
   /// Points a parameter at a (new) local gradient of the same shape.
   void set_grad(ParamId id, ConstView grad) {
-    check_param(id);
-    Param& p = params_[id.value];
-    detail::check_grad(params_, p.name, p.shape, p.value, grad, id.value);
-    p.grad = grad;
+    const bool had = this->param(id).has_grad;
+    Core::set_grad(id, grad);
+    if (!had) fingerprint_stale_ = true;
+  }
+  /// The parameter has no gradient on any rank this step (call it on every rank): step()
+  /// leaves it and its state alone until set_grad().
+  void clear_grad(ParamId id) {
+    const bool had = this->param(id).has_grad;
+    Core::clear_grad(id);
+    if (had) fingerprint_stale_ = true;
   }
 
   /// One step on every rank (collective). Gradients are averaged over the ranks.
   StepReport step() {
-    verify_registration();
-    // Validate before communicating: every rank learns whether any rank saw a NaN/Inf.
-    const Param* bad = nullptr;
-    for (const Param& p : params_)
-      if (options_.non_finite != NonFinitePolicy::unchecked && !p.value.empty() &&
-          !backend_.all_finite(p.grad)) {
-        bad = &p;
-        break;
-      }
-    if (comm_.all_reduce_max(bad != nullptr ? 1 : 0) != 0) {
+    // Validate before communicating: every rank learns whether any rank saw a NaN/Inf and
+    // whether the ranks agree (no collective when unchecked and nothing was registered).
+    lay_out();
+    const Param* bad = this->first_nonfinite_grad();
+    if ((options_.non_finite != NonFinitePolicy::unchecked || agreed_ != laid_out_) &&
+        agree(bad != nullptr)) {
       const std::string who = bad != nullptr ? "parameter '" + bad->name + "' on rank " +
                                                    std::to_string(comm_.rank())
                                              : "a parameter on another rank";
@@ -132,13 +167,17 @@ class ShardedOptimizer
     const int world = comm_.size(), me = comm_.rank();
     const auto seg = static_cast<std::size_t>(segment_);
     // 1. Pack every rank's slice of every local gradient; reduce-scatter; average.
+    std::size_t updated = 0;
     for (Param& p : params_)
-      for (int r = 0; r < world; ++r) backend_.copy(block(p.grad, p.pieces[r]), packed(full_, r, p.pieces[r]));
+      if (p.takes_part()) {
+        ++updated;
+        for (int r = 0; r < world; ++r) backend_.copy(block(p.grad, p.pieces[r]), packed(full_, r, p.pieces[r]));
+      }
     comm_.reduce_scatter_sum(data(full_, seg * world), data(reduced_, seg), seg);
     if (world > 1) backend_.scale(backend_.view(reduced_, 1, segment_), T(1) / static_cast<T>(world));
     // 2. Update this rank's slices; what the others need goes into out_.
     for (Param& p : params_) {
-      if (p.value.empty()) continue;  // as muon::Optimizer: nothing to update
+      if (!p.takes_part()) continue;  // as muon::Optimizer: no gradient, nothing to update
       const Piece& mine = p.pieces[me];
       const ConstView g = packed(reduced_, 0, mine);
       const View m = backend_.view(p.m, mine.rows, mine.cols);
@@ -160,7 +199,7 @@ class ShardedOptimizer
     // 3. All-gather; every rank completes its full copy of every parameter.
     comm_.all_gather(data(out_, seg), data(full_, seg * world), seg);
     for (Param& p : params_) {
-      if (p.value.empty()) continue;
+      if (!p.takes_part()) continue;
       if (p.rule == UpdateRule::muon && strategy_ == ShardingStrategy::zero1) {
         const View u = ns_.input(backend_, p.value.rows(), p.value.cols());
         for (int r = 0; r < world; ++r) backend_.copy(ConstView(packed(full_, r, p.pieces[r])), block(u, p.pieces[r]));
@@ -171,18 +210,15 @@ class ShardedOptimizer
         if (r != me) backend_.copy(ConstView(packed(full_, r, p.pieces[r])), block(p.value, p.pieces[r]));
     }
     ++steps_;
-    return {true, params_.size(), {}, 0, {}};
+    return {true, updated, {}, 0, {}};
   }
 
   // ---- introspection ---------------------------------------------------------------------
-  [[nodiscard]] std::uint64_t step_count() const noexcept { return steps_; }
-  [[nodiscard]] std::size_t num_params() const noexcept { return params_.size(); }
   [[nodiscard]] ShardingStrategy strategy() const noexcept { return strategy_; }
   [[nodiscard]] C& communicator() noexcept { return comm_; }
-  [[nodiscard]] B& backend() noexcept { return backend_; }
   /// Bytes of optimizer state (momenta, AdamW moments) this rank holds.
   [[nodiscard]] std::size_t state_bytes() {
-    if (!laid_out_) lay_out();
+    lay_out();
     std::size_t n = 0;
     for (const Param& p : params_)
       n += static_cast<std::size_t>(p.pieces[comm_.rank()].size()) * (p.rule == UpdateRule::adamw ? 2 : 1);
@@ -190,7 +226,7 @@ class ShardedOptimizer
   }
   /// Bytes of the communication buffers: the full-size gather buffer and two 1/N segments.
   [[nodiscard]] std::size_t buffer_bytes() {
-    if (!laid_out_) lay_out();
+    lay_out();
     return static_cast<std::size_t>(segment_) * (static_cast<std::size_t>(comm_.size()) + 2) *
            sizeof(T);
   }
@@ -199,8 +235,8 @@ class ShardedOptimizer
     index_t row0 = 0, col0 = 0, rows = 0, cols = 0;
   };
   [[nodiscard]] Slice local_slice(ParamId id) {
-    check_param(id);
-    if (!laid_out_) lay_out();
+    this->check_param(id);
+    lay_out();
     const Piece& p = params_[id.value].pieces[comm_.rank()];
     return {p.row0, p.col0, p.rows, p.cols};
   }
@@ -208,7 +244,7 @@ class ShardedOptimizer
   // ---- state (per rank) ------------------------------------------------------------------
   /// Writes this rank's state. Collective: call on every rank.
   void save_state(std::ostream& out) {
-    verify_registration();
+    agree(false);
     detail::StateWriter w;
     w.put_raw(std::string_view(kMagic, sizeof kMagic));
     w.put<std::uint32_t>(detail::kStateVersion);
@@ -242,7 +278,7 @@ class ShardedOptimizer
   /// Restores state saved at the same world size, strategy and registration. Collective: if
   /// any rank's state is refused, every rank throws and no rank changes anything.
   void load_state(std::istream& in) {
-    verify_registration();
+    agree(false);
     const std::string bytes{std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
     std::string error;
     std::vector<const char*> data;
@@ -275,85 +311,80 @@ class ShardedOptimizer
   }
 
  private:
-  friend class detail::Registrar<ShardedOptimizer<B, T, C>, T, typename B::memory_space>;
-  using Buffer = typename B::template Buffer<T>;
+  friend Core;
+  friend class detail::Registrar<ShardedOptimizer<B, T, C>, T, Space>;
+  using Piece = detail::Piece;
+  using typename Core::Buffer;
+  using typename Core::Param;
+  using Core::backend_;
+  using Core::buffer_count;
+  using Core::groups_;
+  using Core::ns_;
+  using Core::options_;
+  using Core::params_;
+  using Core::state_buffers;
+  using Core::steps_;
   static constexpr char kMagic[8] = {'\x89', 'M', 'U', 'O', 'N', 'D', 'P', '\x1a'};
 
-  /// A rows x cols block of a parameter, stored densely at `offset` of a rank's segment.
-  struct Piece {
-    index_t row0 = 0, col0 = 0, rows = 0, cols = 0, offset = 0;
-    [[nodiscard]] index_t size() const { return rows * cols; }
-    [[nodiscard]] bool empty() const { return rows == 0 || cols == 0; }
-  };
-  struct Param {
-    std::string name;
-    UpdateRule rule;
-    std::size_t group;
-    std::vector<index_t> shape;
-    View value;
-    ConstView grad;
-    bool has_grad = true;  // always: every parameter takes part in every sharded step
-    std::vector<Piece> pieces;  // one per rank
-    Buffer m, v;                // state of this rank's piece
-    std::uint64_t adam_steps = 0;
-  };
-
-  struct Group {
-    GroupOptions options;
-    std::vector<Coefficients> schedule;  // resolved once, so step() never allocates
-  };
-  static Group make_group(const GroupOptions& options, std::size_t index) {
-    validate(options, "group " + std::to_string(index));
-    detail::check_measurable<B, T>(options.muon.newton_schulz, "group " + std::to_string(index));
-    return {options,
-            options.muon.newton_schulz.schedule.resolve(options.muon.newton_schulz.steps)};
-  }
-
-  void check_group(GroupId id) const {
-    if (id.value >= groups_.size())
-      throw InvalidArgument("muon: no parameter group with id " + std::to_string(id.value));
-  }
-  void check_param(ParamId id) const {
-    if (id.value >= params_.size())
-      throw InvalidArgument("muon: no parameter with id " + std::to_string(id.value));
-  }
   ParamId add(std::string name, UpdateRule rule, std::vector<index_t> shape, View value,
               ConstView grad, GroupId group) {
-    check_group(group);
-    detail::check_new_param(params_, name, shape, value, grad);
-    params_.push_back(Param{std::move(name), rule, group.value, std::move(shape), value, grad,
-                            true, {}, {}, {}, 0});
-    laid_out_ = false;
-    return {params_.size() - 1};
+    this->register_param(std::move(name), rule, std::move(shape), value, grad, group);
+    return {params_.size() - 1};  // laid out (pieces, state, workspace) at the next step
   }
 
-  /// Collective: checks that every rank registered the same parameters (once per layout).
-  void verify_registration() {
-    if (!laid_out_) lay_out();
-    if (verified_) return;
-    std::uint64_t fingerprint = detail::fnv1a64(to_string(strategy_));
-    for (const Param& p : params_) {
-      const std::string key = p.name + '|' + std::to_string(p.value.rows()) + 'x' +
-                              std::to_string(p.value.cols()) + '|' +
-                              std::to_string(static_cast<int>(p.rule));
-      fingerprint = (fingerprint ^ detail::fnv1a64(key)) * 0x100000001b3ULL;
-    }
-    // Unequal fingerprints: some rank sees max != its own, or max of complements != its own.
-    const bool differs = comm_.all_reduce_max(fingerprint) != fingerprint;
-    const bool differs_low = comm_.all_reduce_max(~fingerprint) != ~fingerprint;
-    if (comm_.all_reduce_max(differs || differs_low ? 1 : 0) != 0)
+  /// Collective, two all_reduce_max of one word: whether any rank's `nonfinite` is true
+  /// (returned), and otherwise whether every rank has the same fingerprint (registration, group
+  /// options, gradients present); InvalidArgument on every rank if not. A rank whose word is not
+  /// the largest sees the difference in the first maximum, one whose word is not the smallest
+  /// in the second, so every rank sees it.
+  bool agree(bool nonfinite) {
+    lay_out();
+    if (fingerprint_stale_) fingerprint_ = fingerprint();
+    fingerprint_stale_ = false;
+    constexpr std::uint64_t kFlag = std::uint64_t(1) << 63;
+    const std::uint64_t flag = nonfinite ? kFlag : 0, low = fingerprint_ & ~kFlag,
+                        high = ~fingerprint_ & ~kFlag;
+    const std::uint64_t first = comm_.all_reduce_max(flag | low);
+    const std::uint64_t second = comm_.all_reduce_max(flag | high);
+    if ((first & kFlag) != 0) return true;  // refused on every rank; agreement checked next time
+    if (first != low || second != high)
       throw InvalidArgument("muon: ShardedOptimizer: the ranks registered different parameters "
-                            "(names, shapes, rules or order differ); nothing was changed");
-    verified_ = true;
+                            "or group options, or cleared different gradients (names, shapes, "
+                            "rules, order, options or gradients present differ); nothing was "
+                            "changed");
+    agreed_ = laid_out_;
+    return false;
+  }
+  std::uint64_t fingerprint() const {
+    detail::StateWriter w;
+    w.put_string(to_string(strategy_));
+    w.put<std::uint8_t>(static_cast<std::uint8_t>(options_.non_finite));
+    for (const auto& g : groups_) w.put<std::uint64_t>(detail::options_fingerprint(g.options, g.schedule));
+    for (const Param& p : params_) {
+      w.put_string(p.name);
+      for (index_t e : {p.value.rows(), p.value.cols()}) w.put<std::uint64_t>(static_cast<std::uint64_t>(e));
+      w.put<std::uint8_t>(static_cast<std::uint8_t>(p.rule));
+      w.put<std::uint64_t>(p.group);
+      w.put<std::uint8_t>(p.has_grad ? 1 : 0);
+    }
+    return detail::fnv1a64(w.finish());
   }
 
-  /// Assigns every parameter's pieces to ranks and sizes the buffers (local, deterministic).
+  /// Lays out the parameters registered since the last call (local, deterministic). Those laid
+  /// out before keep their pieces, offsets and state; the new ones go after them.
   void lay_out() {
+    if (laid_out_ == params_.size()) return;
     const int world = comm_.size();
+    const std::size_t first = laid_out_;
+    std::vector<index_t> used = used_;
+    if (used.empty()) used.assign(static_cast<std::size_t>(world), 0);
     // Slices: every parameter under zero1, AdamW parameters under owner_compute too (they are
-    // elementwise, and one embedding would otherwise unbalance the segments).
-    index_t common = 0;
-    for (Param& p : params_) {
+    // elementwise, and one embedding would otherwise unbalance the segments). They sit at the
+    // same offset on every rank, after everything laid out so far.
+    index_t common = *std::max_element(used.begin(), used.end());
+    bool sliced = false;
+    for (std::size_t i = first; i < params_.size(); ++i) {
+      Param& p = params_[i];
       if (strategy_ == ShardingStrategy::owner_compute && p.rule == UpdateRule::muon) continue;
       const index_t rows = p.value.rows(), cols = p.value.cols();
       const bool by_rows = rows >= cols;  // split the longer side into `world` padded slices
@@ -364,36 +395,36 @@ class ShardedOptimizer
         p.pieces[r] = by_rows ? Piece{begin, 0, count, cols, common} : Piece{0, begin, rows, count, common};
       }
       common += chunk * (by_rows ? cols : rows);
+      sliced = true;
     }
-    std::vector<index_t> used(static_cast<std::size_t>(world), common);
+    if (sliced) used.assign(static_cast<std::size_t>(world), common);
     if (strategy_ == ShardingStrategy::owner_compute) {
       // Muon matrices whole, longest-processing-time-first: the costliest (k^2 N) goes to the
       // least loaded rank.
       std::vector<std::size_t> order;
-      for (std::size_t i = 0; i < params_.size(); ++i)
+      for (std::size_t i = first; i < params_.size(); ++i)
         if (params_[i].rule == UpdateRule::muon) order.push_back(i);
-      auto cost = [&](const Param& p) {
-        const auto k = static_cast<double>(std::min(p.value.rows(), p.value.cols()));
-        return static_cast<double>(p.value.rows()) * static_cast<double>(p.value.cols()) * k;
-      };
       std::stable_sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) {
         return cost(params_[a]) > cost(params_[b]);
       });
-      std::vector<double> load(static_cast<std::size_t>(world), 0.0);
+      if (load_.empty()) load_.assign(static_cast<std::size_t>(world), 0.0);
       for (std::size_t i : order) {
         Param& p = params_[i];
-        const auto owner = static_cast<std::size_t>(std::min_element(load.begin(), load.end()) - load.begin());
-        load[owner] += cost(p);
+        const auto owner = static_cast<std::size_t>(std::min_element(load_.begin(), load_.end()) - load_.begin());
+        load_[owner] += cost(p);
         p.pieces.assign(static_cast<std::size_t>(world), Piece{});
         p.pieces[owner] = Piece{0, 0, p.value.rows(), p.value.cols(), used[owner]};
         used[owner] += p.value.size();
       }
     }
-    segment_ = *std::max_element(used.begin(), used.end());
-    backend_.resize(full_, segment_ * world);
-    backend_.resize(reduced_, segment_);
-    backend_.resize(out_, segment_);
-    for (Param& p : params_) {
+    const index_t segment = *std::max_element(used.begin(), used.end());
+    if (segment != segment_) {  // scratch: nothing in them outlives a step
+      backend_.resize(full_, segment * world);
+      backend_.resize(reduced_, segment);
+      backend_.resize(out_, segment);
+    }
+    for (std::size_t i = first; i < params_.size(); ++i) {
+      Param& p = params_[i];
       const Piece& mine = p.pieces[comm_.rank()];
       backend_.resize(p.m, mine.size());
       if (p.rule == UpdateRule::adamw) backend_.resize(p.v, mine.size());
@@ -401,13 +432,20 @@ class ShardedOptimizer
         ns_.reserve(backend_, p.value.rows(), p.value.cols(),
                     groups_[p.group].options.muon.newton_schulz.method);
     }
-    laid_out_ = true;
-    verified_ = false;
+    used_ = std::move(used);
+    segment_ = segment;
+    laid_out_ = params_.size();
+    fingerprint_stale_ = true;
+  }
+  static double cost(const Param& p) {
+    const auto k = static_cast<double>(std::min(p.value.rows(), p.value.cols()));
+    return static_cast<double>(p.value.rows()) * static_cast<double>(p.value.cols()) * k;
   }
 
-  /// Whether this rank orthogonalizes parameter p (zero1: every Muon matrix; owner: its own).
+  /// Whether this rank orthogonalizes parameter p (zero1: every Muon matrix; owner: its own);
+  /// false until p is laid out (its workspace is reserved then).
   bool runs_newton_schulz(const Param& p) const {
-    return p.rule == UpdateRule::muon &&
+    return p.rule == UpdateRule::muon && !p.pieces.empty() &&
            (strategy_ == ShardingStrategy::zero1 || !p.pieces[comm_.rank()].empty());
   }
 
@@ -418,11 +456,6 @@ class ShardedOptimizer
     const auto [decay, alpha] = detail::muon_apply(o, rows, cols);
     backend_.apply_update(p.value, update, decay, alpha);
   }
-  std::vector<Buffer*> state_buffers(Param& p) {
-    if (p.rule == UpdateRule::muon) return {&p.m};
-    return {&p.m, &p.v};
-  }
-
   /// Pass 1 of load_state: checks everything, returns the step count and where data is.
   std::uint64_t parse_state(const std::string& bytes, std::vector<const char*>& data,
                             std::vector<std::uint64_t>& adam_steps) {
@@ -467,7 +500,7 @@ class ShardedOptimizer
                          p.name + "' (" + detail::shape_string(p.value.rows(), p.value.cols()) +
                          ") here: name, rule, shape or slice differ");
       adam_steps.push_back(r.get<std::uint64_t>("adamw step count"));
-      const std::size_t n = static_cast<std::size_t>(mine.size()) * state_buffers_count(p.rule);
+      const std::size_t n = static_cast<std::size_t>(mine.size()) * buffer_count(p.rule);
       data.push_back(r.take(n, sizeof(T), "state buffer"));
     }
     if (r.remaining() != 0)
@@ -475,7 +508,6 @@ class ShardedOptimizer
                        " unexpected bytes after the last parameter");
     return steps;
   }
-  static std::size_t state_buffers_count(UpdateRule rule) { return rule == UpdateRule::muon ? 1 : 2; }
 
   // ---- views of pieces ---------------------------------------------------------------------
   T* data(Buffer& buf, std::size_t n) { return backend_.view(buf, 1, static_cast<index_t>(n)).data(); }
@@ -493,15 +525,14 @@ class ShardedOptimizer
 
   C comm_;
   ShardingStrategy strategy_;
-  B backend_;
-  OptimizerOptions options_;
-  std::vector<Group> groups_;
-  std::vector<Param> params_;
-  NewtonSchulzWorkspace<B, T> ns_;
   Buffer full_, reduced_, out_;
   index_t segment_ = 0;
-  bool laid_out_ = false, verified_ = false;
-  std::uint64_t steps_ = 0;
+  std::vector<index_t> used_;  // each rank's segment length so far
+  std::vector<double> load_;   // owner_compute: each rank's Newton-Schulz cost so far
+  std::size_t laid_out_ = 0;   // parameters laid out
+  std::size_t agreed_ = 0;     // parameters laid out when the ranks last agreed
+  std::uint64_t fingerprint_ = 0;
+  bool fingerprint_stale_ = true;
 };
 
 }  // namespace muon

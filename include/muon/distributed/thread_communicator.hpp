@@ -4,7 +4,7 @@
 // and a run is reproducible. Every rank must call the same collectives in the same order (as
 // with MPI); a rank that stops calling leaves the others waiting.
 #include <algorithm>
-#include <barrier>
+#include <condition_variable>
 #include <cstdint>
 #include <exception>
 #include <memory>
@@ -45,7 +45,7 @@ class ThreadCommunicator {
 class ThreadGroup {
  public:
   explicit ThreadGroup(int size)
-      : size_(size), barrier_(size), slots_(static_cast<std::size_t>(size)),
+      : size_(size), slots_(static_cast<std::size_t>(size)),
         values_(static_cast<std::size_t>(size)) {
     if (size < 1)
       throw InvalidArgument("muon: ThreadGroup: size = " + std::to_string(size) +
@@ -59,7 +59,8 @@ class ThreadGroup {
   }
   [[nodiscard]] int size() const noexcept { return size_; }
 
-  /// Runs body(communicator) on `size` threads and waits; rethrows the first exception.
+  /// Runs body(communicator) on `size` threads and waits; rethrows the first exception (a rank
+  /// that throws aborts the group, so the others stop at their next collective).
   template <class Body>
   static void run(int size, Body body) {
     ThreadGroup group(size);
@@ -71,8 +72,11 @@ class ThreadGroup {
         try {
           body(group.communicator(r));
         } catch (...) {
-          const std::lock_guard lock(error_mutex);
-          if (!error) error = std::current_exception();
+          {
+            const std::lock_guard lock(error_mutex);
+            if (!error) error = std::current_exception();
+          }
+          group.abort();
         }
       });
     for (auto& t : threads) t.join();
@@ -81,9 +85,32 @@ class ThreadGroup {
 
  private:
   friend class ThreadCommunicator;
-  void sync() { barrier_.arrive_and_wait(); }
+  /// Every rank arrives before any leaves; throws once the group is aborted.
+  void sync() {
+    std::unique_lock lock(mutex_);
+    if (aborted_) throw Error("muon: ThreadGroup: another rank failed; this collective was abandoned");
+    const std::uint64_t generation = generation_;
+    if (++arrived_ == size_) {
+      arrived_ = 0;
+      ++generation_;
+      arrived_all_.notify_all();
+      return;
+    }
+    arrived_all_.wait(lock, [&] { return generation_ != generation || aborted_; });
+    if (generation_ == generation)
+      throw Error("muon: ThreadGroup: another rank failed; this collective was abandoned");
+  }
+  void abort() {
+    const std::lock_guard lock(mutex_);
+    aborted_ = true;
+    arrived_all_.notify_all();
+  }
   int size_;
-  std::barrier<> barrier_;
+  std::mutex mutex_;
+  std::condition_variable arrived_all_;
+  int arrived_ = 0;
+  std::uint64_t generation_ = 0;
+  bool aborted_ = false;
   std::vector<const void*> slots_;   // each rank's published buffer for the current collective
   std::vector<std::uint64_t> values_;
 };

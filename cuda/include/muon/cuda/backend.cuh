@@ -296,10 +296,23 @@ class CudaBackend {
   template <class T>
   bool all_finite(MatrixView<const T, DeviceSpace> x) const {
     if (x.empty()) return true;
+    begin_finite_scan();
+    scan_finite(x);
+    return end_finite_scan();
+  }
+  /// Several scans, one verdict: one device flag that every scan may set, and one host read
+  /// (a synchronization) in end_finite_scan(). The optimizer checks all gradients this way.
+  void begin_finite_scan() const {
     check(cudaMemsetAsync(ctx_->flag, 0, sizeof(int), ctx_->stream), "cudaMemsetAsync");
+  }
+  template <class T>
+  void scan_finite(MatrixView<const T, DeviceSpace> x) const {
+    if (x.empty()) return;
     detail::any_non_finite_kernel<<<detail::blocks_for(x.size()), detail::kThreads, 0, ctx_->stream>>>(
         x.rows(), x.cols(), detail::column_order(x), detail::strided(x), ctx_->flag);
-    launched("all_finite");
+    launched("scan_finite");
+  }
+  [[nodiscard]] bool end_finite_scan() const {
     check(cudaMemcpyAsync(ctx_->host_flag, ctx_->flag, sizeof(int), cudaMemcpyDeviceToHost,
                           ctx_->stream),
           "cudaMemcpyAsync");
@@ -402,6 +415,7 @@ class CudaBackend {
     int* flag = nullptr;       // device: all_finite's verdict
     int* host_flag = nullptr;  // pinned host copy of it
     DeviceBuffer<detail::NormScratch> norms;
+    DeviceBuffer<double> norm_partials;  // per-block sums of squares, added in a fixed order
     DeviceBuffer<std::byte> lowp;  // reduced-precision Newton-Schulz workspace
     DeviceBuffer<void*> blocks;    // operand pointers of the blocked symmetric products
 
@@ -518,8 +532,13 @@ class CudaBackend {
     const dim3 grid(detail::blocks_for(in.size()), static_cast<unsigned>(batch));
     detail::amax_kernel<<<grid, detail::kThreads, 0, ctx_->stream>>>(
         in.rows(), in.cols(), order, detail::strided(in, in_stride), norms);
+    const std::size_t partials = static_cast<std::size_t>(grid.x) * static_cast<std::size_t>(batch);
+    if (ctx_->norm_partials.size() < partials) ctx_->norm_partials.resize_zero(partials, ctx_->stream);
     detail::scaled_sum_kernel<<<grid, detail::kThreads, 0, ctx_->stream>>>(
-        in.rows(), in.cols(), order, detail::strided(in, in_stride), norms);
+        in.rows(), in.cols(), order, detail::strided(in, in_stride), norms,
+        ctx_->norm_partials.data());
+    detail::sum_partials_kernel<<<static_cast<unsigned>(batch), detail::kThreads, 0, ctx_->stream>>>(
+        ctx_->norm_partials.data(), grid.x, norms);
     launched("Frobenius norm");
     detail::for_each(ctx_->stream, in.rows(), in.cols(), detail::column_order(out), batch,
                      detail::Normalize{norm_scale, eps}, detail::strided(out, out_stride),

@@ -135,8 +135,10 @@ struct AdamW {
 
 // ---- norms ------------------------------------------------------------------------------
 /// Per matrix of a stack: max |x| (as the bits of a non-negative double, which order like
-/// unsigned integers, so atomicMax works) and the sum of (x / max)^2 -- the overflow-safe
-/// Frobenius norm, amax * sqrt(sum), without a host round trip.
+/// unsigned integers, so atomicMax works: a maximum does not depend on the order) and the sum
+/// of (x / max)^2 -- the overflow-safe Frobenius norm, amax * sqrt(sum), without a host round
+/// trip. The sum is taken in a fixed order (per-block partials, then one block per matrix
+/// adds them), not with atomics, so it is the same bits run to run.
 struct NormScratch {
   unsigned long long amax_bits;
   double scaled_sum;
@@ -183,7 +185,7 @@ __global__ void amax_kernel(index_t rows, index_t cols, bool col_order, Strided<
 
 template <class T>
 __global__ void scaled_sum_kernel(index_t rows, index_t cols, bool col_order,
-                                  Strided<const T> x, NormScratch* out) {
+                                  Strided<const T> x, const NormScratch* out, double* partials) {
   const index_t n = rows * cols, b = blockIdx.y;
   const double amax = __longlong_as_double(static_cast<long long>(out[b].amax_bits));
   double s = 0;
@@ -196,7 +198,16 @@ __global__ void scaled_sum_kernel(index_t rows, index_t cols, bool col_order,
       s += v * v;
     }
   s = block_reduce(s, SumOp{});
-  if (threadIdx.x == 0) atomicAdd(&out[b].scaled_sum, s);
+  if (threadIdx.x == 0) partials[b * gridDim.x + blockIdx.x] = s;
+}
+
+/// norms[b].scaled_sum = the sum of matrix b's `blocks` partials, in a fixed order.
+__global__ void sum_partials_kernel(const double* partials, unsigned blocks, NormScratch* out) {
+  const index_t b = blockIdx.x;
+  double s = 0;
+  for (unsigned i = threadIdx.x; i < blocks; i += blockDim.x) s += partials[b * blocks + i];
+  s = block_reduce(s, SumOp{});
+  if (threadIdx.x == 0) out[b].scaled_sum = s;
 }
 
 /// ||x||_F from the scratch; 0, Inf and NaN pass through as Eigen's frobenius_norm does.
