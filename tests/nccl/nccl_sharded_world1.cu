@@ -12,6 +12,7 @@
 #include "muon/distributed/nccl.hpp"
 #include "muon/distributed/sharded_optimizer.hpp"
 #include "muon/optimizer.hpp"
+#include "nccl_world1.hpp"
 
 namespace {
 
@@ -79,16 +80,8 @@ std::vector<float> train(Opt& opt, const CudaBackend& gpu) {
 }  // namespace
 
 int main() {
-  int devices = 0;
-  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
-    std::puts("no CUDA device visible: skipped");
-    return 77;
-  }
-  ncclComm_t comm = nullptr;
-  int dev = 0;
-  if (ncclCommInitAll(&comm, 1, &dev) != ncclSuccess) return 1;
-  int failures = 0;
-  {
+  return run_nccl_world1([](ncclComm_t comm) {
+    int failures = 0;
     CudaBackend gpu;
     muon::GroupOptions options;
     options.muon.lr = 0.02;
@@ -111,7 +104,6 @@ int main() {
         failures += ok ? 0 : 1;
       }
     }
-  }
-  ncclCommDestroy(comm);
-  return failures ? 1 : 0;
+    return failures;
+  });
 }
