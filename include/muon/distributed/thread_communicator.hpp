@@ -88,9 +88,8 @@ class ThreadGroup {
   /// Every rank arrives before any leaves; throws once the group is aborted.
   void sync() {
     std::unique_lock lock(mutex_);
-    if (aborted_) throw Error("muon: ThreadGroup: another rank failed; this collective was abandoned");
     const std::uint64_t generation = generation_;
-    if (++arrived_ == size_) {
+    if (!aborted_ && ++arrived_ == size_) {
       arrived_ = 0;
       ++generation_;
       arrived_all_.notify_all();
