@@ -5,7 +5,9 @@
 //
 // Counters: GFLOPS at the nominal 4k^2N + 2k^3 flops per NS step (k = min, N = max side);
 // gemm_ratio = that rate / the rate of a k x N by N x k GEMM through the same backend, timed in
-// the same process just before; step_over_ns = time of step() / time of its NS calls alone.
+// the same process just before; step_over_ns = time of step() / time of its NS calls alone
+// (run side by side as step() runs them); grouped_speedup = time of a step run one matrix after
+// the other (OptimizerOptions::side_by_side = false) / time of the same step side by side.
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
@@ -133,18 +135,29 @@ void Gpt2SmallStep(benchmark::State& state) {
   for (std::size_t i = 0; i < adamw_params.size(); ++i)
     opt.add_adamw(std::string("v") + std::to_string(i), adamw_params[i].value, adamw_params[i].grad);
 
-  // The NS calls of one step alone, through the same backend and method.
+  // The NS calls of one step alone, through the same backend and method, spread over the
+  // workers as step() spreads them (the matrices side_by_side_fits() accepts).
   muon::EigenBackend backend;
-  muon::NewtonSchulzWorkspace<muon::EigenBackend, T> ws;
+  std::vector<muon::NewtonSchulzWorkspace<muon::EigenBackend, T>> ws(std::size_t(backend.workers()));
   const muon::NewtonSchulzOptions o;
   const auto schedule = o.schedule.resolve(o.steps);
-  for (auto& p : muon_params) ws.reserve(backend, p.value.rows(), p.value.cols(), o.method);
+  for (auto& w : ws)
+    for (auto& p : muon_params) w.reserve(backend, p.value.rows(), p.value.cols(), o.method);
+  const auto orthogonalize = [&](const Tensor& p, muon::NewtonSchulzWorkspace<muon::EigenBackend, T>& w) {
+    const auto r = p.value.rows(), c = p.value.cols();
+    backend.copy(muon::MatrixView<const T>(muon::view(p.grad)), w.input(backend, r, c));
+    (void)w.run(backend, r, c, schedule, o.schedule.norm_scale(), o.eps, o.method);
+  };
   const double ns_only = best_seconds(2, [&] {
-    for (auto& p : muon_params) {
-      const auto r = p.value.rows(), c = p.value.cols();
-      backend.copy(muon::MatrixView<const T>(muon::view(p.grad)), ws.input(backend, r, c));
-      (void)ws.run(backend, r, c, schedule, o.schedule.norm_scale(), o.eps, o.method);
-    }
+    std::vector<const Tensor*> spread;
+    for (auto& p : muon_params)
+      if (backend.side_by_side_fits(p.value.rows(), p.value.cols()) && ws.size() > 1)
+        spread.push_back(&p);
+      else
+        orthogonalize(p, ws[0]);
+    backend.side_by_side(spread.size(), [&](std::size_t i, int worker) {
+      orthogonalize(*spread[i], ws[std::size_t(worker)]);
+    });
   });
   // Best step against best NS pass, both after a first run (which touches the state).
   double best = std::numeric_limits<double>::infinity();
@@ -158,6 +171,42 @@ void Gpt2SmallStep(benchmark::State& state) {
   state.counters["step_over_ns"] = best / ns_only;
 }
 
+/// Args: count, rows, cols. A Muon step over `count` matrices of rows x cols, side by side
+/// against one after the other, both timed in this run (best of the iterations each).
+template <class T>
+void GroupedStep(benchmark::State& state) {
+  const auto count = std::size_t(state.range(0));
+  const muon::index_t m = state.range(1), n = state.range(2);
+  std::vector<Mat<T>> w, v, g;
+  for (std::size_t i = 0; i < count; ++i) {
+    w.push_back(gaussian<T>(m, n, 100 + unsigned(i)) * T(0.02));
+    v.push_back(w.back());
+    g.push_back(gaussian<T>(m, n, 200 + unsigned(i)));
+  }
+  muon::OptimizerOptions one_by_one;
+  one_by_one.side_by_side = false;
+  muon::Optimizer<muon::EigenBackend, T> grouped, loop({}, one_by_one);
+  for (std::size_t i = 0; i < count; ++i) {
+    grouped.add_muon("w" + std::to_string(i), w[i], g[i]);
+    loop.add_muon("w" + std::to_string(i), v[i], g[i]);
+  }
+  grouped.step();
+  loop.step();
+  const auto seconds = [](auto& opt) {
+    const auto start = std::chrono::steady_clock::now();
+    opt.step();
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  };
+  double best_grouped = std::numeric_limits<double>::infinity(), best_loop = best_grouped;
+  for (auto _ : state) {
+    best_grouped = std::min(best_grouped, seconds(grouped));
+    best_loop = std::min(best_loop, seconds(loop));
+  }
+  state.counters["grouped_ms"] = best_grouped * 1e3;
+  state.counters["loop_ms"] = best_loop * 1e3;
+  state.counters["grouped_speedup"] = best_loop / best_grouped;
+}
+
 }  // namespace
 
 BENCHMARK_TEMPLATE(NewtonSchulz, float)->Apply(ShapeArgs);
@@ -169,6 +218,17 @@ BENCHMARK_TEMPLATE(Gpt2SmallStep, float)
     ->Unit(benchmark::kMillisecond)
     ->UseRealTime()
     ->Iterations(3);
+BENCHMARK_TEMPLATE(GroupedStep, float)
+    ->Args({64, 128, 512})
+    ->Args({64, 256, 1024})
+    ->Args({16, 512, 2048})
+    ->Args({12, 768, 3072})
+    ->Args({4, 2048, 2048})
+    ->Args({2, 64, 64})
+    ->ArgNames({"count", "m", "n"})
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime()
+    ->Iterations(5);
 
 int main(int argc, char** argv) {
   // The header names what the products ran on, so a slow table explains itself.

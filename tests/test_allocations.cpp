@@ -66,6 +66,11 @@ int posix_memalign(void** out, std::size_t alignment, std::size_t n) {
 
 using namespace muon_test;
 
+// Two workers, so that step() runs its Newton-Schulz side by side (worker_pool.hpp) while
+// counted; set before the first CPU backend reads it (ctest already sets
+// OPENBLAS_NUM_THREADS=1, which alone would leave one worker).
+const bool two_workers = setenv("MUON_THREADS", "2", 0) == 0;
+
 // Compilers may elide an allocation whose pointer never escapes (clang does); this one escapes.
 void* volatile sink = nullptr;
 
@@ -89,6 +94,7 @@ TEMPLATE_TEST_CASE("step() allocates nothing after the first step", "[allocation
   Mat<TestType> bias = gaussian<TestType>(1, 256, 5), emb = gaussian<TestType>(500, 64, 6);
   const Mat<TestType> g1 = w1, g2 = w2, g3 = w3, gc = conv, gb = bias, ge = emb;
   muon::Optimizer<muon::EigenBackend, TestType> opt;
+  CHECK((two_workers && opt.backend().workers() == 2));
   opt.add_muon("w1", w1, g1);
   opt.add_muon("w2", w2, g2);
   opt.add_muon("w3", w3, g3);

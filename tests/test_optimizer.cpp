@@ -1,6 +1,8 @@
 // The optimizer: update semantics, routing, groups, gradients, bad input, non-finite policy.
 #include <catch2/catch.hpp>
 #include <cmath>
+#include <cstring>
+#include <deque>
 #include <limits>
 
 #include "test_support.hpp"
@@ -514,4 +516,134 @@ TEMPLATE_TEST_CASE("strided, column-major and mapped parameters update like dens
   o3.step();
   o3.step();
   CHECK(close(map));
+}
+
+// ---- matrices side by side, expert stacks and split matrices ------------------------------
+
+TEMPLATE_TEST_CASE("a matrix steps to the same bits alone or side by side with others",
+                   "[optimizer][grouped]", float, double) {
+  // Six matrices of two shapes in one optimizer (spread over the workers, costliest first)
+  // against one optimizer per matrix: each matrix's result depends on its shape only.
+  const std::pair<int, int> shapes[] = {{32, 64}, {32, 64}, {48, 16}, {32, 64}, {48, 16}, {32, 64}};
+  std::vector<Mat<TestType>> w, alone, g;
+  for (unsigned i = 0; i < 6; ++i) {
+    w.push_back(gaussian<TestType>(shapes[i].first, shapes[i].second, 10 + i));
+    alone.push_back(w.back());
+    g.push_back(gaussian<TestType>(shapes[i].first, shapes[i].second, 20 + i));
+  }
+  Opt<TestType> together(muon_options(0.02, 0.1));
+  std::deque<Opt<TestType>> single;
+  for (std::size_t i = 0; i < 6; ++i) {
+    together.add_muon("w" + std::to_string(i), w[i], g[i]);
+    single.emplace_back(muon_options(0.02, 0.1)).add_muon("w", alone[i], g[i]);
+  }
+  for (int s = 0; s < 3; ++s) {
+    CHECK(together.step().updated == 6);
+    for (auto& o : single) o.step();
+  }
+  for (std::size_t i = 0; i < 6; ++i) {
+    INFO("matrix " << i);
+    CHECK(same_bits(w[i], alone[i]));
+  }
+  // ... and within rounding of one-off orthogonalizations on the BLAS's threads.
+  Mat<TestType> m = Mat<TestType>::Zero(32, 64), v0 = gaussian<TestType>(32, 64, 10), u(32, 64);
+  Mat<TestType> expected = v0;
+  for (int s = 0; s < 3; ++s) {  // torch's Muon step, written out
+    m = 0.95 * m + 0.05 * g[0];
+    const Mat<TestType> nesterov = 0.05 * g[0] + 0.95 * m;
+    muon::EigenBackend backend;
+    muon::orthogonalize(backend, cview(nesterov), muon::view(u));
+    expected = expected * TestType(1 - 0.02 * 0.1) - TestType(0.02) * u;
+  }
+  CHECK((w[0] - expected).cwiseAbs().maxCoeff() < 10 * Tol<TestType>::ns * 0.02 * 3);
+}
+
+TEMPLATE_TEST_CASE("an expert stack steps as its experts registered one by one",
+                   "[optimizer][grouped]", float, double) {
+  // 4 experts of 12 x 5 (tall: the shape scale is sqrt(12/5) per expert, not that of the
+  // flattened 4 x 60), stored as one 4 x 12 x 5 tensor with one momentum buffer.
+  const muon::index_t E = 4, m = 12, n = 5;
+  std::vector<TestType> stack(static_cast<std::size_t>(E * m * n)), grad(stack.size());
+  std::vector<Mat<TestType>> experts, grads;
+  for (muon::index_t e = 0; e < E; ++e) {
+    experts.push_back(gaussian<TestType>(m, n, 30 + unsigned(e)));
+    grads.push_back(gaussian<TestType>(m, n, 40 + unsigned(e)));
+    std::copy_n(experts.back().data(), m * n, stack.data() + e * m * n);
+    std::copy_n(grads.back().data(), m * n, grad.data() + e * m * n);
+  }
+  Opt<TestType> stacked(muon_options(0.02, 0.1)), separate(muon_options(0.02, 0.1));
+  const auto id = stacked.add_muon("experts", muon::TensorView<TestType>{stack.data(), {E, m, n}},
+                                   muon::TensorView<const TestType>{grad.data(), {E, m, n}},
+                                   muon::Experts{});
+  CHECK(stacked.num_matrices(id) == 4);
+  for (muon::index_t e = 0; e < E; ++e)
+    separate.add_muon("e" + std::to_string(e), experts[std::size_t(e)], grads[std::size_t(e)]);
+  for (int s = 0; s < 3; ++s) {
+    stacked.step();
+    separate.step();
+  }
+  for (muon::index_t e = 0; e < E; ++e) {
+    INFO("expert " << e);
+    const Mat<TestType> got = Eigen::Map<const Mat<TestType>>(stack.data() + e * m * n, m, n);
+    CHECK(same_bits(got, experts[std::size_t(e)]));
+  }
+  // One state record for the stack.
+  std::stringstream state;
+  stacked.save_state(state);
+  Opt<TestType> again(muon_options(0.02, 0.1));
+  again.add_muon("experts", muon::TensorView<TestType>{stack.data(), {E, m, n}},
+                 muon::TensorView<const TestType>{grad.data(), {E, m, n}}, muon::Experts{});
+  again.load_state(state);
+  CHECK(again.step_count() == 3);
+  // Through any view: the flattened E x (m n) matrix and the rows of one expert.
+  Mat<TestType> flat = Mat<TestType>::Zero(E, m * n), flat_grad = Mat<TestType>::Zero(E, m * n);
+  Opt<TestType> viewed(muon_options(0.02, 0.1));
+  CHECK(viewed.add_muon("flat", flat, flat_grad, muon::Experts{m}).value == 0);
+  CHECK_THROWS_WITH(viewed.add_muon("bad", flat_grad, flat, muon::Experts{7}),
+                    Contains("'bad' (4x60)") && Contains("experts of 7 rows do not divide"));
+}
+
+TEMPLATE_TEST_CASE("a split matrix steps as its blocks registered one by one",
+                   "[optimizer][grouped]", float, double) {
+  // A fused QKV weight (rows 8 + 8 + 4, grouped-query style) and per-head column blocks.
+  for (int axis : {0, 1}) {
+    INFO("axis " << axis);
+    const std::vector<muon::index_t> sizes = axis == 0 ? std::vector<muon::index_t>{8, 8, 4}
+                                                       : std::vector<muon::index_t>{6, 0, 6, 12};
+    Mat<TestType> fused = gaussian<TestType>(20, 24, 50), fused_grad = gaussian<TestType>(20, 24, 51);
+    std::vector<Mat<TestType>> blocks, grads;
+    muon::index_t at = 0;
+    for (muon::index_t s : sizes) {
+      if (axis == 0) {
+        blocks.push_back(fused.middleRows(at, s));
+        grads.push_back(fused_grad.middleRows(at, s));
+      } else {
+        blocks.push_back(fused.middleCols(at, s));
+        grads.push_back(fused_grad.middleCols(at, s));
+      }
+      at += s;
+    }
+    Opt<TestType> split(muon_options(0.02, 0.1)), separate(muon_options(0.02, 0.1));
+    split.add_muon("qkv", fused, fused_grad, muon::Split{axis, sizes});
+    for (std::size_t i = 0; i < blocks.size(); ++i)
+      if (blocks[i].size() > 0) separate.add_muon("b" + std::to_string(i), blocks[i], grads[i]);
+    for (int s = 0; s < 3; ++s) {
+      split.step();
+      separate.step();
+    }
+    at = 0;
+    for (std::size_t i = 0; i < blocks.size(); ++i) {
+      const Mat<TestType> got = axis == 0 ? Mat<TestType>(fused.middleRows(at, sizes[i]))
+                                          : Mat<TestType>(fused.middleCols(at, sizes[i]));
+      CHECK(same_bits(got, blocks[i]));
+      at += sizes[i];
+    }
+  }
+  Mat<TestType> w = Mat<TestType>::Zero(6, 4), g = Mat<TestType>::Zero(6, 4);
+  Opt<TestType> opt;
+  CHECK_THROWS_WITH(opt.add_muon("qkv", w, g, muon::Split{0, {2, 2}}),
+                    Contains("'qkv' (6x4)") && Contains("split sizes add up to 4 but axis 0 has 6"));
+  CHECK_THROWS_WITH(opt.add_muon("qkv", w, g, muon::Split{2, {6}}), Contains("split axis 2"));
+  CHECK_THROWS_WITH(opt.add_muon("qkv", w, g, muon::Split{1, {5, -1}}), Contains("negative"));
+  CHECK(opt.num_params() == 0);  // nothing was registered by the refusals
 }

@@ -1,6 +1,7 @@
 // ShardedOptimizer on the in-process thread communicator: results equal the single-process
 // optimizer, every rank agrees, state is sharded, bad input is refused on every rank together.
 // The same checks run under MPI in tests/mpi/sharded_mpi.cpp.
+#include <algorithm>
 #include <catch2/catch.hpp>
 #include <cstring>
 #include <limits>
@@ -44,6 +45,11 @@ bool bitwise_equal(const ShardedModel<T>& a, const ShardedModel<T>& b) {
         std::memcmp(a.w[i].data(), b.w[i].data(), sizeof(T) * a.w[i].size()) != 0)
       return false;
   return true;
+}
+
+template <class T>
+bool bitwise_equal_mat(const RowMat<T>& a, const RowMat<T>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), sizeof(T) * a.size()) == 0;
 }
 
 }  // namespace
@@ -151,13 +157,85 @@ TEST_CASE("a NaN on one rank is refused on every rank together and changes nothi
   }
 }
 
-TEST_CASE("telemetry is refused by the sharded optimizer, naming the option", "[sharded]") {
+TEST_CASE("telemetry: the ranks' entries together are the single-process optimizer's",
+          "[sharded]") {
   muon::OptimizerOptions options;
   options.telemetry = true;
-  muon::ThreadGroup::run(1, [&](muon::ThreadCommunicator comm) {
-    CHECK_THROWS_WITH(Sharded<float>(comm, muon::ShardingStrategy::zero1, sharded_options(), options),
-                      Catch::Matchers::Contains("telemetry"));
-  });
+  for (auto strategy : {muon::ShardingStrategy::owner_compute, muon::ShardingStrategy::zero1}) {
+    for (int world : {1, 2, 3}) {
+      INFO(muon::to_string(strategy) << " on " << world << " ranks");
+      ShardedModel<double> reference;
+      muon::Optimizer<muon::EigenBackend, double> single(sharded_options(), options);
+      reference.register_with(single);
+      reference.mean_gradients(world, 0);
+      const auto expected = single.step().newton_schulz;
+      REQUIRE(expected.size() == 5);  // the five Muon matrices
+      std::vector<std::vector<muon::NewtonSchulzTelemetry>> got(static_cast<std::size_t>(world));
+      muon::ThreadGroup::run(world, [&](muon::ThreadCommunicator comm) {
+        ShardedModel<double> model;
+        Sharded<double> opt(comm, strategy, sharded_options(), options);
+        model.register_with(opt);
+        model.local_gradients(comm.rank(), 0);
+        got[static_cast<std::size_t>(comm.rank())] = opt.step().newton_schulz;
+      });
+      // zero1: every rank orthogonalizes every matrix; owner_compute: each its own, once.
+      std::vector<int> seen(expected.size(), 0);
+      for (const auto& entries : got)
+        for (const auto& e : entries) {
+          const auto it = std::find_if(expected.begin(), expected.end(),
+                                       [&](const auto& x) { return x.param.value == e.param.value; });
+          REQUIRE(it != expected.end());
+          ++seen[static_cast<std::size_t>(it - expected.begin())];
+          CHECK(e.residual == it->residual);
+          CHECK(e.update_rms == it->update_rms);
+          CHECK(e.steps == it->steps);
+        }
+      for (int n : seen) CHECK(n == (strategy == muon::ShardingStrategy::zero1 ? world : 1));
+    }
+  }
+}
+
+TEST_CASE("an overflowing momentum is refused on every rank and never applied", "[sharded]") {
+  // As in the single-process test: sum-form momentum on gradients of 1e38 overflows float in
+  // the Nesterov input at the third step. Every rank must report it, also under owner_compute
+  // where only the owner orthogonalizes the matrix, and the other matrix must take the step.
+  muon::GroupOptions g = sharded_options();
+  g.muon.momentum_form = muon::MomentumForm::sum;
+  for (auto strategy : {muon::ShardingStrategy::owner_compute, muon::ShardingStrategy::zero1}) {
+    for (int world : {1, 2, 3}) {
+      INFO(muon::to_string(strategy) << " on " << world << " ranks");
+      std::vector<std::string> errors(static_cast<std::size_t>(world));
+      std::vector<RowMat<float>> w(static_cast<std::size_t>(world)), other(w);
+      std::vector<char> kept(static_cast<std::size_t>(world), 0);
+      muon::ThreadGroup::run(world, [&](muon::ThreadCommunicator comm) {
+        const auto r = static_cast<std::size_t>(comm.rank());
+        RowMat<float>& wr = w[r] = gaussian<float>(8, 24, 1);
+        RowMat<float>& orr = other[r] = gaussian<float>(8, 8, 2);
+        const RowMat<float> gw = RowMat<float>::Constant(8, 24, 1e38f);
+        const RowMat<float> go = RowMat<float>::Constant(8, 8, 0.25f);
+        muon::ShardedOptimizer<muon::EigenBackend, float, muon::ThreadCommunicator> opt(comm, strategy, g);
+        opt.add_muon("huge", wr, gw);
+        opt.add_muon("other", orr, go);
+        opt.step();
+        opt.step();
+        const RowMat<float> w2 = wr, o2 = orr;
+        try {
+          opt.step();
+        } catch (const muon::NonFiniteUpdate& e) {
+          errors[r] = e.parameter();
+        }
+        kept[r] = wr.allFinite() && (wr.array() == w2.array()).all() &&
+                  (orr.array() != o2.array()).any();
+      });
+      for (int r = 0; r < world; ++r) {
+        INFO("rank " << r);
+        CHECK(errors[static_cast<std::size_t>(r)] == "huge");
+        CHECK(kept[static_cast<std::size_t>(r)]);
+        CHECK(bitwise_equal_mat(w[static_cast<std::size_t>(r)], w[0]));
+        CHECK(bitwise_equal_mat(other[static_cast<std::size_t>(r)], other[0]));
+      }
+    }
+  }
 }
 
 TEST_CASE("ranks that registered different parameters are refused together", "[sharded]") {
@@ -363,4 +441,70 @@ TEST_CASE("MasterWeights over the sharded optimizer equals it over the single-pr
     CHECK(std::memcmp(bs[r].data(), b.data(), sizeof(bf16) * std::size_t(b.size())) == 0);
   }
   CHECK((w.cast<float>() - w0).norm() > 1e-2f);  // the weights moved
+}
+
+namespace {
+
+/// An expert stack (3 experts of 6 x 4), a fused QKV (rows 4 + 4 + 4 of 12 x 5), per-head
+/// columns (6 x 9 as 3 x 3) and a bias, with the sharded model's exact-sum gradients.
+template <class T>
+struct FusedModel {
+  const std::vector<Shape> shapes = {{"experts", true, 3, 24}, {"qkv", true, 12, 5},
+                                     {"heads", true, 6, 9},    {"bias", false, 1, 5}};
+  std::vector<RowMat<T>> w, g;
+  FusedModel() {
+    for (std::size_t i = 0; i < shapes.size(); ++i) {
+      w.push_back(initial_weight<T>(shapes[i], i));
+      g.push_back(RowMat<T>::Zero(shapes[i].rows, shapes[i].cols));
+    }
+  }
+  template <class Opt>
+  void register_with(Opt& opt) {
+    opt.add_muon("experts", w[0], g[0], muon::Experts{6});
+    opt.add_muon("qkv", w[1], g[1], muon::Split{0, {4, 4, 4}});
+    opt.add_muon("heads", w[2], g[2], muon::Split{1, {3, 3, 3}});
+    opt.add_adamw("bias", w[3], g[3]);
+  }
+  void gradients(int world, int rank, int step) {  // rank < 0: the mean over the world
+    for (std::size_t i = 0; i < shapes.size(); ++i) {
+      RowMat<T> sum = RowMat<T>::Zero(shapes[i].rows, shapes[i].cols);
+      for (int r = 0; r < world; ++r)
+        if (rank < 0 || r == rank) sum += dyadic_gradient<T>(shapes[i], r, step, i);
+      if (rank < 0 && world > 1) sum *= T(1) / static_cast<T>(world);
+      overwrite(g[i], sum);
+    }
+  }
+};
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("expert stacks and split matrices shard bit for bit", "[sharded]", float,
+                   double) {
+  for (auto strategy : {muon::ShardingStrategy::owner_compute, muon::ShardingStrategy::zero1}) {
+    for (int world : {1, 2, 3, 4}) {
+      INFO(muon::to_string(strategy) << " on " << world << " ranks");
+      FusedModel<TestType> reference;
+      muon::Optimizer<muon::EigenBackend, TestType> single(sharded_options());
+      reference.register_with(single);
+      for (int s = 0; s < 3; ++s) {
+        reference.gradients(world, -1, s);
+        single.step();
+      }
+      std::vector<FusedModel<TestType>> ranks(static_cast<std::size_t>(world));
+      muon::ThreadGroup::run(world, [&](muon::ThreadCommunicator comm) {
+        FusedModel<TestType>& model = ranks[static_cast<std::size_t>(comm.rank())];
+        Sharded<TestType> opt(comm, strategy, sharded_options());
+        model.register_with(opt);
+        for (int s = 0; s < 3; ++s) {
+          model.gradients(world, comm.rank(), s);
+          opt.step();
+        }
+      });
+      for (int r = 0; r < world; ++r)
+        for (std::size_t i = 0; i < reference.w.size(); ++i) {
+          INFO("rank " << r << ", " << reference.shapes[i].name);
+          CHECK(bitwise_equal_mat(ranks[static_cast<std::size_t>(r)].w[i], reference.w[i]));
+        }
+    }
+  }
 }

@@ -1,23 +1,19 @@
 #pragma once
 // muon::Optimizer<Backend, Scalar>: Muon for hidden weight matrices and AdamW for everything
-// else, behind one step().
+// else, behind one step(), every parameter placed whole on this process. The step itself is
+// the driver in core/optimizer_core.hpp, shared with the sharded placement; the update rules
+// are rules/muon.hpp and rules/adamw.hpp.
 //
-// Muon (K. Jordan et al. 2024; torch.optim.Muon semantics), per matrix W with gradient G:
-//   M <- mu M + (1 - mu) G                 (MomentumForm::ema; ::sum is M <- mu M + G)
-//   U <- (1 - mu) G + mu M  if nesterov    (::sum: U <- G + mu M), else U <- M
-//   O <- NewtonSchulz(U)                   (algorithm/newton_schulz.hpp)
-//   W <- W (1 - lr wd) - lr s(rows, cols) O   (decoupled decay once, unscaled lr; ScaleMode)
-// AdamW (Loshchilov & Hutter 2019; torch.optim.AdamW semantics) for parameters routed to it.
-//
-// Routing is explicit: add_muon() for 2-D (or flattened N-D) hidden weights; add_adamw() for
-// embeddings, output heads, biases and norm gains (Moonlight, arXiv:2502.16982).
-// Parameters and gradients are views of the caller's memory (muon::view adapts Eigen and user
-// types); the optimizer reads gradients, never writes them, and owns only its state.
+// Routing is explicit: add_muon() for 2-D (or flattened N-D) hidden weights, expert stacks and
+// split matrices; add_adamw() for embeddings, output heads, biases and norm gains (Moonlight,
+// arXiv:2502.16982). Parameters and gradients are views of the caller's memory (muon::view
+// adapts Eigen and user types); the optimizer reads gradients, never writes them, and owns
+// only its state.
 //
 // State file (save_state / load_state), little-endian:
 //   magic "\x89MUON\r\n\x1a" | u32 version (1) | u32 scalar bytes | u64 steps | u64 params |
 //   per parameter: u8 rule (0 muon, 1 adamw) | u64 len, name | u64 rows | u64 cols |
-//                  u64 adamw steps | muon: M | adamw: m, v   (rows*cols scalars each) |
+//                  u64 parameter steps | the rule's buffers (rows*cols scalars each) |
 //   u64 FNV-1a checksum of all of the above.
 #include <algorithm>
 #include <cmath>
@@ -32,7 +28,6 @@
 
 #include "muon/algorithm/newton_schulz.hpp"
 #include "muon/algorithm/shape_scale.hpp"
-#include "muon/algorithm/update.hpp"
 #include "muon/core/adapter.hpp"
 #include "muon/core/backend.hpp"
 #include "muon/core/optimizer_core.hpp"
@@ -40,25 +35,6 @@
 #include "muon/serialize.hpp"
 
 namespace muon {
-
-/// How orthogonal one Muon matrix's update was (OptimizerOptions::telemetry).
-struct NewtonSchulzTelemetry {
-  ParamId param;
-  double residual = 0;    ///< ||O O^T - I||_F / sqrt(min(m, n)) of the Newton-Schulz result O
-  double update_rms = 0;  ///< RMS of s O, the step per unit learning rate (rms_factor under
-                          ///< match_rms_adamw when O is orthogonal); weight decay not included
-  int steps = 0;          ///< Newton-Schulz steps run, with those a tolerance added
-};
-
-/// What a step() did.
-struct StepReport {
-  bool applied = true;             ///< false when NonFinitePolicy::skip refused the step
-  std::size_t updated = 0;         ///< parameters updated (those with a gradient)
-  std::string skipped_because;     ///< the parameter whose gradient (or update) was not finite
-  std::size_t refused = 0;         ///< Muon parameters left alone: Newton-Schulz result not finite
-  /// With OptimizerOptions::telemetry: one entry per Muon matrix updated, in registration order.
-  std::vector<NewtonSchulzTelemetry> newton_schulz;
-};
 
 template <class B, class T>
 class Optimizer : public detail::OptimizerCore<Optimizer<B, T>, B, T, detail::WholeMatrix> {
@@ -77,54 +53,18 @@ class Optimizer : public detail::OptimizerCore<Optimizer<B, T>, B, T, detail::Wh
 
   /// `defaults` become group 0, the group parameters join unless told otherwise.
   explicit Optimizer(GroupOptions defaults = {}, OptimizerOptions options = {}, B backend = B{})
-      : Core(std::move(backend), options, defaults) {
-    if (options.telemetry && !measures_residual<B, T>)
-      throw InvalidArgument("muon: OptimizerOptions.telemetry: this backend cannot measure "
-                            "residuals (it has no frobenius_norm(); EigenBackend has)");
-  }
+      : Core(std::move(backend), options, defaults) {}
 
   // Groups, add_muon / add_adamw, set_grad / clear_grad and introspection: see
   // detail::OptimizerCore (muon/core/optimizer_core.hpp) and detail::Registrar.
 
-  // ---- the step --------------------------------------------------------------------------
-  /// One optimizer step over every parameter that has a gradient. Gradients are checked for
-  /// NaN/Inf first; if one is found nothing is modified (see NonFinitePolicy).
-  StepReport step() {
-    if (const Param* bad = this->first_nonfinite_grad()) {
-      if (options_.non_finite == NonFinitePolicy::skip) return {false, 0, bad->name, 0, {}};
-      throw NonFiniteGradient("muon: step refused: the gradient of parameter '" + bad->name +
-                                  "' (" + detail::shape_string(bad->shape) +
-                                  ") contains NaN or Inf; no parameter or state was changed",
-                              bad->name);
-    }
-    StepReport report;
-    const Param* refused = nullptr;
-    for (Param& p : params_) {
-      if (!p.takes_part()) continue;
-      if (p.rule == UpdateRule::adamw) {
-        adamw_update(p);
-      } else if (!muon_update(p, report)) {
-        if (++report.refused == 1) refused = &p;
-        continue;
-      }
-      ++report.updated;
-    }
-    ++steps_;
-    if (refused == nullptr) return report;
-    report.skipped_because = refused->name;
-    if (options_.non_finite == NonFinitePolicy::skip) return report;
-    throw NonFiniteUpdate("muon: the Newton-Schulz result of parameter '" + refused->name + "' (" +
-                              detail::shape_string(refused->shape) +
-                              ") is not finite (its momentum overflowed?); that parameter and "
-                              "its momentum were left as they were, the others took this step",
-                          refused->name);
-  }
+  // step(): see detail::OptimizerCore.
 
   /// Muon's momentum buffer M, or AdamW's first moment m, as a dense view.
   [[nodiscard]] ConstView momentum_buffer(ParamId id) {
     this->check_param(id);
     Param& p = params_[id.value];
-    return backend_.view(p.m, p.value.rows(), p.value.cols());
+    return backend_.view(p.state[0], p.value.rows(), p.value.cols());
   }
 
   // ---- state -----------------------------------------------------------------------------
@@ -141,10 +81,10 @@ class Optimizer : public detail::OptimizerCore<Optimizer<B, T>, B, T, detail::Wh
       w.put_string(p.name);
       w.put<std::uint64_t>(p.value.rows());
       w.put<std::uint64_t>(p.value.cols());
-      w.put<std::uint64_t>(p.adam_steps);
+      w.put<std::uint64_t>(p.updates);
       host.resize(static_cast<std::size_t>(p.value.size()));
-      for (auto* buf : state_buffers(p)) {
-        backend_.copy_to_host(ConstView(backend_.view(*buf, p.value.rows(), p.value.cols())),
+      for (std::size_t b = 0; b < rules::All::buffers(p.rule); ++b) {
+        backend_.copy_to_host(ConstView(backend_.view(p.state[b], p.value.rows(), p.value.cols())),
                               host.data());
         w.put_array(host.data(), host.size());
       }
@@ -188,7 +128,7 @@ class Optimizer : public detail::OptimizerCore<Optimizer<B, T>, B, T, detail::Wh
                        " parameters but this optimizer has " + std::to_string(params_.size()));
     // Pass 1: check every record against the registered parameters; remember where data is.
     struct Record {
-      std::uint64_t adam_steps;
+      std::uint64_t updates;
       const char* data;
     };
     std::vector<Record> records;
@@ -198,17 +138,17 @@ class Optimizer : public detail::OptimizerCore<Optimizer<B, T>, B, T, detail::Wh
       const std::string name = r.get_string(1 << 20, "parameter name");
       const auto rows = r.get<std::uint64_t>("rows");
       const auto cols = r.get<std::uint64_t>("cols");
-      const auto adam_steps = r.get<std::uint64_t>("adamw step count");
+      const auto updates = r.get<std::uint64_t>("parameter step count");
       if (rule != static_cast<std::uint8_t>(p.rule) || name != p.name || rows != std::uint64_t(p.value.rows()) ||
           cols != std::uint64_t(p.value.cols()))
         throw StateError("muon: load_state: parameter " + std::to_string(i) + " is '" + name +
-                         "' (" + describe(rule) + ", " + std::to_string(rows) + "x" +
+                         "' (" + rules::All::describe(rule) + ", " + std::to_string(rows) + "x" +
                          std::to_string(cols) + ") in the state but '" + p.name + "' (" +
-                         describe(static_cast<std::uint8_t>(p.rule)) + ", " +
+                         rules::All::describe(static_cast<std::uint8_t>(p.rule)) + ", " +
                          detail::shape_string(p.value.rows(), p.value.cols()) +
                          ") in this optimizer");
-      const std::size_t n = static_cast<std::size_t>(p.value.size()) * buffer_count(p.rule);
-      records.push_back({adam_steps, r.take(n, sizeof(T), "state buffer")});
+      const std::size_t n = static_cast<std::size_t>(p.value.size()) * rules::All::buffers(p.rule);
+      records.push_back({updates, r.take(n, sizeof(T), "state buffer")});
     }
     if (r.remaining() != 0)
       throw StateError("muon: load_state: " + std::to_string(r.remaining()) +
@@ -220,12 +160,12 @@ class Optimizer : public detail::OptimizerCore<Optimizer<B, T>, B, T, detail::Wh
       const auto n = static_cast<std::size_t>(p.value.size());
       host.resize(n);
       const char* src = records[i].data;
-      for (auto* buf : state_buffers(p)) {
+      for (std::size_t b = 0; b < rules::All::buffers(p.rule); ++b) {
         detail::from_little_endian(src, n, host.data());
-        backend_.copy_from_host(host.data(), backend_.view(*buf, p.value.rows(), p.value.cols()));
+        backend_.copy_from_host(host.data(), backend_.view(p.state[b], p.value.rows(), p.value.cols()));
         src += n * sizeof(T);
       }
-      p.adam_steps = records[i].adam_steps;
+      p.updates = records[i].updates;
     }
     steps_ = steps;
   }
@@ -249,73 +189,32 @@ class Optimizer : public detail::OptimizerCore<Optimizer<B, T>, B, T, detail::Wh
 
  private:
   friend Core;
-  friend class detail::Registrar<Optimizer<B, T>, T, Space>;
-  using typename Core::Buffer;
   using typename Core::Group;
   using typename Core::Param;
+  using Piece = detail::Piece;
   using Core::backend_;
-  using Core::buffer_count;
-  using Core::describe;
-  using Core::groups_;
-  using Core::ns_;
   using Core::options_;
   using Core::params_;
-  using Core::state_buffers;
   using Core::steps_;
 
-  bool runs_newton_schulz(const Param& p) const { return p.rule == UpdateRule::muon; }
-
-  ParamId add(std::string name, UpdateRule rule, std::vector<index_t> shape, View value,
-              ConstView grad, GroupId group) {
-    Param& p = this->register_param(std::move(name), rule, std::move(shape), value, grad, group);
-    backend_.resize(p.m, value.size());
-    if (rule == UpdateRule::adamw) backend_.resize(p.v, value.size());
-    if (rule == UpdateRule::muon) {
-      ns_.reserve(backend_, value.rows(), value.cols(),
-                  groups_[group.value].options.muon.newton_schulz.method);
-      if (static_cast<index_t>(saved_m_.size()) < value.size()) backend_.resize(saved_m_, value.size());
-    }
-    return {params_.size() - 1};
+  // ---- the placement: every parameter whole, here; nothing to exchange -------------------
+  static constexpr bool exchanges = false;
+  void placed(Param& p) { this->size_state(p, p.value.size()); }
+  void prepare_step() {}
+  bool refused_together(const Param* bad) const { return bad != nullptr; }
+  StepReport refuse(const Param* bad) const {
+    if (options_.non_finite == NonFinitePolicy::skip) return {false, 0, bad->name, 0, {}};
+    throw NonFiniteGradient("muon: step refused: the gradient of parameter '" + bad->name + "' (" +
+                                detail::shape_string(bad->shape) +
+                                ") contains NaN or Inf; no parameter or state was changed",
+                            bad->name);
   }
-
-  /// One Muon step; false (and nothing changed) when the checked Newton-Schulz result is not
-  /// finite. The checks cost a copy of M and a scan of the result, both memory-bound passes
-  /// beside Newton-Schulz's k^2 N flops.
-  bool muon_update(Param& p, StepReport& report) {
-    const Group& g = groups_[p.group];
-    const MuonOptions& o = g.options.muon;
-    const index_t rows = p.value.rows(), cols = p.value.cols();
-    const bool checked = options_.non_finite != NonFinitePolicy::unchecked;
-    const View m = backend_.view(p.m, rows, cols);
-    if (checked) backend_.copy(ConstView(m), backend_.view(saved_m_, rows, cols));
-    backend_.momentum(m, p.grad, ns_.input(backend_, rows, cols), detail::momentum_step(o));
-    NewtonSchulzReport ns;
-    const ConstView update = ns_.run(backend_, rows, cols, g.schedule, o.newton_schulz,
-                                     options_.telemetry ? &ns : nullptr);
-    if (checked && !backend_.all_finite(update)) {
-      backend_.copy(ConstView(backend_.view(saved_m_, rows, cols)), m);
-      return false;
-    }
-    const auto [decay, alpha] = detail::muon_apply(o, rows, cols);
-    backend_.apply_update(p.value, update, decay, alpha);
-    if constexpr (measures_residual<B, T>)
-      if (options_.telemetry) {
-        const double scale = shape_scale(o.scale, rows, cols, o.rms_factor);
-        const double rms = backend_.frobenius_norm(update) /
-                           std::sqrt(static_cast<double>(rows) * static_cast<double>(cols));
-        report.newton_schulz.push_back({ParamId{static_cast<std::size_t>(&p - params_.data())},
-                                        ns.residual, scale * rms, ns.steps});
-      }
-    return true;
-  }
-
-  void adamw_update(Param& p) {
-    const index_t rows = p.value.rows(), cols = p.value.cols();
-    backend_.adamw(p.value, p.grad, backend_.view(p.m, rows, cols), backend_.view(p.v, rows, cols),
-                   detail::adamw_step(groups_[p.group].options.adamw, ++p.adam_steps));
-  }
-
-  Buffer saved_m_;  // a Muon parameter's momentum before its step, while the step is checked
+  void reduce_gradients() {}
+  static Piece piece(const Param& p) { return {0, 0, p.value.rows(), p.value.cols(), 0}; }
+  static ConstView gradient(const Param& p) { return p.grad; }
+  static bool orthogonalizes_here(const Param&) { return true; }
+  static void publish(const Param&, const detail::Part*) {}
+  static detail::Tally exchange(detail::Tally t) { return t; }
 };
 
 }  // namespace muon

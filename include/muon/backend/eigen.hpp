@@ -22,6 +22,7 @@
 
 #include "muon/adapters/eigen.hpp"
 #include "muon/backend/cpu_dispatch.hpp"
+#include "muon/backend/worker_pool.hpp"
 #include "muon/core/backend.hpp"
 
 namespace muon {
@@ -70,6 +71,7 @@ class EigenBackend {
       return gemm(alpha, b.transposed(), a.transposed(), beta, c.transposed());
     Blas ba, bb, bc;
     if (on_blas() && a.cols() > 0 && blas_operand(a, ba) && blas_operand(b, bb) && blas_output(c, bc)) {
+      const cpu::detail::BlasMode mode(cpu::detail::single_threaded_products);
       cblas::gemm(CblasRowMajor, ba.trans, bb.trans, blas_int(c.rows()), blas_int(c.cols()),
                   blas_int(a.cols()), alpha, a.data(), ba.ld, b.data(), bb.ld, beta, c.data(),
                   bc.ld);
@@ -87,6 +89,7 @@ class EigenBackend {
 #if MUON_USE_CBLAS
     Blas ba, bc;
     if (on_blas() && a.cols() > 0 && blas_operand(a, ba) && blas_output(c, bc)) {
+      const cpu::detail::BlasMode mode(cpu::detail::single_threaded_products);
       cblas::syrk(CblasRowMajor, CblasLower, ba.trans, blas_int(c.rows()), blas_int(a.cols()),
                   alpha, a.data(), ba.ld, beta, c.data(), bc.ld);
       return;
@@ -112,6 +115,7 @@ class EigenBackend {
 #if MUON_USE_CBLAS
     Blas ba, bb, bc;
     if (on_blas() && a.cols() > 0 && blas_output(a, ba)) {
+      const cpu::detail::BlasMode mode(cpu::detail::single_threaded_products);
       if (blas_output(b, bb) && blas_output(c, bc)) {
         cblas::symm(CblasRowMajor, CblasLeft, CblasLower, blas_int(c.rows()), blas_int(c.cols()),
                     alpha, a.data(), ba.ld, b.data(), bb.ld, beta, c.data(), bc.ld);
@@ -139,6 +143,29 @@ class EigenBackend {
       for (index_t j0 = i0; j0 < n; j0 += tile)
         for (index_t i = i0; i < std::min(i0 + tile, n); ++i)
           for (index_t j = std::max(j0, i + 1); j < std::min(j0 + tile, n); ++j) c(i, j) = c(j, i);
+  }
+
+  // ---- side by side (RunsSideBySide) ---------------------------------------------------
+  /// The workers of side_by_side(): the process's cpu::worker_pool().
+  [[nodiscard]] int workers() const { return cpu::worker_pool().size(); }
+
+  /// Whether a rows x cols Newton-Schulz runs side by side with others, each on one thread,
+  /// rather than alone on the BLAS's threads: for all but the largest matrices, where a
+  /// threaded product is as fast and a workspace per worker would cost memory for nothing
+  /// (measured by muon_bench's Grouped cases; docs/speed.md).
+  [[nodiscard]] static bool side_by_side_fits(index_t rows, index_t cols) {
+    const auto k = static_cast<double>(std::min(rows, cols));
+    return k * static_cast<double>(rows) * static_cast<double>(cols) <= kSideBySideMaxCost;
+  }
+  static constexpr double kSideBySideMaxCost = 1024.0 * 1024.0 * 4096.0;  // k^2 N
+
+  /// Calls f(i, worker) for every i < n on the workers (the BLAS on one thread meanwhile).
+  template <class F>
+  void side_by_side(std::size_t n, F&& f) const {
+    using Fn = std::remove_reference_t<F>;
+    cpu::worker_pool().run(
+        n, [](void* c, std::size_t i, int w) { (*static_cast<Fn*>(c))(i, w); },
+        const_cast<void*>(static_cast<const void*>(&f)));
   }
 
   // ---- elementwise -----------------------------------------------------------------------
@@ -171,18 +198,18 @@ class EigenBackend {
   }
 
   /// ||x||_F accumulated in double; rescaled by max|x| when the plain sum of squares would
-  /// overflow or underflow (only possible for double input).
+  /// overflow or underflow (only possible for double input). The sum's order depends on the
+  /// shape only, never on where the matrix lies in memory, so the same matrix in another
+  /// buffer (another worker's workspace, a rank's slice) normalizes to the same bits.
   template <class T>
   double frobenius_norm(MatrixView<const T> x) const {
     if (x.empty()) return 0.0;
-    double ss = 0;
-    elementwise([&](auto X) { ss = X.template cast<double>().square().sum(); }, x);
+    const double ss = sum_of_squares(x, 1.0);
     if (std::isfinite(ss) && ss >= std::numeric_limits<double>::min()) return std::sqrt(ss);
     double amax = 0;
     elementwise([&](auto X) { amax = static_cast<double>(X.abs().maxCoeff()); }, x);
     if (amax == 0 || !std::isfinite(amax)) return amax;
-    elementwise([&](auto X) { ss = (X.template cast<double>() / amax).square().sum(); }, x);
-    return amax * std::sqrt(ss);
+    return amax * std::sqrt(sum_of_squares(x, 1.0 / amax));
   }
 
   /// x /= max(norm_scale * ||x||_F, eps), the scaling done in double so that neither a huge
@@ -316,6 +343,37 @@ class EigenBackend {
   };
 #endif
 
+  /// The sum of (scale x)^2 in double: eight running sums over the elements in index order
+  /// (row by row, or along memory for a dense column-major view), added at the end.
+  template <class T>
+  static double sum_of_squares(MatrixView<const T> x, double scale) {
+    double acc[8] = {};
+    index_t lane = 0;
+    const auto run = [&](const T* p, index_t n, index_t stride) {
+      index_t i = 0;
+      for (; lane != 0 && i < n; ++i, lane = (lane + 1) % 8) {
+        const double v = scale * static_cast<double>(p[i * stride]);
+        acc[lane] += v * v;
+      }
+      if (stride == 1)
+        for (; i + 8 <= n; i += 8)
+          for (int l = 0; l < 8; ++l) {
+            const double v = scale * static_cast<double>(p[i + l]);
+            acc[l] += v * v;
+          }
+      for (; i < n; ++i, lane = (lane + 1) % 8) {
+        const double v = scale * static_cast<double>(p[i * stride]);
+        acc[lane] += v * v;
+      }
+    };
+    if (x.is_row_major_contiguous() || x.transposed().is_row_major_contiguous()) {
+      run(x.data(), x.size(), 1);
+    } else {
+      for (index_t i = 0; i < x.rows(); ++i) run(x.data() + i * x.row_stride(), x.cols(), x.col_stride());
+    }
+    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+  }
+
   /// dst = lerp(a, b, weight), branching outside the expression so nothing is materialized.
   template <class D, class A, class B, class T>
   static void assign_lerp(D& dst, const A& a, const B& b, T weight) {
@@ -420,6 +478,7 @@ class EigenBackend {
   }
 };
 
-static_assert(Backend<EigenBackend, float> && Backend<EigenBackend, double>);
+static_assert(Backend<EigenBackend, float> && Backend<EigenBackend, double> &&
+              RunsSideBySide<EigenBackend>);
 
 }  // namespace muon

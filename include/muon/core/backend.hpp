@@ -69,6 +69,18 @@ concept ScansFiniteTogether = requires(B& b, MatrixView<const T, typename B::mem
   { b.end_finite_scan() } -> std::same_as<bool>;
 };
 
+/// Optional: independent tasks side by side on the backend's workers, each one's products
+/// single-threaded (on the CPU, a threaded BLAS wastes most of its threads on small matrices).
+/// workers() is fixed for the backend's life; side_by_side(n, f) calls f(i, worker) once for
+/// each i < n, worker in [0, workers()), and returns when all are done; side_by_side_fits says
+/// which matrices gain from it. The optimizers run Newton-Schulz this way where a backend can.
+template <class B>
+concept RunsSideBySide = requires(B& b, index_t n, void (*task)(std::size_t, int)) {
+  { b.workers() } -> std::convertible_to<int>;
+  { b.side_by_side_fits(n, n) } -> std::same_as<bool>;
+  b.side_by_side(std::size_t{1}, task);
+};
+
 /// float and double. Other element types (complex, integers) are refused with this message.
 template <class T>
 concept SupportedScalar = std::same_as<T, float> || std::same_as<T, double>;

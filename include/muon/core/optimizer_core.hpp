@@ -1,30 +1,87 @@
 #pragma once
-// What every placement of the optimizer shares: parameter groups and their validated options,
-// the registered parameters with their gradients and state buffers, the checks, the
-// Newton-Schulz workspace and the non-finite scan. muon::Optimizer (one process) and
-// muon::ShardedOptimizer (state sharded over a Communicator) are this core plus how they place
-// the work: the Optimizer updates every parameter whole; the sharded one updates this rank's
-// pieces and exchanges the rest.
+// The one driver of every placement of the optimizer. It holds the parameter groups and their
+// validated options, the registered parameters with their gradients and state buffers, and
+// step(): the non-finite check, the elementwise rules on this process's piece of every
+// parameter, and every matrix of the orthogonalizing rules (momentum, Newton-Schulz, check,
+// apply), spread over the backend's workers where it has them. muon::Optimizer places every
+// parameter whole on this process; muon::ShardedOptimizer places pieces on the ranks of a
+// Communicator and adds the exchange. The update rules are policy objects (rules/rules.hpp).
 //
-// Derived provides (and befriends this class and detail::Registrar):
-//   ParamId add(std::string, UpdateRule, std::vector<index_t> shape, View, ConstView, GroupId)
-//     which calls register_param();
-//   bool runs_newton_schulz(const Param&) const
-//     whether this process orthogonalizes the parameter, so its workspace must fit it.
+// Derived (the placement) befriends this class and provides:
+//   static constexpr bool exchanges          whether there is an exchange between ranks
+//   void placed(Param&)                      a parameter was registered (size its state now,
+//                                            or at the next step)
+//   void prepare_step()                      lay out what was registered since
+//   StepReport refuse(const Param* bad)      the step is refused: throw, or the skip report;
+//                                            refused_together(bad) says whether to call it
+//   bool refused_together(const Param* bad)  whether any rank saw a NaN/Inf gradient
+//   void reduce_gradients()                  average the gradients over the ranks
+//   Piece piece(const Param&)                the block of the parameter this process updates
+//   ConstView gradient(Param&)               that block of the (averaged) gradient
+//   bool orthogonalizes_here(const Param&)   whether this process runs the parameter's matrices
+//   void publish(Param&, const Part*)        the piece (or one matrix) was updated here
+//   Tally exchange(Tally)                    the ranks' updates and tallies meet
+// and, when exchanges (zero1 moves the Newton-Schulz inputs instead of the updated matrices):
+//   bool orthogonalizes_after_exchange()     View exchange_input(Param&)   View saved_piece(Param&)
+//   void gathered_input(Param&, const Part&, View)   void restore_momentum(Param&, const Part&)
+#include <algorithm>
+#include <array>
+#include <cmath>
 #include <cstdint>
+#include <limits>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "muon/algorithm/newton_schulz.hpp"
+#include "muon/algorithm/shape_scale.hpp"
 #include "muon/core/backend.hpp"
 #include "muon/core/options.hpp"
+#include "muon/core/parts.hpp"
 #include "muon/core/registration.hpp"
+#include "muon/rules/rules.hpp"
 
-namespace muon::detail {
+namespace muon {
+
+/// How orthogonal one Muon matrix's update was (OptimizerOptions::telemetry).
+struct NewtonSchulzTelemetry {
+  ParamId param;
+  double residual = 0;    ///< ||O O^T - I||_F / sqrt(min(m, n)) of the Newton-Schulz result O
+  double update_rms = 0;  ///< RMS of s O, the step per unit learning rate (rms_factor under
+                          ///< match_rms_adamw when O is orthogonal); weight decay not included
+  int steps = 0;          ///< Newton-Schulz steps run, with those a tolerance added
+  std::size_t part = 0;   ///< which matrix of the parameter (expert or split block); 0 if one
+};
+
+/// What a step() did.
+struct StepReport {
+  bool applied = true;             ///< false when NonFinitePolicy::skip refused the step
+  std::size_t updated = 0;         ///< parameters updated (those with a gradient)
+  std::string skipped_because;     ///< the parameter whose gradient (or update) was not finite
+  std::size_t refused = 0;         ///< Muon parameters left alone: Newton-Schulz result not finite
+  /// With OptimizerOptions::telemetry: one entry per Muon matrix this process orthogonalized,
+  /// in registration order.
+  std::vector<NewtonSchulzTelemetry> newton_schulz;
+};
+
+namespace detail {
 
 /// The per-parameter placement data of an optimizer that updates every parameter whole: none.
 struct WholeMatrix {};
+
+/// A rows x cols block of a parameter's flattened matrix, stored densely at `offset` of a
+/// segment (the sharded placement's exchange buffers).
+struct Piece {
+  index_t row0 = 0, col0 = 0, rows = 0, cols = 0, offset = 0;
+  [[nodiscard]] index_t size() const { return rows * cols; }
+  [[nodiscard]] bool empty() const { return rows == 0 || cols == 0; }
+};
+
+/// The orthogonalizing rules' refusals of one step: how many parameters, and the first.
+struct Tally {
+  std::size_t refused = 0;
+  std::size_t first = std::numeric_limits<std::size_t>::max();
+};
 
 template <class Derived, class B, class T, class ParamExtra>
 class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
@@ -45,10 +102,13 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
   void set_group_options(GroupId id, const GroupOptions& options) {
     check_group(id);
     Group group = make_group(options, id.value);
-    for (const Param& p : params_)  // a new NS method may need more workspace: size it now
-      if (p.group == id.value && self().runs_newton_schulz(p))
-        ns_.reserve(backend_, p.value.rows(), p.value.cols(), options.muon.newton_schulz.method);
-    groups_[id.value] = std::move(group);
+    std::swap(groups_[id.value], group);
+    try {
+      plan();  // a new Newton-Schulz method may need more workspace
+    } catch (...) {
+      std::swap(groups_[id.value], group);
+      throw;
+    }
   }
   [[nodiscard]] const GroupOptions& group_options(GroupId id = {}) const {
     check_group(id);
@@ -77,7 +137,50 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
   [[nodiscard]] std::size_t num_params() const noexcept { return params_.size(); }
   [[nodiscard]] const std::string& name(ParamId id) const { return param(id).name; }
   [[nodiscard]] UpdateRule rule(ParamId id) const { return param(id).rule; }
+  /// How many matrices Newton-Schulz orthogonalizes in this parameter (experts, split blocks);
+  /// 0 for an elementwise rule.
+  [[nodiscard]] std::size_t num_matrices(ParamId id) const { return param(id).parts.size(); }
   [[nodiscard]] B& backend() noexcept { return backend_; }
+
+  // ---- the step --------------------------------------------------------------------------
+  /// One optimizer step over every parameter that has a gradient. Gradients are checked for
+  /// NaN/Inf first; if one is found nothing is modified (see NonFinitePolicy).
+  StepReport step() {
+    Derived& d = self();
+    d.prepare_step();
+    const Param* bad = first_nonfinite_grad();
+    if (d.refused_together(bad)) return d.refuse(bad);
+    d.reduce_gradients();
+    std::size_t updated = 0;
+    for (Param& p : params_) {
+      if (!p.takes_part()) continue;
+      ++updated;
+      rules::All::visit(p.rule, [&](auto rule) {
+        using R = decltype(rule);
+        const Piece mine = d.piece(p);
+        const auto& options = R::options(groups_[p.group].options);
+        const auto state = state_views(p, mine);
+        if constexpr (!R::orthogonalizes) {
+          R::update(backend_, block(p.value, mine), d.gradient(p), state.data(), options,
+                    p.updates);
+          d.publish(p, nullptr);
+        } else if constexpr (Derived::exchanges) {
+          if (!d.orthogonalizes_after_exchange() || mine.empty()) return;
+          if (checked()) backend_.copy(ConstView(state[0]), d.saved_piece(p));
+          R::accumulate(backend_, state[0], d.gradient(p), d.exchange_input(p), options);
+        }
+      });
+    }
+    const bool after = after_exchange();
+    if (!after) run_matrices();
+    Tally tally = d.exchange(after ? Tally{} : local_tally());
+    if (after) {
+      run_matrices();
+      tally = local_tally();
+    }
+    ++steps_;
+    return finish(updated, tally);
+  }
 
  protected:
   using Buffer = typename B::template Buffer<T>;
@@ -93,15 +196,29 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
     View value;
     ConstView grad;
     bool has_grad = true;
-    Buffer m, v;  // muon: m = momentum; adamw: m, v = first and second moments
-    std::uint64_t adam_steps = 0;
+    std::array<Buffer, rules::All::max_buffers> state;  // the rule's buffers, dense over the piece
+    std::uint64_t updates = 0;  // steps taken by this parameter (AdamW's bias correction)
+    std::vector<Part> parts;    // orthogonalizing rules: the matrices Newton-Schulz runs on
     /// Whether step() updates it: it has a gradient and at least one element.
     [[nodiscard]] bool takes_part() const { return has_grad && !value.empty(); }
+  };
+  /// What a worker needs to carry one matrix through: Newton-Schulz workspace, and the
+  /// matrix's momentum before its step while the step is checked.
+  struct Worker {
+    NewtonSchulzWorkspace<B, T> ns;
+    Buffer saved;
   };
 
   OptimizerCore(B backend, OptimizerOptions options, const GroupOptions& defaults)
       : backend_(std::move(backend)), options_(options) {
+    if (options.telemetry && !measures_residual<B, T>)
+      throw InvalidArgument("muon: OptimizerOptions.telemetry: this backend cannot measure "
+                            "residuals (it has no frobenius_norm(); EigenBackend has)");
     add_group(defaults);
+    if constexpr (RunsSideBySide<B>)
+      workers_.resize(options.side_by_side ? static_cast<std::size_t>(std::max(1, backend_.workers())) : 1);
+    else
+      workers_.resize(1);
   }
 
   static Group make_group(const GroupOptions& options, std::size_t index) {
@@ -111,27 +228,19 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
             options.muon.newton_schulz.schedule.resolve(options.muon.newton_schulz.steps)};
   }
 
-  /// The checks every new parameter passes; appends it (state buffers not yet sized).
-  Param& register_param(std::string name, UpdateRule rule, std::vector<index_t> shape,
-                        View value, ConstView grad, GroupId group) {
-    check_group(group);
-    check_new_param(params_, name, shape, value, grad);
-    Param p;
-    p.name = std::move(name);
-    p.rule = rule;
-    p.group = group.value;
-    p.shape = std::move(shape);
-    p.value = value;
-    p.grad = grad;
-    params_.push_back(std::move(p));
-    return params_.back();
+  [[nodiscard]] bool checked() const { return options_.non_finite != NonFinitePolicy::unchecked; }
+  [[nodiscard]] bool after_exchange() {
+    if constexpr (Derived::exchanges)
+      return self().orthogonalizes_after_exchange();
+    else
+      return false;
   }
 
   /// The first parameter taking part whose gradient holds a NaN or Inf; none when unchecked.
   /// One verdict for all gradients where the backend can (ScansFiniteTogether); the per-
   /// parameter scan then runs only to name the culprit.
   [[nodiscard]] const Param* first_nonfinite_grad() {
-    if (options_.non_finite == NonFinitePolicy::unchecked) return nullptr;
+    if (!checked()) return nullptr;
     if constexpr (ScansFiniteTogether<B, T>) {
       backend_.begin_finite_scan();
       for (const Param& p : params_)
@@ -143,13 +252,52 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
     return nullptr;
   }
 
-  static std::size_t buffer_count(UpdateRule rule) { return rule == UpdateRule::muon ? 1 : 2; }
-  static std::vector<Buffer*> state_buffers(Param& p) {
-    if (p.rule == UpdateRule::muon) return {&p.m};
-    return {&p.m, &p.v};
+  /// The rule's state buffers as dense views over a piece.
+  std::array<View, rules::All::max_buffers> state_views(Param& p, const Piece& piece) {
+    std::array<View, rules::All::max_buffers> v{};
+    for (std::size_t i = 0; i < rules::All::buffers(p.rule); ++i)
+      v[i] = backend_.view(p.state[i], piece.rows, piece.cols);
+    return v;
   }
-  static std::string describe(std::uint8_t rule) {
-    return rule == 0 ? "muon" : rule == 1 ? "adamw" : "rule " + std::to_string(rule);
+  /// Sizes a parameter's state buffers for its piece (zeros).
+  void size_state(Param& p, index_t elements) {
+    for (std::size_t i = 0; i < rules::All::buffers(p.rule); ++i)
+      backend_.resize(p.state[i], elements);
+  }
+  template <class X>
+  static MatrixView<X, Space> block(MatrixView<X, Space> v, const Piece& p) {
+    return v.block(p.row0, p.col0, p.rows, p.cols);
+  }
+
+  /// Lists every matrix the orthogonalizing rules will run, costliest first, and sizes the
+  /// workers' workspaces for those this process runs: worker 0 for all of them, the others
+  /// for those the backend runs side by side. Call after a registration or layout change.
+  void plan() {
+    std::vector<Unit> units;
+    for (std::size_t i = 0; i < params_.size(); ++i)
+      for (std::size_t j = 0; j < params_[i].parts.size(); ++j) units.push_back({i, j});
+    std::vector<std::size_t> order(units.size());
+    for (std::size_t u = 0; u < order.size(); ++u) order[u] = u;
+    std::stable_sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) {
+      return cost(part_of(units[a])) > cost(part_of(units[b]));
+    });
+    for (const Unit& u : units) {
+      const Param& p = params_[u.param];
+      const Part& part = p.parts[u.part];
+      if (!self().orthogonalizes_here(p) || part.empty()) continue;
+      const NewtonSchulzMethod method = groups_[p.group].options.muon.newton_schulz.method;
+      const std::size_t count = side_by_side(part) ? workers_.size() : 1;
+      for (std::size_t w = 0; w < count; ++w) {
+        workers_[w].ns.reserve(backend_, part.rows, part.cols, method);
+        if (static_cast<index_t>(workers_[w].saved.size()) < part.size())
+          backend_.resize(workers_[w].saved, part.size());
+      }
+    }
+    outcomes_.assign(units.size(), Outcome{});
+    ready_.reserve(units.size());
+    spread_.reserve(units.size());
+    units_ = std::move(units);
+    order_ = std::move(order);
   }
 
   const Param& param(ParamId id) const {
@@ -171,11 +319,165 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
   OptimizerOptions options_;
   std::vector<Group> groups_;
   std::vector<Param> params_;
-  NewtonSchulzWorkspace<B, T> ns_;
+  std::vector<Worker> workers_;  // [0] serves every matrix; the others, side by side with it
   std::uint64_t steps_ = 0;
 
  private:
+  friend class Registrar<Derived, T, Space>;
+  /// One matrix Newton-Schulz orthogonalizes: part `part` of parameter `param`.
+  struct Unit {
+    std::size_t param, part;
+  };
+  /// What happened to one matrix this step.
+  struct Outcome {
+    bool ran = false, refused = false;
+    NewtonSchulzReport ns;
+    double update_rms = 0;
+  };
+
   Derived& self() { return static_cast<Derived&>(*this); }
+
+  ParamId add(std::string name, UpdateRule rule, std::vector<index_t> shape, View value,
+              ConstView grad, GroupId group, std::vector<Part> parts) {
+    check_group(group);
+    check_new_param(params_, name, shape, value, grad);
+    Param p;
+    p.name = std::move(name);
+    p.rule = rule;
+    p.group = group.value;
+    p.shape = std::move(shape);
+    p.value = value;
+    p.grad = grad;
+    if (rules::All::orthogonalizes(rule)) p.parts = std::move(parts);
+    params_.push_back(std::move(p));
+    try {
+      self().placed(params_.back());
+      plan();
+    } catch (...) {  // out of memory: the optimizer stays as it was
+      params_.pop_back();
+      throw;
+    }
+    return {params_.size() - 1};
+  }
+
+  const Part& part_of(const Unit& u) const { return params_[u.param].parts[u.part]; }
+  static double cost(const Part& p) {  // Newton-Schulz flops ~ k^2 N
+    const auto k = static_cast<double>(std::min(p.rows, p.cols));
+    return k * static_cast<double>(p.rows) * static_cast<double>(p.cols);
+  }
+  bool side_by_side(const Part& part) {
+    if constexpr (RunsSideBySide<B>)
+      return workers_.size() > 1 && backend_.side_by_side_fits(part.rows, part.cols);
+    else
+      return false;
+  }
+
+  /// Runs every matrix of the orthogonalizing rules this process orthogonalizes this step:
+  /// those the backend runs side by side spread over its workers (costliest first), the
+  /// others one after the other on worker 0. Which way a matrix goes depends on its shape
+  /// only, so its result is the same bits however many others step with it.
+  void run_matrices() {
+    ready_.clear();
+    spread_.clear();
+    for (std::size_t u : order_) {
+      outcomes_[u] = Outcome{};
+      const Param& p = params_[units_[u].param];
+      if (!p.takes_part() || !self().orthogonalizes_here(p) || part_of(units_[u]).empty()) continue;
+      (side_by_side(part_of(units_[u])) ? spread_ : ready_).push_back(u);
+    }
+    if constexpr (RunsSideBySide<B>)
+      if (!spread_.empty())  // even one: its products then round as they do side by side
+        backend_.side_by_side(spread_.size(), [&](std::size_t i, int worker) {
+          run_matrix(spread_[i], workers_[static_cast<std::size_t>(worker)]);
+        });
+    for (std::size_t u : ready_) run_matrix(u, workers_[0]);
+  }
+
+  /// One matrix through its rule: the Newton-Schulz input (momentum here, or what the
+  /// exchange gathered), Newton-Schulz, the finiteness check, apply.
+  void run_matrix(std::size_t u, Worker& w) {
+    Param& p = params_[units_[u].param];
+    const Part& part = p.parts[units_[u].part];
+    rules::All::visit(p.rule, [&](auto rule) {
+      using R = decltype(rule);
+      if constexpr (R::orthogonalizes) {
+        Derived& d = self();
+        const Group& g = groups_[p.group];
+        const auto& options = R::options(g.options);
+        const View in = w.ns.input(backend_, part.rows, part.cols);
+        const View saved = backend_.view(w.saved, part.rows, part.cols);
+        const Piece mine = d.piece(p);
+        View m;
+        if (after_exchange()) {
+          if constexpr (Derived::exchanges) d.gathered_input(p, part, in);
+        } else {
+          m = part_view(state_views(p, mine)[0], part, mine.row0, mine.col0);
+          if (checked()) backend_.copy(ConstView(m), saved);
+          R::accumulate(backend_, m, part_view(d.gradient(p), part, mine.row0, mine.col0), in,
+                        options);
+        }
+        Outcome& out = outcomes_[u];
+        out.ran = true;
+        const ConstView o = w.ns.run(backend_, part.rows, part.cols, g.schedule,
+                                     options.newton_schulz, options_.telemetry ? &out.ns : nullptr);
+        if (checked() && !backend_.all_finite(o)) {
+          out.refused = true;
+          if (after_exchange()) {
+            if constexpr (Derived::exchanges) d.restore_momentum(p, part);
+          } else {
+            backend_.copy(ConstView(saved), m);
+          }
+          return;
+        }
+        R::apply(backend_, part_view(p.value, part), o, options);
+        if constexpr (measures_residual<B, T>)
+          if (options_.telemetry)
+            out.update_rms = shape_scale(options.scale, part.rows, part.cols, options.rms_factor) *
+                             backend_.frobenius_norm(o) /
+                             std::sqrt(static_cast<double>(part.rows) * static_cast<double>(part.cols));
+        d.publish(p, &part);
+      }
+    });
+  }
+
+  /// The refusals of the matrices run here (units_ lists a parameter's matrices together).
+  Tally local_tally() const {
+    Tally t;
+    std::size_t last = std::numeric_limits<std::size_t>::max();
+    for (std::size_t u = 0; u < units_.size(); ++u) {
+      if (!outcomes_[u].refused || units_[u].param == last) continue;
+      last = units_[u].param;
+      t.first = std::min(t.first, last);
+      ++t.refused;
+    }
+    return t;
+  }
+
+  StepReport finish(std::size_t updated, const Tally& tally) {
+    StepReport report{true, updated - tally.refused, {}, tally.refused, {}};
+    if (options_.telemetry)
+      for (std::size_t u = 0; u < units_.size(); ++u)
+        if (outcomes_[u].ran && !outcomes_[u].refused)
+          report.newton_schulz.push_back({ParamId{units_[u].param}, outcomes_[u].ns.residual,
+                                          outcomes_[u].update_rms, outcomes_[u].ns.steps,
+                                          units_[u].part});
+    if (tally.refused == 0) return report;
+    const Param& p = params_[tally.first];
+    report.skipped_because = p.name;
+    if (options_.non_finite == NonFinitePolicy::skip) return report;
+    throw NonFiniteUpdate("muon: the Newton-Schulz result of parameter '" + p.name + "' (" +
+                              shape_string(p.shape) +
+                              ") is not finite (its momentum overflowed?); that matrix and its "
+                              "momentum were left as they were, the others took this step",
+                          p.name);
+  }
+
+  std::vector<Unit> units_;           // every matrix of the orthogonalizing rules, in order
+  std::vector<std::size_t> order_;    // units_, costliest first
+  std::vector<Outcome> outcomes_;     // per unit, this step
+  std::vector<std::size_t> ready_;    // this step's units for worker 0 (capacity reserved)
+  std::vector<std::size_t> spread_;   // this step's units side by side (capacity reserved)
 };
 
-}  // namespace muon::detail
+}  // namespace detail
+}  // namespace muon

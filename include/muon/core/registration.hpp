@@ -1,7 +1,7 @@
 #pragma once
 // Parameter registration shared by muon::Optimizer and muon::ShardedOptimizer: the ids, the
-// add_muon / add_adamw overloads (views, N-D tensors, adapted types) and the checks on a new
-// parameter. `params` is the list registered so far; its elements have name, shape, value, grad
+// add_muon / add_adamw overloads (views, N-D tensors, adapted types, expert stacks and split
+// matrices) and the checks on a new parameter. `params` is the list registered so far; its elements have name, shape, value, grad
 // and has_grad members.
 #include <algorithm>
 #include <cstdint>
@@ -11,6 +11,7 @@
 #include "muon/core/adapter.hpp"
 #include "muon/core/error.hpp"
 #include "muon/core/matrix_view.hpp"
+#include "muon/core/parts.hpp"
 
 namespace muon {
 
@@ -96,7 +97,8 @@ void check_new_param(const Params& params, const std::string& name,
 }
 
 /// The registration overloads of an optimizer; Derived provides
-///   ParamId add(std::string name, UpdateRule, std::vector<index_t> shape, View, ConstView, GroupId)
+///   ParamId add(std::string name, UpdateRule, std::vector<index_t> shape, View, ConstView,
+///               GroupId, std::vector<Part> matrices)
 /// (befriending this class) and does the common checks there with check_new_param.
 template <class Derived, class T, class Space>
 class Registrar {
@@ -107,31 +109,57 @@ class Registrar {
   /// A weight matrix updated by Muon.
   ParamId add_muon(std::string name, View param, ConstView grad, GroupId group = {}) {
     return self().add(std::move(name), UpdateRule::muon, {param.rows(), param.cols()}, param,
-                      grad, group);
+                      grad, group, whole(param.rows(), param.cols()));
+  }
+  /// A fused weight matrix (QKV rows, attention heads) whose blocks along split.axis Muon
+  /// orthogonalizes and scales as matrices of their own.
+  ParamId add_muon(std::string name, View param, ConstView grad, const Split& split,
+                   GroupId group = {}) {
+    return self().add(name, UpdateRule::muon, {param.rows(), param.cols()}, param, grad, group,
+                      detail::split(param.rows(), param.cols(), split,
+                                    describe_param(name, {param.rows(), param.cols()})));
+  }
+  /// A stack of experts (E x m x n seen flattened as E x (m n)): E matrices of m x n, one
+  /// momentum buffer and one state record.
+  ParamId add_muon(std::string name, View param, ConstView grad, Experts experts,
+                   GroupId group = {}) {
+    return add_experts(std::move(name), {param.rows(), param.cols()}, param, grad, experts.rows,
+                       group);
   }
   /// An N-D weight (N >= 2, dense row-major, e.g. a conv kernel out x in x kh x kw), updated
   /// by Muon as the (shape[0], product of the rest) matrix.
   ParamId add_muon(std::string name, TensorView<T, Space> param, TensorView<const T, Space> grad,
                    GroupId group = {}) {
-    if (param.shape.size() < 2)
-      throw InvalidArgument(describe_param(name, param.shape) +
-                            " has fewer than 2 dimensions; Muon is for matrices, route it to "
-                            "AdamW with add_adamw()");
-    return add_tensor(std::move(name), UpdateRule::muon, param, grad, group);
+    check_tensor(name, param, grad, 2);
+    const View flat = param.flattened();
+    return self().add(std::move(name), UpdateRule::muon, param.shape, flat, grad.flattened(),
+                      group, whole(flat.rows(), flat.cols()));
+  }
+  /// An expert stack E x m x n (x ...): E matrices of m x (product of the rest).
+  ParamId add_muon(std::string name, TensorView<T, Space> param, TensorView<const T, Space> grad,
+                   Experts experts, GroupId group = {}) {
+    check_tensor(name, param, grad, 3);
+    if (experts.rows == 0) experts.rows = param.shape[1];
+    return add_experts(std::move(name), param.shape, param.flattened(), grad.flattened(),
+                       experts.rows, group);
   }
   /// A parameter updated by AdamW (any shape; vectors are 1 x n or n x 1 views).
   ParamId add_adamw(std::string name, View param, ConstView grad, GroupId group = {}) {
     return self().add(std::move(name), UpdateRule::adamw, {param.rows(), param.cols()}, param,
-                      grad, group);
+                      grad, group, {});
   }
   ParamId add_adamw(std::string name, TensorView<T, Space> param,
                     TensorView<const T, Space> grad, GroupId group = {}) {
-    return add_tensor(std::move(name), UpdateRule::adamw, param, grad, group);
+    check_tensor(name, param, grad, 0);
+    return self().add(std::move(name), UpdateRule::adamw, param.shape, param.flattened(),
+                      grad.flattened(), group, {});
   }
-  /// Any adapted tensor types (Eigen objects, your own through muon::view).
-  template <ViewableMatrix P, ViewableMatrix G>
-  ParamId add_muon(std::string name, P& param, const G& grad, GroupId group = {}) {
-    return add_muon(std::move(name), as_param<T, Space>(param), as_grad<T, Space>(grad), group);
+  /// Any adapted tensor types (Eigen objects, your own through muon::view), optionally with
+  /// a Split or Experts.
+  template <ViewableMatrix P, ViewableMatrix G, class... Layout>
+  ParamId add_muon(std::string name, P& param, const G& grad, Layout&&... layout_and_group) {
+    return add_muon(std::move(name), as_param<T, Space>(param), as_grad<T, Space>(grad),
+                    std::forward<Layout>(layout_and_group)...);
   }
   template <ViewableMatrix P, ViewableMatrix G>
   ParamId add_adamw(std::string name, P& param, const G& grad, GroupId group = {}) {
@@ -140,13 +168,24 @@ class Registrar {
 
  private:
   Derived& self() { return static_cast<Derived&>(*this); }
-  ParamId add_tensor(std::string name, UpdateRule rule, TensorView<T, Space> param,
-                     TensorView<const T, Space> grad, GroupId group) {
+  static void check_tensor(const std::string& name, const TensorView<T, Space>& param,
+                           const TensorView<const T, Space>& grad, std::size_t min_dims) {
     if (grad.shape != param.shape)
       throw InvalidArgument(describe_param(name, param.shape) + ": gradient has shape " +
                             shape_string(grad.shape));
-    return self().add(std::move(name), rule, param.shape, param.flattened(), grad.flattened(),
-                      group);
+    if (param.shape.size() < min_dims)
+      throw InvalidArgument(describe_param(name, param.shape) + " has fewer than " +
+                            std::to_string(min_dims) + " dimensions; " +
+                            (min_dims == 2 ? "Muon is for matrices, route it to AdamW with "
+                                             "add_adamw()"
+                                           : "an expert stack is experts x rows x cols"));
+  }
+  ParamId add_experts(std::string name, std::vector<index_t> shape, View param, ConstView grad,
+                      index_t rows, GroupId group) {
+    std::vector<Part> parts =
+        experts(param.rows(), param.cols(), rows, describe_param(name, shape));
+    return self().add(std::move(name), UpdateRule::muon, std::move(shape), param, grad, group,
+                      std::move(parts));
   }
 };
 

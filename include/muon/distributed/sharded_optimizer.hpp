@@ -33,9 +33,19 @@
 // so their state and AdamW step counts carry on unchanged (a state saved after such a late
 // registration reloads into an optimizer registered in the same sequence).
 //
-// Groups, registration, gradients, state buffers and the checks are detail::OptimizerCore's,
-// the same code muon::Optimizer runs; this class adds the layout of the pieces and the
-// exchange.
+// Newton-Schulz results are checked as muon::Optimizer checks them (NonFiniteUpdate): under
+// owner_compute the owners' verdicts travel with the all-gather, two scalars per rank, so
+// every rank reports the same refusals; under zero1 every rank orthogonalizes every matrix and
+// reaches the verdict itself (the momentum slices are kept in a scratch segment meanwhile).
+// Telemetry reports the matrices this rank orthogonalized.
+//
+// Multi-matrix parameters (expert stacks, split matrices): owner_compute gives the whole
+// parameter to one rank; zero1 slices it along its split at matrix boundaries, so that every
+// matrix's slice of U is on one rank.
+//
+// step() is detail::OptimizerCore's, the driver muon::Optimizer runs, and so are groups,
+// registration, gradients, state buffers and the checks; this class is the placement: the
+// layout of the pieces and the exchange.
 #include <algorithm>
 #include <cstdint>
 #include <istream>
@@ -46,7 +56,6 @@
 #include <vector>
 
 #include "muon/algorithm/newton_schulz.hpp"
-#include "muon/algorithm/update.hpp"
 #include "muon/core/adapter.hpp"
 #include "muon/core/backend.hpp"
 #include "muon/core/optimizer_core.hpp"
@@ -64,12 +73,6 @@ inline const char* to_string(ShardingStrategy s) {
 }
 
 namespace detail {
-/// A rows x cols block of a parameter, stored densely at `offset` of a rank's segment.
-struct Piece {
-  index_t row0 = 0, col0 = 0, rows = 0, cols = 0, offset = 0;
-  [[nodiscard]] index_t size() const { return rows * cols; }
-  [[nodiscard]] bool empty() const { return rows == 0 || cols == 0; }
-};
 /// The sharded placement's data of one parameter: its piece on every rank.
 struct ShardedPieces {
   std::vector<Piece> pieces;
@@ -119,11 +122,7 @@ class ShardedOptimizer
 
   ShardedOptimizer(C comm, ShardingStrategy strategy, GroupOptions defaults = {},
                    OptimizerOptions options = {}, B backend = B{})
-      : Core(std::move(backend), options, defaults), comm_(std::move(comm)), strategy_(strategy) {
-    if (options.telemetry)
-      throw InvalidArgument("muon: OptimizerOptions.telemetry is not available in "
-                            "ShardedOptimizer (muon::Optimizer reports it)");
-  }
+      : Core(std::move(backend), options, defaults), comm_(std::move(comm)), strategy_(strategy) {}
 
   // Groups, add_muon / add_adamw and introspection: see detail::OptimizerCore
   // (muon/core/optimizer_core.hpp) and detail::Registrar. What changes what the ranks must
@@ -148,70 +147,8 @@ class ShardedOptimizer
     if (had) fingerprint_stale_ = true;
   }
 
-  /// One step on every rank (collective). Gradients are averaged over the ranks.
-  StepReport step() {
-    // Validate before communicating: every rank learns whether any rank saw a NaN/Inf and
-    // whether the ranks agree (no collective when unchecked and nothing was registered).
-    lay_out();
-    const Param* bad = this->first_nonfinite_grad();
-    if ((options_.non_finite != NonFinitePolicy::unchecked || agreed_ != laid_out_) &&
-        agree(bad != nullptr)) {
-      const std::string who = bad != nullptr ? "parameter '" + bad->name + "' on rank " +
-                                                   std::to_string(comm_.rank())
-                                             : "a parameter on another rank";
-      if (options_.non_finite == NonFinitePolicy::skip) return {false, 0, who, 0, {}};
-      throw NonFiniteGradient("muon: step refused on every rank: the gradient of " + who +
-                                  " contains NaN or Inf; no parameter or state was changed",
-                              bad != nullptr ? bad->name : std::string());
-    }
-    const int world = comm_.size(), me = comm_.rank();
-    const auto seg = static_cast<std::size_t>(segment_);
-    // 1. Pack every rank's slice of every local gradient; reduce-scatter; average.
-    std::size_t updated = 0;
-    for (Param& p : params_)
-      if (p.takes_part()) {
-        ++updated;
-        for (int r = 0; r < world; ++r) backend_.copy(block(p.grad, p.pieces[r]), packed(full_, r, p.pieces[r]));
-      }
-    comm_.reduce_scatter_sum(data(full_, seg * world), data(reduced_, seg), seg);
-    if (world > 1) backend_.scale(backend_.view(reduced_, 1, segment_), T(1) / static_cast<T>(world));
-    // 2. Update this rank's slices; what the others need goes into out_.
-    for (Param& p : params_) {
-      if (!p.takes_part()) continue;  // as muon::Optimizer: no gradient, nothing to update
-      const Piece& mine = p.pieces[me];
-      const ConstView g = packed(reduced_, 0, mine);
-      const View m = backend_.view(p.m, mine.rows, mine.cols);
-      if (p.rule == UpdateRule::adamw) {
-        const View w = block(p.value, mine);
-        backend_.adamw(w, g, m, backend_.view(p.v, mine.rows, mine.cols),
-                       detail::adamw_step(groups_[p.group].options.adamw, ++p.adam_steps));
-        backend_.copy(ConstView(w), packed(out_, 0, mine));
-      } else if (strategy_ == ShardingStrategy::zero1) {
-        backend_.momentum(m, g, packed(out_, 0, mine), detail::momentum_step(groups_[p.group].options.muon));
-      } else if (!mine.empty()) {  // owner_compute: this rank owns the whole matrix
-        const index_t rows = p.value.rows(), cols = p.value.cols();
-        backend_.momentum(m, g, ns_.input(backend_, rows, cols),
-                          detail::momentum_step(groups_[p.group].options.muon));
-        orthogonalize_and_apply(p);
-        backend_.copy(ConstView(p.value), packed(out_, 0, mine));
-      }
-    }
-    // 3. All-gather; every rank completes its full copy of every parameter.
-    comm_.all_gather(data(out_, seg), data(full_, seg * world), seg);
-    for (Param& p : params_) {
-      if (!p.takes_part()) continue;
-      if (p.rule == UpdateRule::muon && strategy_ == ShardingStrategy::zero1) {
-        const View u = ns_.input(backend_, p.value.rows(), p.value.cols());
-        for (int r = 0; r < world; ++r) backend_.copy(ConstView(packed(full_, r, p.pieces[r])), block(u, p.pieces[r]));
-        orthogonalize_and_apply(p);
-        continue;
-      }
-      for (int r = 0; r < world; ++r)
-        if (r != me) backend_.copy(ConstView(packed(full_, r, p.pieces[r])), block(p.value, p.pieces[r]));
-    }
-    ++steps_;
-    return {true, updated, {}, 0, {}};
-  }
+  // step(): detail::OptimizerCore's, collective here: call it on every rank. Gradients are
+  // averaged over the ranks.
 
   // ---- introspection ---------------------------------------------------------------------
   [[nodiscard]] ShardingStrategy strategy() const noexcept { return strategy_; }
@@ -221,7 +158,7 @@ class ShardedOptimizer
     lay_out();
     std::size_t n = 0;
     for (const Param& p : params_)
-      n += static_cast<std::size_t>(p.pieces[comm_.rank()].size()) * (p.rule == UpdateRule::adamw ? 2 : 1);
+      n += static_cast<std::size_t>(p.pieces[comm_.rank()].size()) * rules::All::buffers(p.rule);
     return n * sizeof(T);
   }
   /// Bytes of the communication buffers: the full-size gather buffer and two 1/N segments.
@@ -261,10 +198,10 @@ class ShardedOptimizer
       w.put_string(p.name);
       for (index_t e : {p.value.rows(), p.value.cols(), mine.row0, mine.col0, mine.rows, mine.cols})
         w.put<std::uint64_t>(static_cast<std::uint64_t>(e));
-      w.put<std::uint64_t>(p.adam_steps);
+      w.put<std::uint64_t>(p.updates);
       host.resize(static_cast<std::size_t>(mine.size()));
-      for (Buffer* buf : state_buffers(p)) {
-        backend_.copy_to_host(ConstView(backend_.view(*buf, mine.rows, mine.cols)), host.data());
+      for (std::size_t b = 0; b < rules::All::buffers(p.rule); ++b) {
+        backend_.copy_to_host(ConstView(backend_.view(p.state[b], mine.rows, mine.cols)), host.data());
         w.put_array(host.data(), host.size());
       }
     }
@@ -282,10 +219,10 @@ class ShardedOptimizer
     const std::string bytes{std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
     std::string error;
     std::vector<const char*> data;
-    std::vector<std::uint64_t> adam_steps;
+    std::vector<std::uint64_t> updates;
     std::uint64_t steps = 0;
     try {
-      steps = parse_state(bytes, data, adam_steps);
+      steps = parse_state(bytes, data, updates);
     } catch (const StateError& e) {
       error = e.what();
     }
@@ -300,36 +237,138 @@ class ShardedOptimizer
       const auto n = static_cast<std::size_t>(mine.size());
       host.resize(n);
       const char* src = data[i];
-      for (Buffer* buf : state_buffers(p)) {
+      for (std::size_t b = 0; b < rules::All::buffers(p.rule); ++b) {
         detail::from_little_endian(src, n, host.data());
-        backend_.copy_from_host(host.data(), backend_.view(*buf, mine.rows, mine.cols));
+        backend_.copy_from_host(host.data(), backend_.view(p.state[b], mine.rows, mine.cols));
         src += n * sizeof(T);
       }
-      p.adam_steps = adam_steps[i];
+      p.updates = updates[i];
     }
     steps_ = steps;
   }
 
  private:
   friend Core;
-  friend class detail::Registrar<ShardedOptimizer<B, T, C>, T, Space>;
   using Piece = detail::Piece;
+  using Part = detail::Part;
   using typename Core::Buffer;
   using typename Core::Param;
   using Core::backend_;
-  using Core::buffer_count;
   using Core::groups_;
-  using Core::ns_;
   using Core::options_;
   using Core::params_;
-  using Core::state_buffers;
   using Core::steps_;
+  using Core::block;
   static constexpr char kMagic[8] = {'\x89', 'M', 'U', 'O', 'N', 'D', 'P', '\x1a'};
 
-  ParamId add(std::string name, UpdateRule rule, std::vector<index_t> shape, View value,
-              ConstView grad, GroupId group) {
-    this->register_param(std::move(name), rule, std::move(shape), value, grad, group);
-    return {params_.size() - 1};  // laid out (pieces, state, workspace) at the next step
+  // ---- the placement hooks of detail::OptimizerCore ----------------------------------------
+  static constexpr bool exchanges = true;
+  void placed(Param&) {}  // laid out, with its state, at the next step
+  void prepare_step() { lay_out(); }
+  /// Validates before communicating: every rank learns whether any rank saw a NaN/Inf and
+  /// whether the ranks agree (no collective when unchecked and nothing was registered).
+  bool refused_together(const Param* bad) {
+    return (options_.non_finite != NonFinitePolicy::unchecked || agreed_ != laid_out_) &&
+           agree(bad != nullptr);
+  }
+  StepReport refuse(const Param* bad) const {
+    const std::string who = bad != nullptr ? "parameter '" + bad->name + "' on rank " +
+                                                 std::to_string(comm_.rank())
+                                           : "a parameter on another rank";
+    if (options_.non_finite == NonFinitePolicy::skip) return {false, 0, who, 0, {}};
+    throw NonFiniteGradient("muon: step refused on every rank: the gradient of " + who +
+                                " contains NaN or Inf; no parameter or state was changed",
+                            bad != nullptr ? bad->name : std::string());
+  }
+  /// Packs every rank's slice of every local gradient, reduce-scatters and averages.
+  void reduce_gradients() {
+    const int world = comm_.size();
+    const auto seg = static_cast<std::size_t>(segment_);
+    for (Param& p : params_)
+      if (p.takes_part())
+        for (int r = 0; r < world; ++r) backend_.copy(block(p.grad, p.pieces[r]), packed(full_, r, p.pieces[r]));
+    comm_.reduce_scatter_sum(data(full_, seg * world), data(reduced_, seg), seg);
+    if (world > 1) backend_.scale(backend_.view(reduced_, 1, segment_), T(1) / static_cast<T>(world));
+  }
+  Piece piece(const Param& p) const { return p.pieces[comm_.rank()]; }
+  ConstView gradient(const Param& p) { return packed(reduced_, 0, piece(p)); }
+  /// Whether this rank orthogonalizes parameter p (zero1: every Muon matrix; owner: its own);
+  /// false until p is laid out (its workspace is reserved then).
+  bool orthogonalizes_here(const Param& p) const {
+    return rules::All::orthogonalizes(p.rule) && !p.pieces.empty() &&
+           (strategy_ == ShardingStrategy::zero1 || !piece(p).empty());
+  }
+  bool orthogonalizes_after_exchange() const { return strategy_ == ShardingStrategy::zero1; }
+  /// What the others need of this rank's update goes into out_: the piece of an elementwise
+  /// rule, or (owner_compute) a matrix just updated.
+  void publish(Param& p, const Part* part) {
+    const Piece mine = piece(p);
+    if (part == nullptr)
+      backend_.copy(ConstView(block(p.value, mine)), packed(out_, 0, mine));
+    else if (strategy_ == ShardingStrategy::owner_compute)
+      backend_.copy(ConstView(detail::part_view(p.value, *part)),
+                    detail::part_view(packed(out_, 0, mine), *part, mine.row0, mine.col0));
+  }
+  /// All-gather; every rank completes its full copy of every parameter (zero1's Muon pieces
+  /// are U, which the matrices read with gathered_input()). Under checked owner_compute the
+  /// owners' refusals travel in the two status scalars at the end of each segment.
+  detail::Tally exchange(detail::Tally tally) {
+    const int world = comm_.size(), me = comm_.rank();
+    const auto seg = static_cast<std::size_t>(segment_);
+    const bool status = carries_status();
+    if (status) {
+      const T words[2] = {static_cast<T>(tally.refused),
+                          static_cast<T>(tally.refused > 0 ? tally.first + 1 : 0)};
+      backend_.copy_from_host(words, status_view(out_, 0));
+    }
+    comm_.all_gather(data(out_, seg), data(full_, seg * world), seg);
+    for (Param& p : params_) {
+      if (!p.takes_part() || (orthogonalizes_after_exchange() && rules::All::orthogonalizes(p.rule)))
+        continue;
+      for (int r = 0; r < world; ++r)
+        if (r != me) backend_.copy(ConstView(packed(full_, r, p.pieces[r])), block(p.value, p.pieces[r]));
+    }
+    if (!status) return tally;
+    detail::Tally all;
+    for (int r = 0; r < world; ++r) {
+      backend_.copy_to_host(ConstView(status_view(full_, r)), status_host_.data());
+      all.refused += static_cast<std::size_t>(status_host_[0]);
+      if (status_host_[1] > 0) all.first = std::min(all.first, static_cast<std::size_t>(status_host_[1]) - 1);
+    }
+    return all;
+  }
+  View exchange_input(const Param& p) { return packed(out_, 0, piece(p)); }
+  View saved_piece(const Param& p) { return packed(saved_, 0, piece(p)); }
+  /// zero1: the matrix's U from the gathered pieces (a matrix of a multi-matrix parameter lies
+  /// in one rank's piece).
+  void gathered_input(const Param& p, const Part& part, View in) {
+    for (int r = 0; r < comm_.size(); ++r) {
+      const Piece& pr = p.pieces[r];
+      if (p.parts.size() == 1)
+        backend_.copy(ConstView(packed(full_, r, pr)), block(in, pr));
+      else if (part.inside(pr.row0, pr.col0, pr.rows, pr.cols))
+        backend_.copy(ConstView(detail::part_view(packed(full_, r, pr), part, pr.row0, pr.col0)), in);
+    }
+  }
+  /// zero1: puts back this rank's slice of a refused matrix's momentum.
+  void restore_momentum(Param& p, const Part& part) {
+    const Piece mine = piece(p);
+    if (mine.empty()) return;
+    const View m = backend_.view(p.state[0], mine.rows, mine.cols);
+    const View saved = packed(saved_, 0, mine);
+    if (p.parts.size() == 1)
+      backend_.copy(ConstView(saved), m);
+    else if (part.inside(mine.row0, mine.col0, mine.rows, mine.cols))
+      backend_.copy(ConstView(detail::part_view(saved, part, mine.row0, mine.col0)),
+                    detail::part_view(m, part, mine.row0, mine.col0));
+  }
+  bool carries_status() const {
+    return strategy_ == ShardingStrategy::owner_compute &&
+           options_.non_finite != NonFinitePolicy::unchecked && comm_.size() > 1;
+  }
+  /// The two status scalars at the end of rank r's segment of a packed buffer.
+  View status_view(Buffer& buf, int r) {
+    return packed(buf, r, Piece{0, 0, 1, 2, segment_ - 2});
   }
 
   /// Collective, two all_reduce_max of one word: whether any rank's `nonfinite` is true
@@ -366,6 +405,10 @@ class ShardedOptimizer
       w.put<std::uint8_t>(static_cast<std::uint8_t>(p.rule));
       w.put<std::uint64_t>(p.group);
       w.put<std::uint8_t>(p.has_grad ? 1 : 0);
+      w.put<std::uint64_t>(p.parts.size());
+      for (const Part& part : p.parts)
+        for (index_t e : {part.row0, part.col0, part.block_rows, part.block_cols, part.rows, part.cols})
+          w.put<std::uint64_t>(static_cast<std::uint64_t>(e));
     }
     return detail::fnv1a64(w.finish());
   }
@@ -385,16 +428,8 @@ class ShardedOptimizer
     bool sliced = false;
     for (std::size_t i = first; i < params_.size(); ++i) {
       Param& p = params_[i];
-      if (strategy_ == ShardingStrategy::owner_compute && p.rule == UpdateRule::muon) continue;
-      const index_t rows = p.value.rows(), cols = p.value.cols();
-      const bool by_rows = rows >= cols;  // split the longer side into `world` padded slices
-      const index_t len = by_rows ? rows : cols, chunk = (len + world - 1) / world;
-      p.pieces.assign(static_cast<std::size_t>(world), Piece{});
-      for (int r = 0; r < world; ++r) {
-        const index_t begin = std::min(len, r * chunk), count = std::min(len, begin + chunk) - begin;
-        p.pieces[r] = by_rows ? Piece{begin, 0, count, cols, common} : Piece{0, begin, rows, count, common};
-      }
-      common += chunk * (by_rows ? cols : rows);
+      if (strategy_ == ShardingStrategy::owner_compute && rules::All::orthogonalizes(p.rule)) continue;
+      common += slice(p, world, common);
       sliced = true;
     }
     if (sliced) used.assign(static_cast<std::size_t>(world), common);
@@ -403,7 +438,7 @@ class ShardedOptimizer
       // least loaded rank.
       std::vector<std::size_t> order;
       for (std::size_t i = first; i < params_.size(); ++i)
-        if (params_[i].rule == UpdateRule::muon) order.push_back(i);
+        if (rules::All::orthogonalizes(params_[i].rule)) order.push_back(i);
       std::stable_sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) {
         return cost(params_[a]) > cost(params_[b]);
       });
@@ -417,48 +452,69 @@ class ShardedOptimizer
         used[owner] += p.value.size();
       }
     }
-    const index_t segment = *std::max_element(used.begin(), used.end());
+    // The status scalars (carries_status) follow the data.
+    const index_t segment = *std::max_element(used.begin(), used.end()) + (carries_status() ? 2 : 0);
     if (segment != segment_) {  // scratch: nothing in them outlives a step
       backend_.resize(full_, segment * world);
       backend_.resize(reduced_, segment);
       backend_.resize(out_, segment);
+      if (strategy_ == ShardingStrategy::zero1 && options_.non_finite != NonFinitePolicy::unchecked)
+        backend_.resize(saved_, segment);
     }
-    for (std::size_t i = first; i < params_.size(); ++i) {
-      Param& p = params_[i];
-      const Piece& mine = p.pieces[comm_.rank()];
-      backend_.resize(p.m, mine.size());
-      if (p.rule == UpdateRule::adamw) backend_.resize(p.v, mine.size());
-      if (runs_newton_schulz(p))
-        ns_.reserve(backend_, p.value.rows(), p.value.cols(),
-                    groups_[p.group].options.muon.newton_schulz.method);
-    }
+    for (std::size_t i = first; i < params_.size(); ++i)
+      this->size_state(params_[i], params_[i].pieces[comm_.rank()].size());
+    status_host_.resize(2);
     used_ = std::move(used);
     segment_ = segment;
     laid_out_ = params_.size();
     fingerprint_stale_ = true;
+    this->plan();
+  }
+  /// zero1's slices of one parameter at offset `at` of every segment: its longer side split
+  /// into `world` padded slices, or a multi-matrix parameter split along its matrices at
+  /// matrix boundaries. Returns the slice length (elements) every segment reserves.
+  index_t slice(Param& p, int world, index_t at) {
+    const index_t rows = p.value.rows(), cols = p.value.cols();
+    const bool split = p.parts.size() > 1;
+    const bool by_rows = split ? std::all_of(p.parts.begin(), p.parts.end(), [&](const Part& q) {
+      return q.col0 == 0 && q.block_cols == cols;
+    }) : rows >= cols;
+    const index_t len = by_rows ? rows : cols;
+    // bounds[r] .. bounds[r + 1]: rank r's slice
+    std::vector<index_t> bounds(static_cast<std::size_t>(world) + 1, len);
+    bounds[0] = 0;
+    if (!split) {
+      const index_t chunk = (len + world - 1) / world;
+      for (int r = 1; r < world; ++r) bounds[r] = std::min(len, r * chunk);
+    } else {  // the first matrix boundary at or after an even share
+      std::size_t q = 0;
+      for (int r = 1; r < world; ++r) {
+        const index_t target = len * r / world;
+        while (q < p.parts.size() && (by_rows ? p.parts[q].row0 : p.parts[q].col0) < target) ++q;
+        bounds[r] = q < p.parts.size() ? (by_rows ? p.parts[q].row0 : p.parts[q].col0) : len;
+        bounds[r] = std::max(bounds[r], bounds[r - 1]);
+      }
+    }
+    index_t chunk = 0;
+    p.pieces.assign(static_cast<std::size_t>(world), Piece{});
+    for (int r = 0; r < world; ++r) {
+      const index_t begin = bounds[r], count = bounds[r + 1] - begin;
+      chunk = std::max(chunk, count);
+      p.pieces[r] = by_rows ? Piece{begin, 0, count, cols, at} : Piece{0, begin, rows, count, at};
+    }
+    return chunk * (by_rows ? cols : rows);
   }
   static double cost(const Param& p) {
-    const auto k = static_cast<double>(std::min(p.value.rows(), p.value.cols()));
-    return static_cast<double>(p.value.rows()) * static_cast<double>(p.value.cols()) * k;
+    double c = 0;
+    for (const Part& q : p.parts)
+      c += static_cast<double>(std::min(q.rows, q.cols)) * static_cast<double>(q.rows) *
+           static_cast<double>(q.cols);
+    return c;
   }
 
-  /// Whether this rank orthogonalizes parameter p (zero1: every Muon matrix; owner: its own);
-  /// false until p is laid out (its workspace is reserved then).
-  bool runs_newton_schulz(const Param& p) const {
-    return p.rule == UpdateRule::muon && !p.pieces.empty() &&
-           (strategy_ == ShardingStrategy::zero1 || !p.pieces[comm_.rank()].empty());
-  }
-
-  void orthogonalize_and_apply(Param& p) {
-    const MuonOptions& o = groups_[p.group].options.muon;
-    const index_t rows = p.value.rows(), cols = p.value.cols();
-    const ConstView update = ns_.run(backend_, rows, cols, groups_[p.group].schedule, o.newton_schulz);
-    const auto [decay, alpha] = detail::muon_apply(o, rows, cols);
-    backend_.apply_update(p.value, update, decay, alpha);
-  }
   /// Pass 1 of load_state: checks everything, returns the step count and where data is.
   std::uint64_t parse_state(const std::string& bytes, std::vector<const char*>& data,
-                            std::vector<std::uint64_t>& adam_steps) {
+                            std::vector<std::uint64_t>& updates) {
     const std::string_view all(bytes);
     constexpr std::size_t kHead = sizeof kMagic + 4, kSum = 8;
     if (all.size() < sizeof kMagic || all.substr(0, sizeof kMagic) != std::string_view(kMagic, sizeof kMagic))
@@ -499,8 +555,8 @@ class ShardedOptimizer
         throw StateError("muon: load_state: parameter '" + name + "' in the state does not match '" +
                          p.name + "' (" + detail::shape_string(p.value.rows(), p.value.cols()) +
                          ") here: name, rule, shape or slice differ");
-      adam_steps.push_back(r.get<std::uint64_t>("adamw step count"));
-      const std::size_t n = static_cast<std::size_t>(mine.size()) * buffer_count(p.rule);
+      updates.push_back(r.get<std::uint64_t>("parameter step count"));
+      const std::size_t n = static_cast<std::size_t>(mine.size()) * rules::All::buffers(p.rule);
       data.push_back(r.take(n, sizeof(T), "state buffer"));
     }
     if (r.remaining() != 0)
@@ -526,6 +582,8 @@ class ShardedOptimizer
   C comm_;
   ShardingStrategy strategy_;
   Buffer full_, reduced_, out_;
+  Buffer saved_;                // zero1, checked: this rank's momentum slices during a step
+  std::vector<T> status_host_;  // owner_compute, checked: one rank's status scalars
   index_t segment_ = 0;
   std::vector<index_t> used_;  // each rank's segment length so far
   std::vector<double> load_;   // owner_compute: each rank's Newton-Schulz cost so far
