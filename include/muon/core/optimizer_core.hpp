@@ -152,30 +152,41 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
     if (d.refused_together(bad)) return d.refuse(bad);
     d.reduce_gradients();
     std::size_t updated = 0;
-    for (Param& p : params_) {
+    chunks_.clear();
+    for (std::size_t i = 0; i < params_.size(); ++i) {
+      Param& p = params_[i];
       if (!p.takes_part()) continue;
       ++updated;
-      rules::All::visit(p.rule, [&](auto rule) {
-        using R = decltype(rule);
+      if (!rules::All::orthogonalizes(p.rule)) {
+        queue_elementwise(i);
+        continue;
+      }
+      if constexpr (Derived::exchanges) {  // zero1: this rank's slice of U goes to the others
         const Piece mine = d.piece(p);
-        const auto& options = R::options(groups_[p.group].options);
-        const auto state = state_views(p, mine);
-        if constexpr (!R::orthogonalizes) {
-          R::update(backend_, block(p.value, mine), d.gradient(p), state.data(), options,
-                    p.updates);
-          d.publish(p, nullptr);
-        } else if constexpr (Derived::exchanges) {
-          if (!d.orthogonalizes_after_exchange() || mine.empty()) return;
-          if (checked()) backend_.copy(ConstView(state[0]), d.saved_piece(p));
-          R::accumulate(backend_, state[0], d.gradient(p), d.exchange_input(p), options);
-        }
-      });
+        if (!d.orthogonalizes_after_exchange() || mine.empty()) continue;
+        rules::All::visit(p.rule, [&](auto rule) {
+          using R = decltype(rule);
+          if constexpr (R::orthogonalizes) {
+            const View m = state_views(p, mine)[0];
+            if (checked()) backend_.copy(ConstView(m), d.saved_piece(p));
+            R::accumulate(backend_, m, d.gradient(p), d.exchange_input(p),
+                          R::options(groups_[p.group].options));
+          }
+        });
+      }
     }
+    // The elementwise pieces, and the matrices whose inputs are here (not zero1's), together.
     const bool after = after_exchange();
-    if (!after) run_matrices();
+    run_tasks(!after);
+    for (Param& p : params_)
+      if (p.takes_part() && !rules::All::orthogonalizes(p.rule)) {
+        ++p.updates;
+        d.publish(p, nullptr);
+      }
     Tally tally = d.exchange(after ? Tally{} : local_tally());
     if (after) {
-      run_matrices();
+      chunks_.clear();
+      run_tasks(true);
       tally = local_tally();
     }
     ++steps_;
@@ -294,8 +305,16 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
       }
     }
     outcomes_.assign(units.size(), Outcome{});
+    std::size_t chunks = 0;  // when every parameter takes part
+    for (const Param& p : params_)
+      if (!rules::All::orthogonalizes(p.rule)) {
+        const Piece mine = self().piece(p);
+        const index_t rows = std::max<index_t>(1, kChunkElements / std::max<index_t>(1, mine.cols));
+        chunks += static_cast<std::size_t>((mine.rows + rows - 1) / rows);
+      }
+    chunks_.reserve(chunks);
     ready_.reserve(units.size());
-    spread_.reserve(units.size());
+    spread_.reserve(units.size() + chunks);
     units_ = std::move(units);
     order_ = std::move(order);
   }
@@ -372,24 +391,75 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
       return false;
   }
 
-  /// Runs every matrix of the orthogonalizing rules this process orthogonalizes this step:
-  /// those the backend runs side by side spread over its workers (costliest first), the
-  /// others one after the other on worker 0. Which way a matrix goes depends on its shape
-  /// only, so its result is the same bits however many others step with it.
-  void run_matrices() {
+  /// Rows of an elementwise rule's piece per task: enough to amortize a task, few enough to
+  /// fill the workers' idle time at the end of the Newton-Schulz runs.
+  static constexpr index_t kChunkElements = index_t(1) << 16;
+
+  /// An elementwise rule's piece of parameter `param`, rows [row0, row0 + rows) of it.
+  struct Chunk {
+    std::size_t param;
+    index_t row0, rows;
+  };
+
+  /// Where the backend runs tasks side by side, the parameter's piece is queued in chunks of
+  /// rows for run_tasks(); elsewhere it is updated now.
+  void queue_elementwise(std::size_t i) {
+    const Piece mine = self().piece(params_[i]);
+    if (workers_.size() < 2 || mine.empty()) {
+      run_chunk({i, 0, mine.rows});
+      return;
+    }
+    const index_t rows = std::max<index_t>(1, kChunkElements / std::max<index_t>(1, mine.cols));
+    for (index_t r = 0; r < mine.rows; r += rows) chunks_.push_back({i, r, std::min(rows, mine.rows - r)});
+  }
+
+  /// One step of an elementwise rule on rows of this process's piece of a parameter (its
+  /// step count moves once, after all its chunks).
+  void run_chunk(const Chunk& c) {
+    Param& p = params_[c.param];
+    rules::All::visit(p.rule, [&](auto rule) {
+      using R = decltype(rule);
+      if constexpr (!R::orthogonalizes) {
+        const Piece mine = self().piece(p);
+        auto state = state_views(p, mine);
+        for (View& v : state) v = v.block(c.row0, 0, c.rows, mine.cols);
+        R::update(backend_, block(p.value, mine).block(c.row0, 0, c.rows, mine.cols),
+                  self().gradient(p).block(c.row0, 0, c.rows, mine.cols), state.data(),
+                  R::options(groups_[p.group].options), p.updates + 1);
+      }
+    });
+  }
+
+  /// Runs the queued elementwise chunks and, with `matrices`, every matrix of the
+  /// orthogonalizing rules this process orthogonalizes this step: side by side over the
+  /// backend's workers those it runs that way (costliest first, the chunks last, filling the
+  /// workers' idle time), the others one after the other on worker 0. Which way a matrix goes
+  /// depends on its shape only, so its result is the same bits however many others step with
+  /// it.
+  void run_tasks(bool matrices) {
     ready_.clear();
     spread_.clear();
-    for (std::size_t u : order_) {
-      outcomes_[u] = Outcome{};
-      const Param& p = params_[units_[u].param];
-      if (!p.takes_part() || !self().orthogonalizes_here(p) || part_of(units_[u]).empty()) continue;
-      (side_by_side(part_of(units_[u])) ? spread_ : ready_).push_back(u);
+    if (matrices)
+      for (std::size_t u : order_) {
+        outcomes_[u] = Outcome{};
+        const Param& p = params_[units_[u].param];
+        if (!p.takes_part() || !self().orthogonalizes_here(p) || part_of(units_[u]).empty()) continue;
+        (side_by_side(part_of(units_[u])) ? spread_ : ready_).push_back(u);
+      }
+    for (std::size_t c = 0; c < chunks_.size(); ++c) spread_.push_back(units_.size() + c);
+    const auto task = [&](std::size_t i, int worker) {
+      const std::size_t t = spread_[i];
+      if (t < units_.size())
+        run_matrix(t, workers_[static_cast<std::size_t>(worker)]);
+      else
+        run_chunk(chunks_[t - units_.size()]);
+    };
+    if constexpr (RunsSideBySide<B>) {
+      if (!spread_.empty())  // even one matrix: its products then round as side by side
+        backend_.side_by_side(spread_.size(), task);
+    } else {
+      for (std::size_t i = 0; i < spread_.size(); ++i) task(i, 0);
     }
-    if constexpr (RunsSideBySide<B>)
-      if (!spread_.empty())  // even one: its products then round as they do side by side
-        backend_.side_by_side(spread_.size(), [&](std::size_t i, int worker) {
-          run_matrix(spread_[i], workers_[static_cast<std::size_t>(worker)]);
-        });
     for (std::size_t u : ready_) run_matrix(u, workers_[0]);
   }
 
@@ -476,7 +546,8 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
   std::vector<std::size_t> order_;    // units_, costliest first
   std::vector<Outcome> outcomes_;     // per unit, this step
   std::vector<std::size_t> ready_;    // this step's units for worker 0 (capacity reserved)
-  std::vector<std::size_t> spread_;   // this step's units side by side (capacity reserved)
+  std::vector<std::size_t> spread_;   // this step's tasks side by side: units, then chunks_
+  std::vector<Chunk> chunks_;         // this step's elementwise chunks (capacity reserved)
 };
 
 }  // namespace detail

@@ -290,7 +290,10 @@ class ShardedOptimizer
     comm_.reduce_scatter_sum(data(full_, seg * world), data(reduced_, seg), seg);
     if (world > 1) backend_.scale(backend_.view(reduced_, 1, segment_), T(1) / static_cast<T>(world));
   }
-  Piece piece(const Param& p) const { return p.pieces[comm_.rank()]; }
+  /// This rank's piece (none before the parameter is laid out).
+  Piece piece(const Param& p) const {
+    return p.pieces.empty() ? Piece{} : p.pieces[static_cast<std::size_t>(comm_.rank())];
+  }
   ConstView gradient(const Param& p) { return packed(reduced_, 0, piece(p)); }
   /// Whether this rank orthogonalizes parameter p (zero1: every Muon matrix; owner: its own);
   /// false until p is laid out (its workspace is reserved then).

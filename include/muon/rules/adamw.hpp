@@ -28,11 +28,11 @@ struct AdamW {
     return {1 - o.lr * o.weight_decay, o.beta1, o.beta2, o.eps, o.lr / bias1, std::sqrt(bias2)};
   }
 
-  /// One step on a piece: `state` holds m and v, `updates` counts this parameter's steps.
+  /// The parameter's `step`-th update (1-based) on a piece of it: `state` holds m and v.
   template <class B, class T, class S>
   static void update(B& backend, MatrixView<T, S> w, MatrixView<const T, S> g,
-                     const MatrixView<T, S>* state, const Options& o, std::uint64_t& updates) {
-    backend.adamw(w, g, state[0], state[1], step(o, ++updates));
+                     const MatrixView<T, S>* state, const Options& o, std::uint64_t step) {
+    backend.adamw(w, g, state[0], state[1], AdamW::step(o, step));
   }
 };
 

@@ -4,9 +4,10 @@
 // own file (see muon.hpp and adamw.hpp for the members a rule has), its id in UpdateRule, its
 // options in GroupOptions and one entry below.
 //
-// A rule is elementwise (orthogonalizes == false: update(backend, w, g, state, options,
-// updates) on any piece of a parameter) or orthogonalizing (accumulate() on any piece, then
-// Newton-Schulz and apply() on each whole matrix).
+// A rule is elementwise (orthogonalizes == false: update(backend, w, g, state, options, step)
+// on any piece of a parameter, several pieces of one parameter in one step possibly at once,
+// each with the parameter's 1-based step number) or orthogonalizing (accumulate() on any piece,
+// then Newton-Schulz and apply() on each whole matrix).
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
