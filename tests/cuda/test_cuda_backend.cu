@@ -614,7 +614,9 @@ void test_deterministic_run_to_run() {
   }
 }
 
-int main() {
+/// Runs every test, or those named on the command line (scripts/gpu_check.sh runs a few
+/// under compute-sanitizer).
+int main(int argc, char** argv) {
   if (!muon::cuda::device_available()) {
     std::printf("no CUDA device visible: skipped\n");
     return 77;
@@ -633,7 +635,9 @@ int main() {
       {"bad_layout_refused", test_bad_layout_refused},
       {"deterministic_run_to_run", test_deterministic_run_to_run},
   };
+  const std::vector<std::string> only(argv + 1, argv + argc);
   for (const auto& [name, run] : tests) {
+    if (!only.empty() && std::find(only.begin(), only.end(), name) == only.end()) continue;
     const int before = failures;
     try {
       run();

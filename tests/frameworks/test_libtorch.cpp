@@ -76,3 +76,33 @@ TEST_CASE("muon's AdamW matches torch::optim::AdamW on the same gradients",
   CHECK(diff < 1e-12);
   CHECK((ours - start).abs().max().item<double>() > 0.1);  // the weights did move
 }
+
+TEST_CASE("LibTorch expert stacks and fused QKV step as their matrices one by one",
+          "[frameworks][libtorch]") {
+  torch::manual_seed(1);
+  torch::Tensor experts = torch::randn({3, 8, 4}, torch::kDouble);  // 3 experts of 8 x 4
+  torch::Tensor qkv = torch::randn({12, 4}, torch::kDouble);        // rows q, k, v
+  experts.mutable_grad() = torch::randn_like(experts);
+  qkv.mutable_grad() = torch::randn_like(qkv);
+  std::vector<torch::Tensor> one_by_one;
+  for (int e = 0; e < 3; ++e) one_by_one.push_back(experts[e].clone());
+  for (int r = 0; r < 12; r += 4) one_by_one.push_back(qkv.slice(0, r, r + 4).clone());
+  for (int i = 0; i < 6; ++i)
+    one_by_one[std::size_t(i)].mutable_grad() =
+        (i < 3 ? experts.grad()[i] : qkv.grad().slice(0, 4 * (i - 3), 4 * (i - 2))).clone();
+  muon::Optimizer<muon::EigenBackend, double> fused, separate;
+  fused.add_muon("experts", muon::libtorch::param<double>(experts),
+                 muon::libtorch::grad<double>(experts), muon::Experts{experts.size(1)});
+  fused.add_muon("qkv", muon::libtorch::param<double>(qkv), muon::libtorch::grad<double>(qkv),
+                 muon::Split{0, {4, 4, 4}});
+  for (std::size_t i = 0; i < one_by_one.size(); ++i)
+    separate.add_muon("m" + std::to_string(i), muon::libtorch::param<double>(one_by_one[i]),
+                      muon::libtorch::grad<double>(one_by_one[i]));
+  for (int s = 0; s < 2; ++s) {
+    fused.step();
+    separate.step();
+  }
+  for (int e = 0; e < 3; ++e) CHECK(torch::equal(experts[e], one_by_one[std::size_t(e)]));
+  for (int i = 0; i < 3; ++i)
+    CHECK(torch::equal(qkv.slice(0, 4 * i, 4 * i + 4), one_by_one[std::size_t(3 + i)]));
+}

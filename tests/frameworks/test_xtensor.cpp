@@ -6,6 +6,7 @@
 #include <xtensor/xarray.hpp>
 #include <xtensor/xrandom.hpp>
 #include <xtensor/xtensor.hpp>
+#include <xtensor/xview.hpp>
 
 #include "test_support.hpp"
 
@@ -65,4 +66,25 @@ TEST_CASE("a Muon step on xtensor arrays equals the step on Eigen matrices",
     for (int j = 0; j < 40; ++j) max_diff = std::max(max_diff, std::abs(w(i, j) - w_eigen(i, j)));
   CHECK(max_diff < 1e-12);  // the layouts differ, so BLAS may round differently
   CHECK(std::abs(w(0, 0) - initial_w00) > 1e-3);  // and the steps did move the weights
+}
+
+TEST_CASE("an xtensor expert stack steps as its experts one by one", "[frameworks][xtensor]") {
+  xt::random::seed(3);
+  xt::xtensor<double, 3> stack = xt::random::randn<double>({2, 5, 7});
+  const xt::xtensor<double, 3> grad = xt::random::randn<double>({2, 5, 7});
+  std::vector<xt::xtensor<double, 2>> experts, grads;
+  for (std::size_t e = 0; e < 2; ++e) {
+    experts.emplace_back(xt::view(stack, e, xt::all(), xt::all()));
+    grads.emplace_back(xt::view(grad, e, xt::all(), xt::all()));
+  }
+  muon::Optimizer<muon::EigenBackend, double> fused, separate;
+  fused.add_muon("experts", stack, grad, muon::Experts{5});
+  separate.add_muon("e0", experts[0], grads[0]);
+  separate.add_muon("e1", experts[1], grads[1]);
+  fused.step();
+  separate.step();
+  for (std::size_t e = 0; e < 2; ++e) {
+    const bool same = xt::xtensor<double, 2>(xt::view(stack, e, xt::all(), xt::all())) == experts[e];
+    CHECK(same);
+  }
 }
