@@ -8,7 +8,8 @@
 // The optimizer keeps these views, so the gradient's storage must outlive them. Autograd
 // accumulates into an existing .grad() in place; grad() creates it (zeros) if backward() has
 // not run yet. Clear gradients with zero_grad(/*set_to_none=*/false) or grad().zero_(): setting
-// them to None (the default of zero_grad in LibTorch 2.x) makes backward() allocate new ones.
+// them to None (the default of zero_grad in LibTorch 2.x) makes backward() allocate new ones,
+// which a view cannot see; muon::libtorch::Muon (libtorch_optimizer.hpp) follows them.
 // Needs LibTorch (Debian: libtorch-dev); muon itself does not depend on it.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/zeros_like.h>

@@ -102,7 +102,10 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
   void set_group_options(GroupId id, const GroupOptions& options) {
     check_group(id);
     Group group = make_group(options, id.value);
+    const bool replan = options.muon.newton_schulz.method !=
+                        groups_[id.value].options.muon.newton_schulz.method;
     std::swap(groups_[id.value], group);
+    if (!replan) return;  // a learning-rate schedule's every-step call stops here
     try {
       plan();  // a new Newton-Schulz method may need more workspace
     } catch (...) {

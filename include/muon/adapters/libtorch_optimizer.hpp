@@ -1,0 +1,427 @@
+#pragma once
+// muon::libtorch::Muon: the optimizer as a torch::optim::Optimizer, so a LibTorch program that
+// holds a `torch::optim::Optimizer&` (its training loop, torch's LR schedulers, torch::save and
+// torch::load) trains with Muon unchanged. Each param group is a Muon group or an AdamW group
+// (its Options say which), as torch.optim.Muon and Moonlight split a model:
+//
+//   auto routed = muon::libtorch::route(model->named_parameters());   // hidden matrices: Muon
+//   std::cout << routed.table();                                       // every parameter's rule
+//   muon::libtorch::Muon opt(routed);
+//   torch::optim::StepLR schedule(opt, 100, 0.5);
+//   for (...) { opt.zero_grad(); loss(model).backward(); opt.step(); schedule.step(); }
+//
+// The update is muon::Optimizer's (core/optimizer_core.hpp) on views of the tensors' memory:
+// nothing is copied. Gradients are looked at again in every step(): one that autograd set to
+// None (zero_grad with set_to_none, the default in LibTorch 2.x) skips its parameter as torch
+// does, one it reallocated is followed to its new storage, so no step reads freed memory.
+// A param group added later (add_param_group) joins at the next step(); options changed by a
+// scheduler or by hand take effect at the next step(). CPU tensors of float or double.
+// Needs LibTorch (Debian: libtorch-dev); muon itself does not depend on it.
+#include <torch/optim/optimizer.h>
+#include <torch/ordered_dict.h>
+#include <torch/serialize/archive.h>
+
+#include <ATen/Functions.h>
+#include <c10/core/GradMode.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <type_traits>
+#include <map>
+#include <memory>
+#include <optional>
+#include <regex>
+#include <sstream>
+#include <string>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include "muon/adapters/libtorch.hpp"
+#include "muon/backend/eigen.hpp"
+#include "muon/optimizer.hpp"
+
+namespace muon::libtorch {
+
+/// The options of one param group: the rule its parameters follow and the hyper-parameters
+/// (muon::GroupOptions; the part of the group's rule is the one used). get_lr()/set_lr(),
+/// which torch's LR schedulers call, read and write that rule's learning rate.
+class Options : public torch::optim::OptimizerCloneableOptions<Options> {
+ public:
+  Options() = default;
+  explicit Options(UpdateRule rule, GroupOptions options = {}) : rule_(rule), options_(options) {
+    validate(options_, "muon::libtorch::Options");
+  }
+  [[nodiscard]] UpdateRule rule() const noexcept { return rule_; }
+  [[nodiscard]] GroupOptions& options() noexcept { return options_; }
+  [[nodiscard]] const GroupOptions& options() const noexcept { return options_; }
+
+  [[nodiscard]] double get_lr() const override {
+    return rule_ == UpdateRule::muon ? options_.muon.lr : options_.adamw.lr;
+  }
+  void set_lr(const double lr) override {
+    (rule_ == UpdateRule::muon ? options_.muon.lr : options_.adamw.lr) = lr;
+  }
+
+  void serialize(torch::serialize::OutputArchive& archive) const override {
+    fields(*this, [&](const char* key, const auto& value) {
+      using V = std::decay_t<decltype(value)>;
+      if constexpr (std::is_same_v<V, double> || std::is_same_v<V, bool>)
+        archive.write(key, c10::IValue(value));
+      else
+        archive.write(key, c10::IValue(static_cast<int64_t>(value)));
+    });
+    const NewtonSchulzOptions& ns = options_.muon.newton_schulz;
+    archive.write("ns.schedule", c10::IValue(ns.schedule.name()));
+    archive.write("ns.norm_scale", c10::IValue(ns.schedule.norm_scale()));
+    std::vector<double> c;
+    for (const Coefficients& k : ns.schedule.resolve(ns.steps)) c.insert(c.end(), {k.a, k.b, k.c});
+    archive.write("ns.coefficients", c10::IValue(c));
+  }
+  void serialize(torch::serialize::InputArchive& archive) override {
+    Options o;
+    fields(o, [&](const char* key, auto& value) {
+      using V = std::remove_reference_t<decltype(value)>;
+      const c10::IValue v = read(archive, key);
+      if constexpr (std::is_same_v<V, double>) value = v.toDouble();
+      else if constexpr (std::is_same_v<V, bool>) value = v.toBool();
+      else value = static_cast<V>(v.toInt());
+    });
+    NewtonSchulzOptions& ns = o.options_.muon.newton_schulz;
+    const std::string name = read(archive, "ns.schedule").toStringRef();
+    if (name == "custom") {
+      const std::vector<double> c = read(archive, "ns.coefficients").toDoubleVector();
+      std::vector<Coefficients> list;
+      for (std::size_t i = 0; i + 2 < c.size(); i += 3) list.push_back({c[i], c[i + 1], c[i + 2]});
+      ns.schedule = Schedule::custom(std::move(list), read(archive, "ns.norm_scale").toDouble());
+    } else {
+      ns.schedule = Schedule::from_name(name);
+    }
+    validate(o.options_, "muon::libtorch::Options (from an archive)");
+    *this = std::move(o);
+  }
+
+  /// Every option but the schedule, by key, to f(key, field): how serialize() and the
+  /// optimizer's change detection see them.
+  template <class O, class F>
+  static void fields(O& o, F&& f) {
+    auto& m = o.options_.muon;
+    auto& ns = m.newton_schulz;
+    auto& a = o.options_.adamw;
+    f("rule", o.rule_);
+    f("muon.lr", m.lr);
+    f("muon.weight_decay", m.weight_decay);
+    f("muon.momentum", m.momentum);
+    f("muon.nesterov", m.nesterov);
+    f("muon.momentum_form", m.momentum_form);
+    f("muon.scale", m.scale);
+    f("muon.rms_factor", m.rms_factor);
+    f("ns.steps", ns.steps);
+    f("ns.eps", ns.eps);
+    f("ns.method", ns.method);
+    f("ns.tolerance", ns.tolerance);
+    f("ns.max_extra_steps", ns.max_extra_steps);
+    f("adamw.lr", a.lr);
+    f("adamw.beta1", a.beta1);
+    f("adamw.beta2", a.beta2);
+    f("adamw.eps", a.eps);
+    f("adamw.weight_decay", a.weight_decay);
+  }
+
+  /// Whether two options are the same in every field and schedule.
+  friend bool operator==(const Options& a, const Options& b) {
+    const auto values = [](const Options& o) {
+      std::array<double, 18> v{};
+      std::size_t i = 0;
+      fields(o, [&](const char*, const auto& x) { v[i++] = static_cast<double>(x); });
+      return v;
+    };
+    const Schedule &s = a.options_.muon.newton_schulz.schedule, &t = b.options_.muon.newton_schulz.schedule;
+    if (values(a) != values(b) || s.name() != t.name() || s.norm_scale() != t.norm_scale()) return false;
+    if (s.kind() != Schedule::Kind::custom) return true;
+    const int steps = a.options_.muon.newton_schulz.steps;
+    const auto x = s.resolve(steps), y = t.resolve(steps);
+    return std::equal(x.begin(), x.end(), y.begin(), y.end(), [](const Coefficients& p, const Coefficients& q) {
+      return p.a == q.a && p.b == q.b && p.c == q.c;
+    });
+  }
+
+ private:
+  static c10::IValue read(torch::serialize::InputArchive& archive, const std::string& key) {
+    c10::IValue v;
+    if (!archive.try_read(key, v))
+      throw StateError("muon::libtorch::Options: the archive has no '" + key + "'");
+    return v;
+  }
+
+  UpdateRule rule_ = UpdateRule::muon;
+  GroupOptions options_{};
+};
+
+/// How a parameter holds several matrices (optional, by parameter name).
+struct Layout {
+  std::optional<Split> split;
+  std::optional<Experts> experts;
+};
+
+/// One row of a routing table.
+struct Route {
+  std::string name;
+  std::vector<int64_t> shape;
+  UpdateRule rule = UpdateRule::muon;
+  double lr = 0;            ///< the group's learning rate
+  double effective_lr = 0;  ///< Muon: lr times the shape scale of its (first) matrix
+};
+
+/// What route() decided: the param groups (Muon first, then AdamW), the names, the layouts
+/// and the table that says where every parameter went.
+struct Routing {
+  std::vector<torch::optim::OptimizerParamGroup> groups;
+  std::unordered_map<const c10::TensorImpl*, std::string> names;
+  std::map<std::string, Layout> layouts;
+  std::vector<Route> routes;
+
+  /// The table as text: parameter, shape, rule, lr and effective lr, one line each.
+  [[nodiscard]] std::string table() const {
+    std::ostringstream out;
+    out << "parameter                                shape             rule    lr          effective lr\n";
+    for (const Route& r : routes) {
+      std::string shape;
+      for (std::size_t i = 0; i < r.shape.size(); ++i) shape += (i ? "x" : "") + std::to_string(r.shape[i]);
+      char line[256];
+      std::snprintf(line, sizeof line, "%-40s %-17s %-7s %-11.4g %.4g\n", r.name.c_str(),
+                    shape.c_str(), rules::All::describe(static_cast<std::uint8_t>(r.rule)).c_str(),
+                    r.lr, r.effective_lr);
+      out << line;
+    }
+    return out.str();
+  }
+};
+
+/// Which parameters route() gives to Muon, and with what options.
+struct RoutingOptions {
+  GroupOptions options{};  ///< both groups' hyper-parameters (each uses its rule's part)
+  /// Parameters of 2 or more dimensions go to Muon unless their name matches this (embeddings
+  /// and output heads belong to AdamW: Moonlight, arXiv:2502.16982). Vectors (biases, norm
+  /// gains) always go to AdamW.
+  std::string adamw_names = R"((^|[._])(embed\w*|wte|wpe|tok_embeddings|lm_head|head|output|classifier)([._]|$))";
+  std::map<std::string, Layout> layouts;  ///< fused matrices and expert stacks, by name
+};
+
+/// Routes named parameters (model->named_parameters()) into a Muon and an AdamW group.
+inline Routing route(const torch::OrderedDict<std::string, torch::Tensor>& named,
+                     const RoutingOptions& r = {}) {
+  const std::regex adamw(r.adamw_names);
+  std::vector<torch::Tensor> muon_params, adamw_params;
+  Routing out;
+  for (const auto& item : named) {
+    const torch::Tensor& p = item.value();
+    const bool muon = p.dim() >= 2 && !std::regex_search(item.key(), adamw);
+    (muon ? muon_params : adamw_params).push_back(p);
+    out.names[p.unsafeGetTensorImpl()] = item.key();
+    Route row{item.key(), p.sizes().vec(), muon ? UpdateRule::muon : UpdateRule::adamw,
+              muon ? r.options.muon.lr : r.options.adamw.lr, 0};
+    row.effective_lr = row.lr;
+    if (muon) {
+      index_t rows = p.size(0), cols = p.numel() / std::max<int64_t>(1, p.size(0));
+      const auto layout = r.layouts.find(item.key());
+      if (layout != r.layouts.end() && layout->second.experts)
+        rows = layout->second.experts->rows, cols = p.size(0) == 0 ? 0 : cols / rows;
+      else if (layout != r.layouts.end() && layout->second.split && !layout->second.split->sizes.empty())
+        (layout->second.split->axis == 0 ? rows : cols) = layout->second.split->sizes[0];
+      row.effective_lr *= shape_scale(r.options.muon.scale, rows, cols, r.options.muon.rms_factor);
+    }
+    out.routes.push_back(row);
+  }
+  for (const auto& [name, layout] : r.layouts)
+    if (!named.contains(name))
+      throw InvalidArgument("muon::libtorch::route: a layout names '" + name +
+                            "', which is not among the parameters");
+  out.layouts = r.layouts;
+  if (!muon_params.empty())
+    out.groups.emplace_back(std::move(muon_params),
+                            std::make_unique<Options>(UpdateRule::muon, r.options));
+  if (!adamw_params.empty())
+    out.groups.emplace_back(std::move(adamw_params),
+                            std::make_unique<Options>(UpdateRule::adamw, r.options));
+  return out;
+}
+
+/// Muon and AdamW as a torch::optim::Optimizer over CPU tensors of element type T.
+template <class T = float>
+class Muon : public torch::optim::Optimizer {
+ public:
+  using Engine = muon::Optimizer<EigenBackend, T>;
+
+  /// Param groups with their Options (a group without takes `defaults`, a Muon group by
+  /// default); `names` and `layouts` from route() (parameters without a name are called
+  /// "group.G.I").
+  explicit Muon(std::vector<torch::optim::OptimizerParamGroup> groups, Options defaults = {},
+                std::unordered_map<const c10::TensorImpl*, std::string> names = {},
+                std::map<std::string, Layout> layouts = {}, OptimizerOptions engine = {})
+      : torch::optim::Optimizer(std::move(groups), std::make_unique<Options>(defaults)),
+        names_(std::move(names)),
+        layouts_(std::move(layouts)),
+        engine_({}, engine) {
+    sync();
+  }
+  explicit Muon(const Routing& routing, OptimizerOptions engine = {})
+      : Muon(routing.groups, Options{}, routing.names, routing.layouts, engine) {}
+
+  /// One step: the closure (if any) runs with gradients enabled and its loss is returned.
+  torch::Tensor step(LossClosure closure = nullptr) override {
+    torch::Tensor loss;
+    if (closure) {
+      at::AutoGradMode enable(true);
+      loss = closure();
+    }
+    sync();
+    last_ = engine_.step();
+    for (const Entry& e : entries_) e.param.unsafeGetTensorImpl()->bump_version();
+    return loss;
+  }
+
+  /// What the last step() did (parameters updated, refusals, telemetry).
+  [[nodiscard]] const StepReport& last_report() const noexcept { return last_; }
+  /// The muon::Optimizer underneath (its state, backend and introspection).
+  [[nodiscard]] Engine& engine() noexcept { return engine_; }
+
+  /// The options (per group) and muon's state in one archive (torch::save / torch::load).
+  void save(torch::serialize::OutputArchive& archive) const override {
+    const_cast<Muon*>(this)->sync();
+    archive.write("muon/groups", c10::IValue(static_cast<int64_t>(param_groups_.size())));
+    for (std::size_t g = 0; g < param_groups_.size(); ++g) {
+      torch::serialize::OutputArchive group(archive.compilation_unit());
+      param_groups_[g].options().serialize(group);
+      archive.write("muon/group/" + std::to_string(g), group);
+    }
+    std::ostringstream bytes;
+    const_cast<Engine&>(engine_).save_state(bytes);
+    const std::string s = bytes.str();
+    archive.write("muon/state", torch::from_blob(const_cast<char*>(s.data()),
+                                                 {static_cast<int64_t>(s.size())}, torch::kUInt8)
+                                    .clone());
+  }
+  /// Restores what save() wrote into an optimizer over the same parameters and groups; on any
+  /// error nothing changes.
+  void load(torch::serialize::InputArchive& archive) override {
+    sync();
+    c10::IValue count;
+    if (!archive.try_read("muon/groups", count) ||
+        count.toInt() != static_cast<int64_t>(param_groups_.size()))
+      throw StateError("muon::libtorch::Muon::load: the archive is not a muon optimizer's with " +
+                       std::to_string(param_groups_.size()) + " param groups");
+    std::vector<Options> options(param_groups_.size());
+    for (std::size_t g = 0; g < options.size(); ++g) {
+      torch::serialize::InputArchive group;
+      archive.read("muon/group/" + std::to_string(g), group);
+      options[g].serialize(group);
+      if (options[g].rule() != as_options(g).rule())
+        throw StateError("muon::libtorch::Muon::load: param group " + std::to_string(g) +
+                         " follows another rule in the archive");
+    }
+    torch::Tensor state;
+    archive.read("muon/state", state);
+    std::istringstream bytes(std::string(static_cast<const char*>(state.data_ptr()),
+                                         static_cast<std::size_t>(state.numel())));
+    engine_.load_state(bytes);  // refuses a mismatch, changing nothing
+    for (std::size_t g = 0; g < options.size(); ++g) as_options(g) = options[g];
+    sync();
+  }
+
+ private:
+  struct Entry {
+    torch::Tensor param;
+    ParamId id;
+    const void* data = nullptr;  // the parameter memory the engine writes
+    const void* grad = nullptr;  // the gradient memory the engine reads, or null if none
+    std::vector<int64_t> grad_strides;
+  };
+
+  Options& as_options(std::size_t g) {
+    if (!param_groups_[g].has_options())
+      param_groups_[g].set_options(defaults_->clone());
+    auto* o = dynamic_cast<Options*>(&param_groups_[g].options());
+    if (o == nullptr)
+      throw InvalidArgument("muon::libtorch::Muon: param group " + std::to_string(g) +
+                            " has options of another optimizer (expected muon::libtorch::Options)");
+    return *o;
+  }
+
+  /// Brings the engine up to date: groups and parameters added since, options changed since,
+  /// and every gradient where autograd left it.
+  void sync() {
+    registered_.resize(param_groups_.size(), 0);
+    for (std::size_t g = 0; g < param_groups_.size(); ++g) {
+      const Options& o = as_options(g);
+      if (g == groups_.size()) {  // a new param group (group 0 is the engine's first)
+        groups_.push_back(g == 0 ? GroupId{0} : engine_.add_group(o.options()));
+        if (g == 0) engine_.set_group_options(groups_[0], o.options());
+        seen_.push_back(o);
+      } else if (!(seen_[g] == o)) {  // a scheduler's new lr, or options changed by hand
+        engine_.set_group_options(groups_[g], o.options());
+        seen_[g] = o;
+      }
+      const auto& params = param_groups_[g].params();
+      for (std::size_t i = registered_[g]; i < params.size(); ++i) register_param(g, i, o.rule());
+      registered_[g] = params.size();
+    }
+    for (Entry& e : entries_) follow(e);
+  }
+
+  void register_param(std::size_t g, std::size_t i, UpdateRule rule) {
+    const torch::Tensor& p = param_groups_[g].params()[i];
+    const auto named = names_.find(p.unsafeGetTensorImpl());
+    const std::string name = named != names_.end() ? named->second
+                                                   : "group." + std::to_string(g) + "." + std::to_string(i);
+    const MatrixView<T> value = libtorch::param<T>(p);
+    const MatrixView<const T> grad = libtorch::grad<T>(p);
+    const auto layout = layouts_.find(name);
+    ParamId id;
+    if (rule == UpdateRule::adamw)
+      id = engine_.add_adamw(name, value, grad, groups_[g]);
+    else if (layout != layouts_.end() && layout->second.split)
+      id = engine_.add_muon(name, value, grad, *layout->second.split, groups_[g]);
+    else if (layout != layouts_.end() && layout->second.experts)
+      id = engine_.add_muon(name, value, grad,
+                            Experts{layout->second.experts->rows != 0 || p.dim() < 2
+                                        ? layout->second.experts->rows
+                                        : p.size(1)},
+                            groups_[g]);
+    else
+      id = engine_.add_muon(name, value, grad, groups_[g]);
+    entries_.push_back({p, id, value.data(), grad.data(), p.grad().strides().vec()});
+  }
+
+  /// A gradient set to None: the parameter sits this step out. New memory: the engine reads
+  /// it from now on. A parameter whose memory moved (set_data, to()) is refused: its state
+  /// belongs to the tensor it was.
+  void follow(Entry& e) {
+    if (e.param.data_ptr() != e.data)
+      throw InvalidArgument("muon::libtorch::Muon: parameter '" + engine_.name(e.id) +
+                            "' no longer lives where it was registered (set_data or to() "
+                            "moved it); make the optimizer after moving the model");
+    const torch::Tensor& g = e.param.grad();
+    if (!g.defined()) {
+      if (e.grad != nullptr) engine_.clear_grad(e.id);
+      e.grad = nullptr;
+      return;
+    }
+    if (e.grad == g.data_ptr() && e.grad_strides == g.strides()) return;
+    engine_.set_grad(e.id, libtorch::view<const T>(g, "gradient of '" + engine_.name(e.id) + "'"));
+    e.grad = g.data_ptr();
+    e.grad_strides = g.strides().vec();
+  }
+
+  std::unordered_map<const c10::TensorImpl*, std::string> names_;
+  std::map<std::string, Layout> layouts_;
+  Engine engine_;
+  std::vector<GroupId> groups_;   // the engine's group of each param group
+  std::vector<Options> seen_;     // the options the engine has of each
+  std::vector<std::size_t> registered_;       // parameters registered of each param group
+  std::vector<Entry> entries_;
+  StepReport last_;
+};
+
+}  // namespace muon::libtorch
