@@ -207,6 +207,47 @@ void GroupedStep(benchmark::State& state) {
   state.counters["grouped_speedup"] = best_loop / best_grouped;
 }
 
+/// Args: count, rows, cols. Newton-Schulz alone on `count` matrices: one after the other on
+/// the BLAS's threads against side by side on the workers, one BLAS thread each (what
+/// side_by_side_fits() decides between), both timed in this run, whatever the size.
+template <class T>
+void SideBySideNewtonSchulz(benchmark::State& state) {
+  const auto count = std::size_t(state.range(0));
+  const muon::index_t m = state.range(1), n = state.range(2);
+  muon::EigenBackend backend;
+  std::vector<Mat<T>> inputs;
+  for (std::size_t i = 0; i < count; ++i) inputs.push_back(gaussian<T>(m, n, 300 + unsigned(i)));
+  std::vector<muon::NewtonSchulzWorkspace<muon::EigenBackend, T>> ws(std::size_t(backend.workers()));
+  for (auto& w : ws) w.reserve(backend, m, n);
+  const muon::NewtonSchulzOptions o;
+  const auto schedule = o.schedule.resolve(o.steps);
+  const auto run = [&](std::size_t i, muon::NewtonSchulzWorkspace<muon::EigenBackend, T>& w) {
+    backend.copy(muon::MatrixView<const T>(muon::view(inputs[i])), w.input(backend, m, n));
+    (void)w.run(backend, m, n, schedule, o.schedule.norm_scale(), o.eps, o.method);
+  };
+  const auto seconds = [](auto&& f) {
+    const auto start = std::chrono::steady_clock::now();
+    f();
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  };
+  const auto loop = [&] {
+    for (std::size_t i = 0; i < count; ++i) run(i, ws[0]);
+  };
+  const auto spread = [&] {
+    backend.side_by_side(count, [&](std::size_t i, int w) { run(i, ws[std::size_t(w)]); });
+  };
+  loop();
+  spread();
+  double best_loop = std::numeric_limits<double>::infinity(), best_spread = best_loop;
+  for (auto _ : state) {
+    best_loop = std::min(best_loop, seconds(loop));
+    best_spread = std::min(best_spread, seconds(spread));
+  }
+  state.counters["one_by_one_ms"] = best_loop * 1e3;
+  state.counters["side_by_side_ms"] = best_spread * 1e3;
+  state.counters["speedup"] = best_loop / best_spread;
+}
+
 }  // namespace
 
 BENCHMARK_TEMPLATE(NewtonSchulz, float)->Apply(ShapeArgs);
@@ -229,6 +270,17 @@ BENCHMARK_TEMPLATE(GroupedStep, float)
     ->Unit(benchmark::kMillisecond)
     ->UseRealTime()
     ->Iterations(5);
+
+BENCHMARK_TEMPLATE(SideBySideNewtonSchulz, float)
+    ->Args({4, 512, 2048})
+    ->Args({4, 768, 3072})
+    ->Args({4, 1024, 4096})
+    ->Args({4, 4096, 1024})
+    ->Args({4, 2048, 2048})
+    ->ArgNames({"count", "m", "n"})
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime()
+    ->Iterations(3);
 
 int main(int argc, char** argv) {
   // The header names what the products ran on, so a slow table explains itself.
