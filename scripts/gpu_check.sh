@@ -35,16 +35,18 @@ elapsed() { echo "$(( $(date +%s) - start )) s"; }
 gpu=yes
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null \
   | tee "$logs/gpu.txt" | grep -q . || gpu=no
-prefix=""
-[ -d .gpu-deps ] && prefix="-DCMAKE_PREFIX_PATH=$PWD/.gpu-deps -DEigen3_DIR=$PWD/.gpu-deps/share/eigen3/cmake"
+# LibTorch: the one the machine's PyTorch carries (a CUDA build), for the CUDA tensor tests.
+torch_prefix=$(python3 -c 'import torch; print(torch.utils.cmake_prefix_path)' 2>/dev/null || true)
+prefix="-DCMAKE_PREFIX_PATH=$PWD/.gpu-deps;$torch_prefix -DEigen3_DIR=$PWD/.gpu-deps/share/eigen3/cmake"
+[ -d .gpu-deps ] || prefix="-DCMAKE_PREFIX_PATH=$torch_prefix"
 generator=""
 command -v ninja > /dev/null && generator="-G Ninja"
 # shellcheck disable=SC2086
 if cmake -S . -B build-gpu $generator -DCMAKE_BUILD_TYPE=Release -DMUON_ENABLE_CUDA=ON \
      -DMUON_BLAS=Eigen -DMUON_BUILD_EXAMPLES=OFF -DMUON_BUILD_CLI=OFF \
      -DCMAKE_CUDA_ARCHITECTURES=90 $prefix > "$logs/configure.log" 2>&1 &&
-   cmake --build build-gpu -j"$(nproc)" --target muon_cuda_tests muon_cuda_bench \
-     > "$logs/build.log" 2>&1; then
+   cmake --build build-gpu -j"$(nproc)" --target muon_cuda_tests muon_cuda_host_tests \
+     muon_cuda_bench > "$logs/build.log" 2>&1; then
   row "build (CUDA targets)" "ok" "$(elapsed)"
 else
   row "build (CUDA targets)" "FAILED" "see $logs/configure.log, $logs/build.log"
@@ -52,9 +54,15 @@ else
   tail -n 30 "$logs/configure.log" "$logs/build.log"
   exit 1
 fi
-# The NCCL targets need NCCL's headers; built when they are there.
-cmake --build build-gpu -j"$(nproc)" --target muon_nccl_world1 muon_nccl_sharded_world1 \
-  > "$logs/build_nccl.log" 2>&1 || true
+# The NCCL targets need NCCL's headers, the LibTorch ones a CUDA build of LibTorch: each is
+# built when what it needs is there.
+for target in muon_nccl_world1 muon_nccl_sharded_world1 muon_libtorch_cuda_tests; do
+  if cmake --build build-gpu -j"$(nproc)" --target "$target" > "$logs/build_$target.log" 2>&1; then
+    row "build $target" "ok" ""
+  else
+    row "build $target" "no" "$(grep -m1 -E 'error|No rule' "$logs/build_$target.log")"
+  fi
+done
 
 if [ "$gpu" = no ]; then  # a machine without a GPU: the build is all there is to check
   row "GPU" "none" "no NVIDIA GPU visible: built only"

@@ -15,7 +15,8 @@
 // None (zero_grad with set_to_none, the default in LibTorch 2.x) skips its parameter as torch
 // does, one it reallocated is followed to its new storage, so no step reads freed memory.
 // A param group added later (add_param_group) joins at the next step(); options changed by a
-// scheduler or by hand take effect at the next step(). CPU tensors of float or double.
+// scheduler or by hand take effect at the next step(). CPU tensors of float or double here;
+// CUDA tensors through muon::libtorch::CudaMuon (libtorch_cuda.hpp).
 // Needs LibTorch (Debian: libtorch-dev); muon itself does not depend on it.
 #include <torch/optim/optimizer.h>
 #include <torch/ordered_dict.h>
@@ -248,26 +249,30 @@ inline Routing route(const torch::OrderedDict<std::string, torch::Tensor>& named
   return out;
 }
 
-/// Muon and AdamW as a torch::optim::Optimizer over CPU tensors of element type T.
-template <class T = float>
+/// Muon and AdamW as a torch::optim::Optimizer over tensors of element type T in backend B's
+/// memory (EigenBackend: CPU tensors; cuda::CudaBackend: CUDA tensors, see CudaMuon).
+template <class T = float, class B = EigenBackend>
 class Muon : public torch::optim::Optimizer {
  public:
-  using Engine = muon::Optimizer<EigenBackend, T>;
+  using Engine = muon::Optimizer<B, T>;
+  using Space = typename B::memory_space;
 
   /// Param groups with their Options (a group without takes `defaults`, a Muon group by
   /// default); `names` and `layouts` from route() (parameters without a name are called
   /// "group.G.I").
   explicit Muon(std::vector<torch::optim::OptimizerParamGroup> groups, Options defaults = {},
                 std::unordered_map<const c10::TensorImpl*, std::string> names = {},
-                std::map<std::string, Layout> layouts = {}, OptimizerOptions engine = {})
+                std::map<std::string, Layout> layouts = {}, OptimizerOptions engine = {},
+                B backend = B{})
       : torch::optim::Optimizer(std::move(groups), std::make_unique<Options>(defaults)),
         names_(std::move(names)),
         layouts_(std::move(layouts)),
-        engine_({}, engine) {
+        engine_({}, engine, std::move(backend)) {
     sync();
   }
-  explicit Muon(const Routing& routing, OptimizerOptions engine = {})
-      : Muon(routing.groups, Options{}, routing.names, routing.layouts, engine) {}
+  explicit Muon(const Routing& routing, OptimizerOptions engine = {}, B backend = B{})
+      : Muon(routing.groups, Options{}, routing.names, routing.layouts, engine,
+             std::move(backend)) {}
 
   /// One step: the closure (if any) runs with gradients enabled and its loss is returned.
   torch::Tensor step(LossClosure closure = nullptr) override {
@@ -375,8 +380,8 @@ class Muon : public torch::optim::Optimizer {
     const auto named = names_.find(p.unsafeGetTensorImpl());
     const std::string name = named != names_.end() ? named->second
                                                    : "group." + std::to_string(g) + "." + std::to_string(i);
-    const MatrixView<T> value = libtorch::param<T>(p);
-    const MatrixView<const T> grad = libtorch::grad<T>(p);
+    const MatrixView<T, Space> value = libtorch::param<T, Space>(p);
+    const MatrixView<const T, Space> grad = libtorch::grad<T, Space>(p);
     const auto layout = layouts_.find(name);
     ParamId id;
     if (rule == UpdateRule::adamw)
@@ -409,7 +414,7 @@ class Muon : public torch::optim::Optimizer {
       return;
     }
     if (e.grad == g.data_ptr() && e.grad_strides == g.strides()) return;
-    engine_.set_grad(e.id, libtorch::view<const T>(g, "gradient of '" + engine_.name(e.id) + "'"));
+    engine_.set_grad(e.id, libtorch::view<const T, Space>(g, "gradient of '" + engine_.name(e.id) + "'"));
     e.grad = g.data_ptr();
     e.grad_strides = g.strides().vec();
   }

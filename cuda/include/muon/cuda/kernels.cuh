@@ -8,6 +8,7 @@
 #include <type_traits>
 
 #include "muon/core/backend.hpp"
+#include "muon/cuda/backend.hpp"
 
 namespace muon::cuda::detail {
 
@@ -134,16 +135,9 @@ struct AdamW {
 };
 
 // ---- norms ------------------------------------------------------------------------------
-/// Per matrix of a stack: max |x| (as the bits of a non-negative double, which order like
-/// unsigned integers, so atomicMax works: a maximum does not depend on the order) and the sum
-/// of (x / max)^2 -- the overflow-safe Frobenius norm, amax * sqrt(sum), without a host round
-/// trip. The sum is taken in a fixed order (per-block partials, then one block per matrix
-/// adds them), not with atomics, so it is the same bits run to run.
-struct NormScratch {
-  unsigned long long amax_bits;
-  double scaled_sum;
-};
-
+// Per matrix of a stack: max |x| and the sum of (x / max)^2 into a NormScratch (backend.hpp).
+// The sum is taken in a fixed order (per-block partials, then one block per matrix adds them),
+// not with atomics, so it is the same bits run to run.
 template <class V, class Op>
 __device__ V block_reduce(V v, Op op) {  // the result is valid in thread 0
   __shared__ V shared[kThreads / 32];
@@ -202,7 +196,7 @@ __global__ void scaled_sum_kernel(index_t rows, index_t cols, bool col_order,
 }
 
 /// norms[b].scaled_sum = the sum of matrix b's `blocks` partials, in a fixed order.
-__global__ void sum_partials_kernel(const double* partials, unsigned blocks, NormScratch* out) {
+static __global__ void sum_partials_kernel(const double* partials, unsigned blocks, NormScratch* out) {
   const index_t b = blockIdx.x;
   double s = 0;
   for (unsigned i = threadIdx.x; i < blocks; i += blockDim.x) s += partials[b * blocks + i];

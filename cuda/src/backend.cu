@@ -1,0 +1,72 @@
+// muon::cuda's library: CudaBackend's member templates compiled for float and double, the
+// float <-> bf16/fp16 copies of MasterWeights, and its non-template members. Host C++ that
+// includes muon/cuda/backend.hpp links these.
+#include "muon/cuda/backend.cuh"
+
+namespace muon::cuda {
+
+void CudaBackend::newton_schulz_batched(MatrixView<const float, DeviceSpace> in, index_t in_stride,
+                             MatrixView<float, DeviceSpace> out, index_t out_stride,
+                             index_t batch, std::span<const Coefficients> schedule,
+                             double norm_scale, double eps, Precision precision,
+                             NewtonSchulzMethod method) const {
+  if (in.rows() != out.rows() || in.cols() != out.cols())
+    throw InvalidArgument("muon: newton_schulz_batched: output shape " +
+                          muon::detail::shape_string(out.rows(), out.cols()) +
+                          " differs from input shape " +
+                          muon::detail::shape_string(in.rows(), in.cols()));
+  if (batch < 0)
+    throw InvalidArgument("muon: newton_schulz_batched: batch " + std::to_string(batch) +
+                          " is negative");
+  if (in.empty() || batch == 0) return;
+  if (in.rows() > in.cols())  // iterate on the short side
+    return newton_schulz_batched(in.transposed(), in_stride, out.transposed(), out_stride,
+                                 batch, schedule, norm_scale, eps, precision, method);
+  const bool gram = method == NewtonSchulzMethod::gram;
+  switch (precision) {
+    case Precision::bf16:
+      return lowp_newton_schulz<__nv_bfloat16>(in, in_stride, out, out_stride, batch,
+                                               schedule, norm_scale, eps, CUDA_R_16BF, gram);
+    case Precision::fp16:
+      return lowp_newton_schulz<__half>(in, in_stride, out, out_stride, batch, schedule,
+                                        norm_scale, eps, CUDA_R_16F, gram);
+    default:
+      throw InvalidArgument(std::string("muon: newton_schulz_batched: precision ") +
+                            to_string(precision) + " is not bf16 or fp16");
+  }
+}
+
+#define MUON_CUDA_INSTANTIATE(T) \
+  template void CudaBackend::copy_to_host<T>(MatrixView<const T, DeviceSpace>, T*) const; \
+  template void CudaBackend::copy_from_host<T>(const T*, MatrixView<T, DeviceSpace>) const; \
+  template void CudaBackend::gemm<T>(T, MatrixView<const T, DeviceSpace>, MatrixView<const T, DeviceSpace>, T, MatrixView<T, DeviceSpace>) const; \
+  template void CudaBackend::syrk<T>(T, MatrixView<const T, DeviceSpace>, T, MatrixView<T, DeviceSpace>) const; \
+  template void CudaBackend::symm<T>(T, MatrixView<const T, DeviceSpace>, MatrixView<const T, DeviceSpace>, T, MatrixView<T, DeviceSpace>) const; \
+  template void CudaBackend::symmetrize<T>(MatrixView<T, DeviceSpace>) const; \
+  template void CudaBackend::copy<T, T>(MatrixView<const T, DeviceSpace>, MatrixView<T, DeviceSpace>) const; \
+  template void CudaBackend::add_diagonal<T>(MatrixView<T, DeviceSpace>, T) const; \
+  template void CudaBackend::scale<T>(MatrixView<T, DeviceSpace>, T) const; \
+  template void CudaBackend::flush_tiny<T>(MatrixView<T, DeviceSpace>, T) const; \
+  template void CudaBackend::normalize<T>(MatrixView<T, DeviceSpace>, double, double) const; \
+  template void CudaBackend::scan_finite<T>(MatrixView<const T, DeviceSpace>) const; \
+  template void CudaBackend::momentum<T>(MatrixView<T, DeviceSpace>, MatrixView<const T, DeviceSpace>, MatrixView<T, DeviceSpace>, const MomentumStep&) const; \
+  template void CudaBackend::apply_update<T>(MatrixView<T, DeviceSpace>, MatrixView<const T, DeviceSpace>, double, double) const; \
+  template void CudaBackend::adamw<T>(MatrixView<T, DeviceSpace>, MatrixView<const T, DeviceSpace>, MatrixView<T, DeviceSpace>, MatrixView<T, DeviceSpace>, const AdamWStep&) const; \
+  template bool CudaBackend::all_finite<T>(MatrixView<const T, DeviceSpace>) const; \
+  template std::optional<MatrixView<T, DeviceSpace>> CudaBackend::try_newton_schulz<T>( \
+      MatrixView<T, DeviceSpace>, MatrixView<T, DeviceSpace>, std::span<const Coefficients>, \
+      double, double, NewtonSchulzMethod) const;
+
+MUON_CUDA_INSTANTIATE(float)
+MUON_CUDA_INSTANTIATE(double)
+#undef MUON_CUDA_INSTANTIATE
+
+#define MUON_CUDA_CONVERT(S, D) \
+  template void CudaBackend::copy<S, D>(MatrixView<const S, DeviceSpace>, MatrixView<D, DeviceSpace>) const;
+MUON_CUDA_CONVERT(float, __nv_bfloat16)
+MUON_CUDA_CONVERT(__nv_bfloat16, float)
+MUON_CUDA_CONVERT(float, __half)
+MUON_CUDA_CONVERT(__half, float)
+#undef MUON_CUDA_CONVERT
+
+}  // namespace muon::cuda
