@@ -32,15 +32,33 @@ Mat<T> gaussian(muon::index_t m, muon::index_t n, unsigned seed) {
 }
 
 template <class F>
+double seconds(F&& f) {
+  const auto start = std::chrono::steady_clock::now();
+  f();
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+/// The best of `repeat` timed runs after an untimed one.
+template <class F>
 double best_seconds(int repeat, F&& f) {
   f();
   double best = 1e30;
-  for (int r = 0; r < repeat; ++r) {
-    const auto t = std::chrono::steady_clock::now();
-    f();
-    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count());
-  }
+  for (int r = 0; r < repeat; ++r) best = std::min(best, seconds(f));
   return best;
+}
+
+/// Times `a` and `b` once each per benchmark iteration, alternately (so both see the same
+/// machine), after one untimed run of each; returns the best time of each.
+template <class A, class B>
+std::pair<double, double> best_alternating(benchmark::State& state, A&& a, B&& b) {
+  a();
+  b();
+  double best_a = std::numeric_limits<double>::infinity(), best_b = best_a;
+  for (auto _ : state) {
+    best_a = std::min(best_a, seconds(a));
+    best_b = std::min(best_b, seconds(b));
+  }
+  return {best_a, best_b};
 }
 
 /// GFLOP/s of a k x N by N x k GEMM through the Eigen backend (cached per size and type).
@@ -84,7 +102,7 @@ void NewtonSchulz(benchmark::State& state) {
   muon::NewtonSchulzWorkspace<muon::EigenBackend, T> ws;
   ws.reserve(backend, m, n, o.method);
   const double gemm = gemm_gflops<T>(std::min(m, n), std::max(m, n));
-  double seconds = 0;
+  double elapsed = 0;
   for (auto _ : state) {
     const auto start = std::chrono::steady_clock::now();
     for (const auto& x : inputs) {
@@ -92,9 +110,9 @@ void NewtonSchulz(benchmark::State& state) {
       auto out = ws.run(backend, m, n, schedule, o.schedule.norm_scale(), o.eps, o.method);
       benchmark::DoNotOptimize(out.data());
     }
-    seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    elapsed += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   }
-  const double gflops = ns_flops(m, n, steps) * batch * double(state.iterations()) / seconds * 1e-9;
+  const double gflops = ns_flops(m, n, steps) * batch * double(state.iterations()) / elapsed * 1e-9;
   state.counters["GFLOPS"] = gflops;
   state.counters["gemm_GFLOPS"] = gemm;
   state.counters["gemm_ratio"] = gflops / gemm;
@@ -161,11 +179,7 @@ void Gpt2SmallStep(benchmark::State& state) {
   });
   // Best step against best NS pass, both after a first run (which touches the state).
   double best = std::numeric_limits<double>::infinity();
-  for (auto _ : state) {
-    const auto start = std::chrono::steady_clock::now();
-    opt.step();
-    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
-  }
+  for (auto _ : state) best = std::min(best, seconds([&] { opt.step(); }));
   state.counters["ns_only_ms"] = ns_only * 1e3;
   state.counters["step_ms"] = best * 1e3;
   state.counters["step_over_ns"] = best / ns_only;
@@ -190,18 +204,8 @@ void GroupedStep(benchmark::State& state) {
     grouped.add_muon("w" + std::to_string(i), w[i], g[i]);
     loop.add_muon("w" + std::to_string(i), v[i], g[i]);
   }
-  grouped.step();
-  loop.step();
-  const auto seconds = [](auto& opt) {
-    const auto start = std::chrono::steady_clock::now();
-    opt.step();
-    return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  };
-  double best_grouped = std::numeric_limits<double>::infinity(), best_loop = best_grouped;
-  for (auto _ : state) {
-    best_grouped = std::min(best_grouped, seconds(grouped));
-    best_loop = std::min(best_loop, seconds(loop));
-  }
+  const auto [best_grouped, best_loop] =
+      best_alternating(state, [&] { grouped.step(); }, [&] { loop.step(); });
   state.counters["grouped_ms"] = best_grouped * 1e3;
   state.counters["loop_ms"] = best_loop * 1e3;
   state.counters["grouped_speedup"] = best_loop / best_grouped;
@@ -225,24 +229,9 @@ void SideBySideNewtonSchulz(benchmark::State& state) {
     backend.copy(muon::MatrixView<const T>(muon::view(inputs[i])), w.input(backend, m, n));
     (void)w.run(backend, m, n, schedule, o.schedule.norm_scale(), o.eps, o.method);
   };
-  const auto seconds = [](auto&& f) {
-    const auto start = std::chrono::steady_clock::now();
-    f();
-    return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  };
-  const auto loop = [&] {
-    for (std::size_t i = 0; i < count; ++i) run(i, ws[0]);
-  };
-  const auto spread = [&] {
-    backend.side_by_side(count, [&](std::size_t i, int w) { run(i, ws[std::size_t(w)]); });
-  };
-  loop();
-  spread();
-  double best_loop = std::numeric_limits<double>::infinity(), best_spread = best_loop;
-  for (auto _ : state) {
-    best_loop = std::min(best_loop, seconds(loop));
-    best_spread = std::min(best_spread, seconds(spread));
-  }
+  const auto [best_loop, best_spread] = best_alternating(
+      state, [&] { for (std::size_t i = 0; i < count; ++i) run(i, ws[0]); },
+      [&] { backend.side_by_side(count, [&](std::size_t i, int w) { run(i, ws[std::size_t(w)]); }); });
   state.counters["one_by_one_ms"] = best_loop * 1e3;
   state.counters["side_by_side_ms"] = best_spread * 1e3;
   state.counters["speedup"] = best_loop / best_spread;

@@ -159,6 +159,26 @@ std::vector<torch::Tensor> copies(Tiny& net) {
   return out;
 }
 
+/// zero_grad(set_to_none=true) where this LibTorch has it (2.x), else what it does: every
+/// .grad() becomes None.
+template <class Opt>
+void zero_grad_to_none(Opt& opt, Tiny& net) {
+  if constexpr (requires { opt.zero_grad(true); })
+    opt.zero_grad(true);
+  else
+    for (auto& p : net->parameters()) p.mutable_grad().reset();
+}
+
+/// zero_grad(set_to_none=false) where this LibTorch has it, else its zero_grad() (1.x), which
+/// zeroes in place.
+template <class Opt>
+void zero_grad_in_place(Opt& opt) {
+  if constexpr (requires { opt.zero_grad(false); })
+    opt.zero_grad(false);
+  else
+    opt.zero_grad();
+}
+
 muon::libtorch::RoutingOptions tiny_routing() {
   muon::libtorch::RoutingOptions r;
   r.options.muon.lr = 0.05;
@@ -243,7 +263,7 @@ TEST_CASE("gradients set to None or reallocated are followed, never read stale",
   tiny_loss(net, 0).backward();
   opt.step();
   // zero_grad(set_to_none=true), LibTorch 2.x's default: every .grad() is None.
-  for (auto& p : net->parameters()) p.mutable_grad().reset();
+  zero_grad_to_none(opt, net);
   {  // fill freed memory with NaN: a stale read would put it into the weights
     torch::Tensor garbage = torch::full({1 << 16}, std::numeric_limits<float>::quiet_NaN());
     const auto before = copies(net);
@@ -258,8 +278,8 @@ TEST_CASE("gradients set to None or reallocated are followed, never read stale",
   CHECK(opt.last_report().updated == net->parameters().size());
   for (const auto& p : net->parameters()) CHECK(p.isfinite().all().item<bool>());
   CHECK_FALSE(same_tensors(copies(net), before));
-  // One parameter without a gradient sits out, the others step.
-  opt.zero_grad();
+  // One parameter without a gradient sits out, the others step (zeroed in place first).
+  zero_grad_in_place(opt);
   tiny_loss(net, 2).backward();
   net->head->bias.mutable_grad().reset();
   const torch::Tensor bias = net->head->bias.detach().clone();

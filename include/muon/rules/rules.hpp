@@ -44,7 +44,7 @@ struct RuleList {
   /// A rule's name, or "rule N" for an id no rule has (a state file from elsewhere).
   static std::string describe(std::uint8_t id) {
     std::string out = "rule " + std::to_string(id);
-    ((static_cast<std::uint8_t>(R::id) == id ? (out = R::name, true) : false) || ...);
+    (void)((static_cast<std::uint8_t>(R::id) == id ? (out = R::name, true) : false) || ...);
     return out;
   }
 };
