@@ -7,7 +7,7 @@
 // gemm_ratio = that rate / the rate of a k x N by N x k GEMM through the same backend, timed in
 // the same process just before; step_over_ns = time of step() / time of its NS calls alone
 // (run side by side as step() runs them); grouped_speedup = time of a step run one matrix after
-// the other (OptimizerOptions::side_by_side = false) / time of the same step side by side.
+// the other (OptimizerOptions::grouped = false) / time of the same step side by side.
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
@@ -198,7 +198,7 @@ void GroupedStep(benchmark::State& state) {
     g.push_back(gaussian<T>(m, n, 200 + unsigned(i)));
   }
   muon::OptimizerOptions one_by_one;
-  one_by_one.side_by_side = false;
+  one_by_one.grouped = false;
   muon::Optimizer<muon::EigenBackend, T> grouped, loop({}, one_by_one);
   for (std::size_t i = 0; i < count; ++i) {
     grouped.add_muon("w" + std::to_string(i), w[i], g[i]);

@@ -4,6 +4,8 @@
 #include <cstring>
 #include <deque>
 #include <limits>
+#include <span>
+#include <type_traits>
 
 #include "test_support.hpp"
 
@@ -646,4 +648,79 @@ TEMPLATE_TEST_CASE("a split matrix steps as its blocks registered one by one",
   CHECK_THROWS_WITH(opt.add_muon("qkv", w, g, muon::Split{2, {6}}), Contains("split axis 2"));
   CHECK_THROWS_WITH(opt.add_muon("qkv", w, g, muon::Split{1, {5, -1}}), Contains("negative"));
   CHECK(opt.num_params() == 0);  // nothing was registered by the refusals
+}
+
+namespace {
+
+/// The CPU backend seen as a batching backend (RunsBatched, as the CUDA backend is for float):
+/// newton_schulz_stack runs its stack one matrix after the other, so the optimizer's batched
+/// path (stacking inputs, one call, finishing each result) is checked here against its
+/// per-matrix path. One worker, so nothing runs side by side.
+struct StackingBackend : EigenBackend {
+  [[nodiscard]] int workers() const { return 1; }
+  template <class T>
+  void newton_schulz_stack(muon::MatrixView<const T> in, muon::index_t in_stride,
+                           muon::MatrixView<T> out, muon::index_t out_stride, muon::index_t batch,
+                           std::span<const muon::Coefficients> schedule, double norm_scale,
+                           double eps, muon::NewtonSchulzMethod method) {
+    ++stacks;
+    const muon::index_t rows = in.rows(), cols = in.cols();
+    muon::NewtonSchulzWorkspace<EigenBackend, T> ws;
+    ws.reserve(*this, rows, cols, method);
+    for (muon::index_t b = 0; b < batch; ++b) {
+      copy(muon::MatrixView<const T>(in.data() + b * in_stride, rows, cols, in.row_stride(), in.col_stride()),
+           ws.input(*this, rows, cols));
+      copy(ws.run(*this, rows, cols, schedule, norm_scale, eps, method),
+           muon::MatrixView<T>(out.data() + b * out_stride, rows, cols, out.row_stride(), out.col_stride()));
+    }
+  }
+  int stacks = 0;
+};
+static_assert(muon::RunsBatched<StackingBackend, float> && muon::RunsBatched<StackingBackend, double>);
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("a batching backend steps each matrix of a stack as one by one",
+                   "[optimizer][grouped]", float, double) {
+  // Three 16x40 matrices of group 0 go in one stack; a fourth in group 1 (another lr), a 24x8
+  // and a cleared one do not. Against the same optimizer with grouped = false.
+  muon::GroupOptions slow = muon_options(0.02, 0.1);
+  slow.muon.momentum_form = muon::MomentumForm::sum;
+  muon::GroupOptions fast = slow;
+  fast.muon.lr = 0.05;
+  std::vector<Mat<TestType>> w, v, g;
+  const std::pair<int, int> shapes[] = {{16, 40}, {16, 40}, {24, 8}, {16, 40}, {16, 40}, {16, 40}};
+  for (unsigned i = 0; i < 6; ++i) {
+    w.push_back(gaussian<TestType>(shapes[i].first, shapes[i].second, 60 + i));
+    v.push_back(w.back());
+    g.push_back(gaussian<TestType>(shapes[i].first, shapes[i].second, 70 + i));
+  }
+  if constexpr (std::is_same_v<TestType, float>)  // overflows in the sum-form Nesterov input at step 3
+    g[1].setConstant(1e38f);
+  muon::OptimizerOptions one_by_one;
+  one_by_one.grouped = false;
+  one_by_one.non_finite = muon::NonFinitePolicy::skip;
+  muon::OptimizerOptions grouped = one_by_one;
+  grouped.grouped = true;
+  muon::Optimizer<StackingBackend, TestType> batched(slow, grouped), loop(slow, one_by_one);
+  for (auto* opt : {&batched, &loop}) {
+    const auto fast_group = opt->add_group(fast);
+    auto& m = opt == &batched ? w : v;
+    for (std::size_t i = 0; i < 6; ++i)
+      opt->add_muon("w" + std::to_string(i), m[i], g[i], i == 4 ? fast_group : muon::GroupId{});
+    opt->clear_grad(muon::ParamId{5});
+  }
+  for (int s = 0; s < 3; ++s) {
+    const auto a = batched.step(), b = loop.step();
+    CHECK(a.updated == b.updated);
+    CHECK(a.refused == b.refused);
+    CHECK(a.skipped_because == b.skipped_because);
+  }
+  CHECK(batched.backend().stacks == 3);  // one stack (w0, w1, w3) a step
+  CHECK(loop.backend().stacks == 0);
+  for (std::size_t i = 0; i < 6; ++i) {
+    INFO("matrix " << i);
+    CHECK(same_bits(w[i], v[i]));
+  }
+  if constexpr (std::is_same_v<TestType, float>) CHECK(w[1].allFinite());
 }

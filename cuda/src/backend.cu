@@ -23,16 +23,24 @@ void CudaBackend::newton_schulz_batched(MatrixView<const float, DeviceSpace> in,
     return newton_schulz_batched(in.transposed(), in_stride, out.transposed(), out_stride,
                                  batch, schedule, norm_scale, eps, precision, method);
   const bool gram = method == NewtonSchulzMethod::gram;
+  // Unit roundoffs: bf16 keeps 8 significand bits, fp16 and TF32's products 11, fp32 24.
   switch (precision) {
     case Precision::bf16:
-      return lowp_newton_schulz<__nv_bfloat16>(in, in_stride, out, out_stride, batch,
-                                               schedule, norm_scale, eps, CUDA_R_16BF, gram);
+      return lowp_newton_schulz<__nv_bfloat16>(in, in_stride, out, out_stride, batch, schedule,
+                                               norm_scale, eps, CUDA_R_16BF, CUBLAS_COMPUTE_32F,
+                                               0x1p-8, gram);
     case Precision::fp16:
       return lowp_newton_schulz<__half>(in, in_stride, out, out_stride, batch, schedule,
-                                        norm_scale, eps, CUDA_R_16F, gram);
-    default:
-      throw InvalidArgument(std::string("muon: newton_schulz_batched: precision ") +
-                            to_string(precision) + " is not bf16 or fp16");
+                                        norm_scale, eps, CUDA_R_16F, CUBLAS_COMPUTE_32F, 0x1p-11,
+                                        gram);
+    case Precision::tf32:
+      return lowp_newton_schulz<float>(in, in_stride, out, out_stride, batch, schedule,
+                                       norm_scale, eps, CUDA_R_32F,
+                                       CUBLAS_COMPUTE_32F_FAST_TF32, 0x1p-11, gram);
+    case Precision::native:
+      return lowp_newton_schulz<float>(in, in_stride, out, out_stride, batch, schedule,
+                                       norm_scale, eps, CUDA_R_32F, CUBLAS_COMPUTE_32F, 0x1p-24,
+                                       gram);
   }
 }
 

@@ -614,6 +614,44 @@ void test_deterministic_run_to_run() {
   }
 }
 
+void test_grouped_step_matches_one_by_one() {
+  // Six 64 x 160 matrices (one stack: strided-batched products) and a 48 x 48 one, in fp32 and
+  // TF32, grouped (the default) against grouped = false (SYRK/SYMM one matrix at a time):
+  // other kernels, so within float rounding, not bit for bit.
+  for (Precision precision : {Precision::native, Precision::tf32}) {
+    std::mt19937 rng(11);
+    CudaBackend gpu(muon::cuda::CudaOptions{precision});
+    std::vector<DeviceBuffer<float>> a, b, g;
+    std::vector<std::pair<index_t, index_t>> shapes(6, {64, 160});
+    shapes.push_back({48, 48});
+    muon::OptimizerOptions one_by_one;
+    one_by_one.grouped = false;
+    muon::GroupOptions options;
+    options.muon.lr = 0.02;
+    muon::Optimizer<CudaBackend, float> grouped(options, {}, gpu), loop(options, one_by_one, gpu);
+    for (const auto& [m, n] : shapes) {
+      const auto w = gaussian<float>(static_cast<std::size_t>(m * n), rng);
+      a.push_back(upload(gpu, w));
+      b.push_back(upload(gpu, w));
+      g.push_back(upload(gpu, gaussian<float>(w.size(), rng)));
+      const auto name = "w" + std::to_string(a.size());
+      const auto grad = muon::row_major_view<DeviceSpace, const float>(g.back().data(), m, n);
+      grouped.add_muon(name, muon::row_major_view<DeviceSpace>(a.back().data(), m, n), grad);
+      loop.add_muon(name, muon::row_major_view<DeviceSpace>(b.back().data(), m, n), grad);
+    }
+    for (int s = 0; s < 3; ++s) {
+      grouped.step();
+      loop.step();
+    }
+    gpu.synchronize();
+    double worst = 0;
+    for (std::size_t i = 0; i < a.size(); ++i)
+      worst = std::max(worst, relative_error(download(a[i]), download(b[i])));
+    CHECK(worst < (precision == Precision::tf32 ? 2e-3 : 1e-4),
+          "%s: grouped against one by one differ by %.3g", muon::cuda::to_string(precision), worst);
+  }
+}
+
 /// Runs every test, or those named on the command line (scripts/gpu_check.sh runs a few
 /// under compute-sanitizer).
 int main(int argc, char** argv) {
@@ -627,6 +665,7 @@ int main(int argc, char** argv) {
       {"symmetric_blocks_and_gram", test_symmetric_blocks_and_gram},
       {"low_rank_stays_bounded", test_low_rank_stays_bounded},
       {"batched_matches_single", test_batched_matches_single},
+      {"grouped_step_matches_one_by_one", test_grouped_step_matches_one_by_one},
       {"graph_capture", test_graph_capture},
       {"non_finite_refused_on_device", test_non_finite_refused_on_device},
       {"borrowed_stream_and_handle", test_borrowed_stream_and_handle},

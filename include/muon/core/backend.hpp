@@ -8,6 +8,7 @@
 // Buffers are dense; view(buf, rows, cols) gives a dense row-major view of one.
 #include <concepts>
 #include <cstddef>
+#include <span>
 
 #include "muon/core/matrix_view.hpp"
 #include "muon/core/options.hpp"
@@ -79,6 +80,18 @@ concept RunsSideBySide = requires(B& b, index_t n, void (*task)(std::size_t, int
   { b.workers() } -> std::convertible_to<int>;
   { b.side_by_side_fits(n, n) } -> std::same_as<bool>;
   b.side_by_side(std::size_t{1}, task);
+};
+
+/// Optional: Newton-Schulz on a stack of `batch` same-shape matrices in one call (matrix b at
+/// in + b * in_stride, its result at out + b * out_stride), with the schedule, normalization
+/// and method of NewtonSchulzOptions. The optimizers run each group's same-shape matrices
+/// this way where a backend can (CudaBackend: strided-batched cuBLAS products, for float).
+template <class B, class T>
+concept RunsBatched = requires(B& b, MatrixView<const T, typename B::memory_space> in,
+                               MatrixView<T, typename B::memory_space> out, index_t n,
+                               std::span<const Coefficients> schedule, double d,
+                               NewtonSchulzMethod method) {
+  b.newton_schulz_stack(in, n, out, n, n, schedule, d, d, method);
 };
 
 /// float and double. Other element types (complex, integers) are refused with this message.

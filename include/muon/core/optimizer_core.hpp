@@ -230,7 +230,7 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
                             "residuals (it has no frobenius_norm(); EigenBackend has)");
     add_group(defaults);
     if constexpr (RunsSideBySide<B>)
-      workers_.resize(options.side_by_side ? static_cast<std::size_t>(std::max(1, backend_.workers())) : 1);
+      workers_.resize(options.grouped ? static_cast<std::size_t>(std::max(1, backend_.workers())) : 1);
     else
       workers_.resize(1);
   }
@@ -295,10 +295,11 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
     std::stable_sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) {
       return cost(part_of(units[a])) > cost(part_of(units[b]));
     });
-    for (const Unit& u : units) {
-      const Param& p = params_[u.param];
-      const Part& part = p.parts[u.part];
-      if (!self().orthogonalizes_here(p) || part.empty()) continue;
+    plan_batches(units);
+    for (std::size_t u = 0; u < units.size(); ++u) {
+      const Param& p = params_[units[u].param];
+      const Part& part = p.parts[units[u].part];
+      if (!self().orthogonalizes_here(p) || part.empty() || batched_[u]) continue;
       const NewtonSchulzMethod method = groups_[p.group].options.muon.newton_schulz.method;
       const std::size_t count = side_by_side(part) ? workers_.size() : 1;
       for (std::size_t w = 0; w < count; ++w) {
@@ -383,6 +384,44 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
   }
 
   const Part& part_of(const Unit& u) const { return params_[u.param].parts[u.part]; }
+
+  /// Batching backends: the matrices this process runs, by shape and group, in stacks of two
+  /// or more (a stack's matrices share Newton-Schulz options; a tolerance or telemetry, which
+  /// need one matrix at a time, keep a group out), and room for the largest stack.
+  void plan_batches(const std::vector<Unit>& units) {
+    std::vector<Batch> batches;
+    std::vector<char> batched(units.size(), 0);
+    if constexpr (RunsBatched<B, T>) {
+      if (options_.grouped && !options_.telemetry) {
+        for (std::size_t u = 0; u < units.size(); ++u) {
+          const Param& p = params_[units[u].param];
+          const Part& part = p.parts[units[u].part];
+          if (!self().orthogonalizes_here(p) || part.empty() ||
+              groups_[p.group].options.muon.newton_schulz.tolerance > 0)
+            continue;
+          auto it = std::find_if(batches.begin(), batches.end(), [&](const Batch& b) {
+            return b.rows == part.rows && b.cols == part.cols && b.group == p.group;
+          });
+          if (it == batches.end()) it = batches.insert(batches.end(), Batch{part.rows, part.cols, p.group, {}});
+          it->units.push_back(u);
+        }
+        std::erase_if(batches, [](const Batch& b) { return b.units.size() < 2; });
+        index_t most = 0;
+        std::size_t count = 0;
+        for (const Batch& b : batches) {
+          most = std::max(most, b.rows * b.cols * static_cast<index_t>(b.units.size()));
+          count = std::max(count, b.units.size());
+          for (std::size_t u : b.units) batched[u] = 1;
+        }
+        for (Buffer* buf : {&batch_in_, &batch_out_, &batch_saved_})
+          if (static_cast<index_t>(buf->size()) < most && (buf != &batch_saved_ || checked()))
+            backend_.resize(*buf, most);
+        present_.reserve(count);
+      }
+    }
+    batches_ = std::move(batches);
+    batched_ = std::move(batched);
+  }
   static double cost(const Part& p) {  // Newton-Schulz flops ~ k^2 N
     const auto k = static_cast<double>(std::min(p.rows, p.cols));
     return k * static_cast<double>(p.rows) * static_cast<double>(p.cols);
@@ -446,7 +485,9 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
       for (std::size_t u : order_) {
         outcomes_[u] = Outcome{};
         const Param& p = params_[units_[u].param];
-        if (!p.takes_part() || !self().orthogonalizes_here(p) || part_of(units_[u]).empty()) continue;
+        if (!p.takes_part() || !self().orthogonalizes_here(p) || part_of(units_[u]).empty() ||
+            batched_[u])
+          continue;
         (side_by_side(part_of(units_[u])) ? spread_ : ready_).push_back(u);
       }
     for (std::size_t c = 0; c < chunks_.size(); ++c) spread_.push_back(units_.size() + c);
@@ -464,41 +505,64 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
       for (std::size_t i = 0; i < spread_.size(); ++i) task(i, 0);
     }
     for (std::size_t u : ready_) run_matrix(u, workers_[0]);
+    if (matrices) run_batches();
   }
 
-  /// One matrix through its rule: the Newton-Schulz input (momentum here, or what the
-  /// exchange gathered), Newton-Schulz, the finiteness check, apply.
+  /// One matrix through its rule: the Newton-Schulz input, Newton-Schulz, the finiteness
+  /// check, apply.
   void run_matrix(std::size_t u, Worker& w) {
+    const Part& part = part_of(units_[u]);
+    const View in = w.ns.input(backend_, part.rows, part.cols);
+    const View saved = backend_.view(w.saved, part.rows, part.cols);
+    prepare_input(u, in, saved);
+    const Group& g = groups_[params_[units_[u].param].group];
+    Outcome& out = outcomes_[u];
+    finish_matrix(u, w.ns.run(backend_, part.rows, part.cols, g.schedule,
+                              g.options.muon.newton_schulz, options_.telemetry ? &out.ns : nullptr),
+                  saved);
+  }
+
+  /// Writes matrix u's Newton-Schulz input into `in`: its momentum step here (its momentum
+  /// kept in `saved` while the step is checked), or what the exchange gathered (zero1).
+  void prepare_input(std::size_t u, View in, View saved) {
     Param& p = params_[units_[u].param];
     const Part& part = p.parts[units_[u].part];
     rules::All::visit(p.rule, [&](auto rule) {
       using R = decltype(rule);
       if constexpr (R::orthogonalizes) {
         Derived& d = self();
-        const Group& g = groups_[p.group];
-        const auto& options = R::options(g.options);
-        const View in = w.ns.input(backend_, part.rows, part.cols);
-        const View saved = backend_.view(w.saved, part.rows, part.cols);
-        const Piece mine = d.piece(p);
-        View m;
         if (after_exchange()) {
           if constexpr (Derived::exchanges) d.gathered_input(p, part, in);
-        } else {
-          m = part_view(state_views(p, mine)[0], part, mine.row0, mine.col0);
-          if (checked()) backend_.copy(ConstView(m), saved);
-          R::accumulate(backend_, m, part_view(d.gradient(p), part, mine.row0, mine.col0), in,
-                        options);
+          return;
         }
-        Outcome& out = outcomes_[u];
-        out.ran = true;
-        const ConstView o = w.ns.run(backend_, part.rows, part.cols, g.schedule,
-                                     options.newton_schulz, options_.telemetry ? &out.ns : nullptr);
+        const Piece mine = d.piece(p);
+        const View m = part_view(state_views(p, mine)[0], part, mine.row0, mine.col0);
+        if (checked()) backend_.copy(ConstView(m), saved);
+        R::accumulate(backend_, m, part_view(d.gradient(p), part, mine.row0, mine.col0), in,
+                      R::options(groups_[p.group].options));
+      }
+    });
+  }
+
+  /// Matrix u's Newton-Schulz result `o`: checked (a non-finite one leaves the matrix and its
+  /// momentum, put back from `saved`, as they were), applied, reported, published.
+  void finish_matrix(std::size_t u, ConstView o, View saved) {
+    Param& p = params_[units_[u].param];
+    const Part& part = p.parts[units_[u].part];
+    Outcome& out = outcomes_[u];
+    out.ran = true;
+    rules::All::visit(p.rule, [&](auto rule) {
+      using R = decltype(rule);
+      if constexpr (R::orthogonalizes) {
+        Derived& d = self();
+        const auto& options = R::options(groups_[p.group].options);
         if (checked() && !backend_.all_finite(o)) {
           out.refused = true;
           if (after_exchange()) {
             if constexpr (Derived::exchanges) d.restore_momentum(p, part);
           } else {
-            backend_.copy(ConstView(saved), m);
+            const Piece mine = d.piece(p);
+            backend_.copy(ConstView(saved), part_view(state_views(p, mine)[0], part, mine.row0, mine.col0));
           }
           return;
         }
@@ -511,6 +575,34 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
         d.publish(p, &part);
       }
     });
+  }
+
+  /// Batching backends (RunsBatched): the same-shape matrices of one group, stacked in
+  /// batch_in_, go through Newton-Schulz in one call into batch_out_; then each is finished.
+  void run_batches() {
+    if constexpr (RunsBatched<B, T>) {
+      for (const Batch& b : batches_) {
+        present_.clear();
+        for (std::size_t u : b.units)
+          if (params_[units_[u].param].takes_part()) present_.push_back(u);
+        if (present_.empty()) continue;
+        const index_t size = b.rows * b.cols;
+        const auto slot = [&](Buffer& buf, std::size_t i) {
+          return View(backend_.view(buf, 1, size * static_cast<index_t>(b.units.size())).data() +
+                          static_cast<index_t>(i) * size,
+                      b.rows, b.cols, b.cols, 1);
+        };
+        for (std::size_t i = 0; i < present_.size(); ++i)
+          prepare_input(present_[i], slot(batch_in_, i), slot(batch_saved_, i));
+        const Group& g = groups_[b.group];
+        const NewtonSchulzOptions& ns = g.options.muon.newton_schulz;
+        backend_.newton_schulz_stack(ConstView(slot(batch_in_, 0)), size, slot(batch_out_, 0), size,
+                                     static_cast<index_t>(present_.size()), g.schedule,
+                                     ns.schedule.norm_scale(), ns.eps, ns.method);
+        for (std::size_t i = 0; i < present_.size(); ++i)
+          finish_matrix(present_[i], ConstView(slot(batch_out_, i)), slot(batch_saved_, i));
+      }
+    }
   }
 
   /// The refusals of the matrices run here (units_ lists a parameter's matrices together).
@@ -551,6 +643,16 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
   std::vector<std::size_t> ready_;    // this step's units for worker 0 (capacity reserved)
   std::vector<std::size_t> spread_;   // this step's tasks side by side: units, then chunks_
   std::vector<Chunk> chunks_;         // this step's elementwise chunks (capacity reserved)
+  /// Batching backends: stacks of same-shape matrices of one group, run in one call.
+  struct Batch {
+    index_t rows, cols;
+    std::size_t group;
+    std::vector<std::size_t> units;
+  };
+  std::vector<Batch> batches_;
+  std::vector<char> batched_;             // per unit: runs in a batch
+  std::vector<std::size_t> present_;      // a batch's units taking part this step (reserved)
+  Buffer batch_in_, batch_out_, batch_saved_;
 };
 
 }  // namespace detail

@@ -86,11 +86,12 @@ struct OptimizerOptions {
   /// newton_schulz). Costs one SYRK and two host reads a matrix, and the report's allocation;
   /// needs a backend that measures residuals (EigenBackend). Optimizer only.
   bool telemetry = false;
-  /// Newton-Schulz runs side by side on the backend's workers for the matrices that gain from
-  /// it (RunsSideBySide: EigenBackend, one BLAS thread per matrix), costliest first; the others
-  /// run one after the other on the BLAS's threads. false: every matrix one after the other,
-  /// as a loop over the parameters would (e.g. when your own threads keep the cores busy).
-  bool side_by_side = true;
+  /// Newton-Schulz runs grouped: on a backend with workers (RunsSideBySide: EigenBackend) the
+  /// matrices that gain from it side by side, one BLAS thread each, costliest first; on a
+  /// batching backend (RunsBatched: CudaBackend, float) same-shape matrices of one group in one
+  /// batched call. false: every matrix one after the other, as a loop over the parameters
+  /// would (e.g. when your own threads keep the cores busy).
+  bool grouped = true;
 };
 
 inline const char* to_string(MomentumForm f) { return f == MomentumForm::ema ? "ema" : "sum"; }

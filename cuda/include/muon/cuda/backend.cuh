@@ -236,7 +236,7 @@ void CudaBackend::lowp_gemm(const LowpRun& run, cublasOperation_t tb, index_t m,
   check(cublasGemmStridedBatchedEx(ctx_->handle, CUBLAS_OP_N, tb, blas(m), blas(nn),
                                    blas(depth), &alpha, a, run.type, blas(m), sa, b, run.type,
                                    blas(ldb), sb, &beta, c, run.type, blas(m), sc,
-                                   blas(run.batch), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                                   blas(run.batch), run.compute, CUBLAS_GEMM_DEFAULT),
         "cublasGemmStridedBatchedEx");
 }
 
@@ -261,7 +261,7 @@ void CudaBackend::lowp_symmetric(const LowpRun& run, const L* p, const L* r, boo
     check(cublasGemmBatchedEx(ctx_->handle, CUBLAS_OP_N, tb, blas(bs), blas(bs), blas(depth),
                               &one, ptrs, run.type, blas(k), ptrs + count, run.type, blas(k),
                               &zero, ptrs + 2 * count, run.type, blas(k), blas(count),
-                              CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                              run.compute, CUBLAS_GEMM_DEFAULT),
           "cublasGemmBatchedEx");
   }
   const auto tiles = static_cast<unsigned>((k + detail::kTile - 1) / detail::kTile);
@@ -292,8 +292,10 @@ template <class L>
 void CudaBackend::lowp_newton_schulz(MatrixView<const float, DeviceSpace> in, index_t in_stride,
                           MatrixView<float, DeviceSpace> out, index_t out_stride, index_t batch,
                           std::span<const Coefficients> schedule, double norm_scale, double eps,
-                          cudaDataType_t type, bool gram) const {
-  const LowpRun run{type, in.rows(), in.cols(), batch, symmetric_blocks(in.rows())};
+                          cudaDataType_t type, cublasComputeType_t compute, double unit_roundoff,
+                          bool gram) const {
+  const LowpRun run{type, in.rows(), in.cols(), batch, symmetric_blocks(in.rows()), compute,
+                    unit_roundoff};
   const index_t k = run.k, n = run.n, kn = k * n, kk = k * k;
   const std::size_t need =
       static_cast<std::size_t>(batch * (2 * kn + (gram ? 4 : 2) * kk)) * sizeof(L);
@@ -329,8 +331,7 @@ void CudaBackend::lowp_newton_schulz(MatrixView<const float, DeviceSpace> in, in
 template <class L>
 L* CudaBackend::lowp_gram_newton_schulz(const LowpRun& run, std::span<const Coefficients> schedule, L* x,
                                L* y, L* r, L* b, L* w, L* q) const {
-  constexpr double u = std::is_same_v<L, __half> ? 0x1p-11 : 0x1p-8;  // fp16, bf16
-  muon::GramRestartPlan plan(u);
+  muon::GramRestartPlan plan(run.unit_roundoff);
   const index_t k = run.k, n = run.n, kn = k * n, kk = k * k;
   lowp_symmetric(run, x, x, true, r);  // R = X X^T
   bool q_is_identity = true, restart = false;

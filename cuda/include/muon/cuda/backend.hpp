@@ -262,11 +262,22 @@ class CudaBackend {
   /// Orthogonalizes a stack of `batch` same-shape float matrices (mixture-of-experts weights,
   /// per-head splits): matrix b is `in` offset by b * in_stride elements, its result goes to
   /// `out` offset by b * out_stride. Any shape and layout (m > n runs on the transpose).
-  /// Storage precision `precision` (bf16 or fp16; products accumulate in fp32 on batched
-  /// cublasGemmEx). `method`: NewtonSchulzMethod::gram runs the Gram form with the restarts
-  /// its drift needs in 16 bits (lowp_gram_newton_schulz);
-  /// experimental, not yet run on a GPU. `automatic` runs the standard loop here until the
-  /// 16-bit Gram form has been measured. The workspace grows on first use and is kept.
+  /// Storage precision `precision` (fp32, TF32 products, or bf16 / fp16 storage; products
+  /// accumulate in fp32 on strided-batched cublasGemmEx). `method`: NewtonSchulzMethod::gram
+  /// runs the Gram form with the restarts its drift needs in that precision
+  /// (lowp_gram_newton_schulz); experimental, not yet run on a GPU. `automatic` runs the
+  /// standard loop here until the batched Gram form has been measured. The workspace grows on
+  /// first use and is kept.
+  /// The optimizers' batched Newton-Schulz (RunsBatched): newton_schulz_batched in the
+  /// precision of CudaOptions::newton_schulz.
+  void newton_schulz_stack(MatrixView<const float, DeviceSpace> in, index_t in_stride,
+                           MatrixView<float, DeviceSpace> out, index_t out_stride, index_t batch,
+                           std::span<const Coefficients> schedule, double norm_scale, double eps,
+                           NewtonSchulzMethod method) const {
+    newton_schulz_batched(in, in_stride, out, out_stride, batch, schedule, norm_scale, eps,
+                          options_.newton_schulz, method);
+  }
+
   void newton_schulz_batched(MatrixView<const float, DeviceSpace> in, index_t in_stride,
                              MatrixView<float, DeviceSpace> out, index_t out_stride,
                              index_t batch, std::span<const Coefficients> schedule,
@@ -391,6 +402,8 @@ class CudaBackend {
   struct LowpRun {
     cudaDataType_t type;
     index_t k, n, batch, blocks;
+    cublasComputeType_t compute;  // fp32 accumulation; TF32 tensor ops for Precision::tf32
+    double unit_roundoff;         // of the products, for the Gram form's restart plan
   };
 
   /// The symmetric-block count for k (CudaOptions::symmetric_blocks).
@@ -430,7 +443,8 @@ class CudaBackend {
   void lowp_newton_schulz(MatrixView<const float, DeviceSpace> in, index_t in_stride,
                           MatrixView<float, DeviceSpace> out, index_t out_stride, index_t batch,
                           std::span<const Coefficients> schedule, double norm_scale, double eps,
-                          cudaDataType_t type, bool gram) const;
+                          cudaDataType_t type, cublasComputeType_t compute, double unit_roundoff,
+                          bool gram) const;
 
   /// The Gram form (algorithm/newton_schulz.hpp) in half precision: with R = X_0 X_0^T and
   /// every B_t a polynomial in it, X_T = Q X_0 for Q = B_T ... B_1, and R_{t+1} = B_t R_t B_t.
