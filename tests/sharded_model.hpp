@@ -96,6 +96,15 @@ struct ShardedModel {
   }
 };
 
+/// Every weight of `a` has the bits of `b`'s.
+template <class T>
+bool same_weights(const ShardedModel<T>& a, const ShardedModel<T>& b) {
+  if (a.w.size() != b.w.size()) return false;
+  for (std::size_t i = 0; i < a.w.size(); ++i)
+    if (!same_bits(a.w[i], b.w[i])) return false;
+  return true;
+}
+
 /// The single-process reference after `steps` steps at world size `world`.
 template <class T>
 ShardedModel<T> single_process_reference(int world, int steps) {

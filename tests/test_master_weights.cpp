@@ -2,7 +2,6 @@
 // The reference is a plain fp32 optimizer on the widened parameters and gradients.
 #include <catch2/catch.hpp>
 #include <cmath>
-#include <cstring>
 #include <limits>
 
 #include "muon/master_weights.hpp"
@@ -24,11 +23,6 @@ muon::MatrixView<T> view_of(Mat<T>& m) {
 template <class T>
 muon::MatrixView<const T> cview_of(const Mat<T>& m) {
   return muon::row_major_view(m.data(), m.rows(), m.cols());
-}
-template <class A, class B>
-bool same_bits(const Mat<A>& a, const Mat<B>& b) {
-  static_assert(sizeof(A) == sizeof(B));
-  return a.size() == b.size() && std::memcmp(a.data(), b.data(), sizeof(A) * a.size()) == 0;
 }
 Mat<float> master_of(Mixed& mixed, muon::ParamId id) {
   const auto v = mixed.master(id);

@@ -3,7 +3,6 @@
 // The same checks run under MPI in tests/mpi/sharded_mpi.cpp.
 #include <algorithm>
 #include <catch2/catch.hpp>
-#include <cstring>
 #include <limits>
 #include <random>
 #include <sstream>
@@ -38,19 +37,6 @@ std::vector<ShardedModel<T>> run_world(int world, muon::ShardingStrategy strateg
   return models;
 }
 
-template <class T>
-bool bitwise_equal(const ShardedModel<T>& a, const ShardedModel<T>& b) {
-  for (std::size_t i = 0; i < a.w.size(); ++i)
-    if (a.w[i].size() != b.w[i].size() ||
-        std::memcmp(a.w[i].data(), b.w[i].data(), sizeof(T) * a.w[i].size()) != 0)
-      return false;
-  return true;
-}
-
-template <class T>
-bool bitwise_equal_mat(const RowMat<T>& a, const RowMat<T>& b) {
-  return a.size() == b.size() && std::memcmp(a.data(), b.data(), sizeof(T) * a.size()) == 0;
-}
 
 }  // namespace
 
@@ -63,11 +49,11 @@ TEMPLATE_TEST_CASE("sharded steps equal the single-process optimizer bit for bit
   const auto ranks = run_world<TestType>(world, strategy, 3);
   for (int r = 0; r < world; ++r) {
     INFO("rank " << r);
-    CHECK(bitwise_equal(ranks[static_cast<std::size_t>(r)], ranks[0]));  // ranks agree exactly
-    CHECK(bitwise_equal(ranks[static_cast<std::size_t>(r)], reference));
+    CHECK(same_weights(ranks[static_cast<std::size_t>(r)], ranks[0]));  // ranks agree exactly
+    CHECK(same_weights(ranks[static_cast<std::size_t>(r)], reference));
   }
   // The weights moved: the comparison above is not between two untouched copies.
-  CHECK(!bitwise_equal(reference, ShardedModel<TestType>()));
+  CHECK(!same_weights(reference, ShardedModel<TestType>()));
 }
 
 TEST_CASE("optimizer state is sharded: 1/N per rank plus padding", "[sharded]") {
@@ -147,7 +133,7 @@ TEST_CASE("a NaN on one rank is refused on every rank together and changes nothi
         refused[std::size_t(comm.rank())] = 2;
         if (comm.rank() == 1) CHECK(e.parameter() == "square");
       }
-      unchanged[std::size_t(comm.rank())] = bitwise_equal(model, before) && opt.step_count() == 1;
+      unchanged[std::size_t(comm.rank())] = same_weights(model, before) && opt.step_count() == 1;
     });
     const int expected = policy == muon::NonFinitePolicy::skip ? 1 : 2;
     for (int r = 0; r < world; ++r) {
@@ -231,8 +217,8 @@ TEST_CASE("an overflowing momentum is refused on every rank and never applied", 
         INFO("rank " << r);
         CHECK(errors[static_cast<std::size_t>(r)] == "huge");
         CHECK(kept[static_cast<std::size_t>(r)]);
-        CHECK(bitwise_equal_mat(w[static_cast<std::size_t>(r)], w[0]));
-        CHECK(bitwise_equal_mat(other[static_cast<std::size_t>(r)], other[0]));
+        CHECK(same_bits(w[static_cast<std::size_t>(r)], w[0]));
+        CHECK(same_bits(other[static_cast<std::size_t>(r)], other[0]));
       }
     }
   }
@@ -310,7 +296,7 @@ TEST_CASE("per-rank state saves and reloads bit-identically, a bad file stops ev
     });
     INFO(muon::to_string(strategy));
     for (std::size_t r = 0; r < std::size_t(world); ++r) {
-      CHECK(bitwise_equal(resumed[r], uninterrupted[r]));
+      CHECK(same_weights(resumed[r], uninterrupted[r]));
       CHECK(untouched[r]);
       CHECK_THAT(errors[r], Contains(r == 2 ? "checksum" : "refused on another rank"));
     }
@@ -337,7 +323,7 @@ TEST_CASE("late registration keeps every state and AdamW step count, cleared gra
   for (std::size_t r = 0; r < models.size(); ++r) {
     INFO("rank " << r);
     CHECK(updated[r] == expected);
-    CHECK(bitwise_equal(models[r], reference));
+    CHECK(same_weights(models[r], reference));
   }
 }
 
@@ -369,7 +355,7 @@ TEST_CASE("ranks whose group options or cleared gradients differ are refused tog
       } catch (const muon::InvalidArgument& e) {
         errors[std::size_t(comm.rank())] = e.what();
       }
-      unchanged[std::size_t(comm.rank())] = bitwise_equal(model, before);
+      unchanged[std::size_t(comm.rank())] = same_weights(model, before);
     });
     for (int r = 0; r < world; ++r) {
       CHECK_THAT(errors[std::size_t(r)], Contains("group options"));
@@ -437,8 +423,8 @@ TEST_CASE("MasterWeights over the sharded optimizer equals it over the single-pr
     }
   });
   for (std::size_t r = 0; r < std::size_t(world); ++r) {
-    CHECK(std::memcmp(ws[r].data(), w.data(), sizeof(bf16) * std::size_t(w.size())) == 0);
-    CHECK(std::memcmp(bs[r].data(), b.data(), sizeof(bf16) * std::size_t(b.size())) == 0);
+    CHECK(same_bits(ws[r], w));
+    CHECK(same_bits(bs[r], b));
   }
   CHECK((w.cast<float>() - w0).norm() > 1e-2f);  // the weights moved
 }
@@ -503,7 +489,7 @@ TEMPLATE_TEST_CASE("expert stacks and split matrices shard bit for bit", "[shard
       for (int r = 0; r < world; ++r)
         for (std::size_t i = 0; i < reference.w.size(); ++i) {
           INFO("rank " << r << ", " << reference.shapes[i].name);
-          CHECK(bitwise_equal_mat(ranks[static_cast<std::size_t>(r)].w[i], reference.w[i]));
+          CHECK(same_bits(ranks[static_cast<std::size_t>(r)].w[i], reference.w[i]));
         }
     }
   }

@@ -3,6 +3,7 @@
 // tolerances, and the golden files written by tests/reference/muon_reference.py.
 #include <Eigen/Core>
 #include <Eigen/QR>
+#include <cstring>
 #include <fstream>
 #include <map>
 #include <random>
@@ -61,6 +62,16 @@ Mat<T> with_spectrum(Eigen::Index m, Eigen::Index n, const Eigen::VectorXd& s,
 template <class D, class S>
 void overwrite(D& dst, const S& src) {
   dst.array() = src.array();
+}
+
+/// Same shape and same bits (so -0 differs from +0); empty matrices compare without reading
+/// their data pointer, which may be null.
+template <class A, class B>
+bool same_bits(const A& a, const B& b) {
+  static_assert(sizeof(typename A::Scalar) == sizeof(typename B::Scalar));
+  return a.rows() == b.rows() && a.cols() == b.cols() &&
+         (a.size() == 0 ||
+          std::memcmp(a.data(), b.data(), sizeof(typename A::Scalar) * std::size_t(a.size())) == 0);
 }
 
 template <class M>

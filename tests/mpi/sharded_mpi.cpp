@@ -5,7 +5,6 @@
 #include <mpi.h>
 
 #include <cstdio>
-#include <cstring>
 #include <limits>
 #include <sstream>
 
@@ -20,13 +19,6 @@ void expect(bool ok, const char* what, int rank) {
     std::fprintf(stderr, "rank %d: FAILED: %s\n", rank, what);
     ++failures;
   }
-}
-
-template <class T>
-bool same(const muon_test::ShardedModel<T>& a, const muon_test::ShardedModel<T>& b) {
-  for (std::size_t i = 0; i < a.w.size(); ++i)
-    if (std::memcmp(a.w[i].data(), b.w[i].data(), sizeof(T) * a.w[i].size()) != 0) return false;
-  return true;
 }
 
 template <class T>
@@ -52,7 +44,7 @@ void check(muon::ShardingStrategy strategy) {
     model.local_gradients(rank, s);
     opt.step();
   }
-  expect(same(model, reference), "weights equal the single-process optimizer's", rank);
+  expect(muon_test::same_weights(model, reference), "weights equal the single-process optimizer's", rank);
 
   // Resume from the saved state in a fresh optimizer.
   muon_test::ShardedModel<T> resumed;
@@ -65,7 +57,7 @@ void check(muon::ShardingStrategy strategy) {
     resumed.local_gradients(rank, s);
     again.step();
   }
-  expect(same(resumed, model), "resumed run equals the uninterrupted one bit for bit", rank);
+  expect(muon_test::same_weights(resumed, model), "resumed run equals the uninterrupted one bit for bit", rank);
 
   // A NaN on the last rank: every rank refuses, nothing changes.
   const muon_test::ShardedModel<T> before = resumed;
@@ -78,7 +70,7 @@ void check(muon::ShardingStrategy strategy) {
     refused = true;
   }
   expect(refused, "a non-finite gradient on one rank is refused on every rank", rank);
-  expect(same(resumed, before) && again.step_count() == 4, "a refused step changes nothing", rank);
+  expect(muon_test::same_weights(resumed, before) && again.step_count() == 4, "a refused step changes nothing", rank);
 
   // Parameters registered after two steps, gradients cleared for one: as the single process.
   muon_test::ShardedModel<T> single_model, late;
@@ -87,7 +79,7 @@ void check(muon::ShardingStrategy strategy) {
       single_model, single, [&](int s) { single_model.mean_gradients(world, s); });
   Opt late_opt(comm, strategy, muon_test::sharded_options());
   const auto got = muon_test::late_and_cleared(late, late_opt, [&](int s) { late.local_gradients(rank, s); });
-  expect(got == want && same(late, single_model),
+  expect(got == want && muon_test::same_weights(late, single_model),
          "late registration and cleared gradients give the single-process result", rank);
 
   // Group options that differ on the last rank: refused on every rank, nothing changed.
@@ -104,7 +96,7 @@ void check(muon::ShardingStrategy strategy) {
   } catch (const muon::InvalidArgument&) {
     options_refused = true;
   }
-  expect(options_refused == (world > 1) && (world > 1) == same(differing, untouched),
+  expect(options_refused == (world > 1) && (world > 1) == muon_test::same_weights(differing, untouched),
          "ranks whose group options differ are refused together", rank);
 }
 

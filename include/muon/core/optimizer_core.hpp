@@ -361,7 +361,7 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
   Derived& self() { return static_cast<Derived&>(*this); }
 
   ParamId add(std::string name, UpdateRule rule, std::vector<index_t> shape, View value,
-              ConstView grad, GroupId group, std::vector<Part> parts) {
+              ConstView grad, GroupId group, const std::vector<Part>& parts) {
     check_group(group);
     check_new_param(params_, name, shape, value, grad);
     Param p;
@@ -371,7 +371,7 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
     p.shape = std::move(shape);
     p.value = value;
     p.grad = grad;
-    if (rules::All::orthogonalizes(rule)) p.parts = std::move(parts);
+    if (rules::All::orthogonalizes(rule)) p.parts = parts;
     params_.push_back(std::move(p));
     try {
       self().placed(params_.back());
