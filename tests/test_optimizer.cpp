@@ -668,9 +668,26 @@ struct StackingBackend : EigenBackend {
            muon::MatrixView<T>(out.data() + b * out_stride, rows, cols, out.row_stride(), out.col_stride()));
     }
   }
-  int stacks = 0;
+  // One verdict for several scans (as a GPU backend gives), counted, and the one-matrix check.
+  void begin_finite_scan() { scan_finite_so_far = true; }
+  template <class T>
+  void scan_finite(muon::MatrixView<const T> x) {
+    scan_finite_so_far = scan_finite_so_far && EigenBackend::all_finite(x);
+  }
+  bool end_finite_scan() {
+    ++verdicts;
+    return scan_finite_so_far;
+  }
+  template <class T>
+  bool all_finite(muon::MatrixView<const T> x) {
+    ++single_checks;
+    return EigenBackend::all_finite(x);
+  }
+  int stacks = 0, verdicts = 0, single_checks = 0;
+  bool scan_finite_so_far = true;
 };
 static_assert(muon::RunsBatched<StackingBackend, float> && muon::RunsBatched<StackingBackend, double>);
+static_assert(muon::ScansFiniteTogether<StackingBackend, float>);
 
 }  // namespace
 
@@ -712,6 +729,10 @@ TEMPLATE_TEST_CASE("a batching backend steps each matrix of a stack as one by on
   }
   CHECK(batched.backend().stacks == 3);  // one stack (w0, w1, w3) a step
   CHECK(loop.backend().stacks == 0);
+  // A step's verdicts: one for the gradients, one for the stack's results. Only w2 and w4 are
+  // checked one by one, and the stack's matrices too in float's step 3, whose stack overflowed.
+  CHECK(batched.backend().verdicts == 6);
+  CHECK(batched.backend().single_checks == (std::is_same_v<TestType, float> ? 9 : 6));
   for (std::size_t i = 0; i < 6; ++i) {
     INFO("matrix " << i);
     CHECK(same_bits(w[i], v[i]));

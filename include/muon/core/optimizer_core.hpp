@@ -313,7 +313,7 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
     for (const Param& p : params_)
       if (!rules::All::orthogonalizes(p.rule)) {
         const Piece mine = self().piece(p);
-        const index_t rows = std::max<index_t>(1, kChunkElements / std::max<index_t>(1, mine.cols));
+        const index_t rows = chunk_rows(mine);
         chunks += static_cast<std::size_t>((mine.rows + rows - 1) / rows);
       }
     chunks_.reserve(chunks);
@@ -436,6 +436,9 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
   /// Rows of an elementwise rule's piece per task: enough to amortize a task, few enough to
   /// fill the workers' idle time at the end of the Newton-Schulz runs.
   static constexpr index_t kChunkElements = index_t(1) << 16;
+  static index_t chunk_rows(const Piece& piece) {
+    return std::max<index_t>(1, kChunkElements / std::max<index_t>(1, piece.cols));
+  }
 
   /// An elementwise rule's piece of parameter `param`, rows [row0, row0 + rows) of it.
   struct Chunk {
@@ -451,7 +454,7 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
       run_chunk({i, 0, mine.rows});
       return;
     }
-    const index_t rows = std::max<index_t>(1, kChunkElements / std::max<index_t>(1, mine.cols));
+    const index_t rows = chunk_rows(mine);
     for (index_t r = 0; r < mine.rows; r += rows) chunks_.push_back({i, r, std::min(rows, mine.rows - r)});
   }
 
@@ -544,9 +547,10 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
     });
   }
 
-  /// Matrix u's Newton-Schulz result `o`: checked (a non-finite one leaves the matrix and its
-  /// momentum, put back from `saved`, as they were), applied, reported, published.
-  void finish_matrix(std::size_t u, ConstView o, View saved) {
+  /// Matrix u's Newton-Schulz result `o`: checked unless already `known_finite` (a non-finite
+  /// one leaves the matrix and its momentum, put back from `saved`, as they were), applied,
+  /// reported, published.
+  void finish_matrix(std::size_t u, ConstView o, View saved, bool known_finite = false) {
     Param& p = params_[units_[u].param];
     const Part& part = p.parts[units_[u].part];
     Outcome& out = outcomes_[u];
@@ -556,7 +560,7 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
       if constexpr (R::orthogonalizes) {
         Derived& d = self();
         const auto& options = R::options(groups_[p.group].options);
-        if (checked() && !backend_.all_finite(o)) {
+        if (checked() && !known_finite && !backend_.all_finite(o)) {
           out.refused = true;
           if (after_exchange()) {
             if constexpr (Derived::exchanges) d.restore_momentum(p, part);
@@ -599,8 +603,17 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
         backend_.newton_schulz_stack(ConstView(slot(batch_in_, 0)), size, slot(batch_out_, 0), size,
                                      static_cast<index_t>(present_.size()), g.schedule,
                                      ns.schedule.norm_scale(), ns.eps, ns.method);
+        // One verdict for the whole stack where the backend can give one (on a GPU, one host
+        // read); matrices are checked one by one only when it finds a NaN or Inf.
+        bool all_finite = false;
+        if constexpr (ScansFiniteTogether<B, T>)
+          if (checked()) {
+            backend_.begin_finite_scan();
+            backend_.scan_finite(ConstView(backend_.view(batch_out_, 1, size * static_cast<index_t>(present_.size()))));
+            all_finite = backend_.end_finite_scan();
+          }
         for (std::size_t i = 0; i < present_.size(); ++i)
-          finish_matrix(present_[i], ConstView(slot(batch_out_, i)), slot(batch_saved_, i));
+          finish_matrix(present_[i], ConstView(slot(batch_out_, i)), slot(batch_saved_, i), all_finite);
       }
     }
   }
