@@ -1,9 +1,11 @@
 // The optimizer: update semantics, routing, groups, gradients, bad input, non-finite policy.
+#include <atomic>
 #include <catch2/catch.hpp>
 #include <cmath>
 #include <deque>
 #include <limits>
 #include <span>
+#include <thread>
 #include <type_traits>
 
 #include "test_support.hpp"
@@ -738,4 +740,169 @@ TEMPLATE_TEST_CASE("a batching backend steps each matrix of a stack as one by on
     CHECK(same_bits(w[i], v[i]));
   }
   if constexpr (std::is_same_v<TestType, float>) CHECK(w[1].allFinite());
+}
+
+TEST_CASE("enumerators outside their enum are refused where given, naming the field",
+          "[optimizer][errors]") {
+  const auto expect_refused = [](auto mutate, const char* field) {
+    muon::GroupOptions g;
+    mutate(g);
+    INFO(field);
+    CHECK_THROWS_WITH(Opt<float>(g), Contains(field) && Contains("not one of its enumerators"));
+    Opt<float> opt;
+    CHECK_THROWS_WITH(opt.set_group_options({}, g), Contains(field));
+    CHECK(opt.group_options().muon.scale == muon::ScaleMode::original);
+  };
+  expect_refused([](auto& g) { g.muon.scale = static_cast<muon::ScaleMode>(42); }, "muon.scale");
+  expect_refused([](auto& g) { g.muon.momentum_form = static_cast<muon::MomentumForm>(7); },
+                 "muon.momentum_form");
+  expect_refused(
+      [](auto& g) { g.muon.newton_schulz.method = static_cast<muon::NewtonSchulzMethod>(9); },
+      "newton_schulz.method");
+  muon::OptimizerOptions o;
+  o.non_finite = static_cast<muon::NonFinitePolicy>(5);
+  CHECK_THROWS_WITH(Opt<float>({}, o), Contains("non_finite"));
+}
+
+TEST_CASE("a parameter view that reaches an element twice is refused and disjoint interleaved "
+          "views are accepted", "[optimizer][errors][views]") {
+  Opt<float> opt;
+  std::vector<float> p(64, 0.f), g(64, 0.f);
+  // Four rows on top of each other (row stride 0), rows of 8 two apart: step() would write
+  // elements twice.
+  CHECK_THROWS_WITH(opt.add_muon("a", muon::MatrixView<float>{p.data(), 4, 8, 0, 1},
+                                 muon::MatrixView<const float>{g.data(), 4, 8, 8, 1}),
+                    Contains("'a' (4x8)") && Contains("reaches some elements twice"));
+  CHECK_THROWS_WITH(opt.add_adamw("b", muon::MatrixView<float>{p.data(), 4, 8, 2, 1},
+                                  muon::MatrixView<const float>{g.data(), 4, 8, 8, 1}),
+                    Contains("'b' (4x8)") && Contains("strides 2, 1"));
+  CHECK(opt.num_params() == 0);
+  // Even and odd columns of one buffer are disjoint: both register and step.
+  const muon::MatrixView<float> even{p.data(), 4, 8, 16, 2}, odd{p.data() + 1, 4, 8, 16, 2};
+  const muon::MatrixView<const float> g_even{g.data(), 4, 8, 16, 2}, g_odd{g.data() + 1, 4, 8, 16, 2};
+  opt.add_muon("even", even, g_even);
+  CHECK_NOTHROW(opt.add_muon("odd", odd, g_odd));
+  CHECK_THROWS_WITH(opt.add_adamw("again", muon::MatrixView<float>{p.data() + 2, 2, 2, 16, 2},
+                                  muon::MatrixView<const float>{g.data() + 2, 2, 2, 16, 2}),
+                    Contains("'even'"));
+  // Strides (3, 2) over 2x2 touch offsets 0, 2, 3, 5: distinct, though not a plain layout.
+  std::vector<float> q(6, 0.f), gq(6, 0.f);
+  CHECK_NOTHROW(opt.add_adamw("odd_strides", muon::MatrixView<float>{q.data(), 2, 2, 3, 2},
+                              muon::MatrixView<const float>{gq.data(), 2, 2, 3, 2}));
+  // A view spanning more than the address space is named for what it is.
+  const muon::index_t huge = muon::index_t(1) << 40;
+  CHECK_THROWS_WITH(opt.add_adamw("huge", muon::MatrixView<float>{p.data(), huge, huge, huge, 1},
+                                  muon::MatrixView<const float>{g.data(), huge, huge, huge, 1}),
+                    Contains("'huge'") && Contains("spans more than the address space"));
+  CHECK(opt.num_params() == 3);
+  CHECK_NOTHROW(opt.step());
+}
+
+TEST_CASE("element-exact overlap of equally strided views agrees with brute force",
+          "[views]") {
+  // Every pair of small views with the same strides (including negative and zero) over one
+  // buffer: views_overlap must say exactly whether a common element exists.
+  std::vector<float> buffer(400);
+  float* base = buffer.data() + 200;
+  int checked = 0;
+  for (muon::index_t rs : {-7, -3, 0, 2, 3, 5, 9})
+    for (muon::index_t cs : {-2, 1, 2, 3})
+      for (muon::index_t shift = -12; shift <= 12; shift += 1)
+        for (muon::index_t rows : {1, 2, 3})
+          for (muon::index_t cols : {1, 3, 4}) {
+            const muon::MatrixView<float> a{base, 3, 4, rs, cs}, b{base + shift, rows, cols, rs, cs};
+            bool common = false;
+            for (muon::index_t i = 0; i < 3; ++i)
+              for (muon::index_t j = 0; j < 4; ++j)
+                for (muon::index_t k = 0; k < rows; ++k)
+                  for (muon::index_t l = 0; l < cols; ++l) common |= &a(i, j) == &b(k, l);
+            INFO(rs << " " << cs << " " << shift << " " << rows << "x" << cols);
+            REQUIRE(muon::detail::views_overlap(a, b) == common);
+            bool distinct = true;
+            for (muon::index_t i = 0; i < rows * cols; ++i)
+              for (muon::index_t j = i + 1; j < rows * cols; ++j)
+                distinct &= &b(i / cols, i % cols) != &b(j / cols, j % cols);
+            REQUIRE(muon::detail::elements_distinct(b) == distinct);
+            ++checked;
+          }
+  CHECK(checked == 7 * 4 * 25 * 9);
+}
+
+namespace {
+/// A gradient type whose adapter can hold a step() inside it: the watch_storage check calls
+/// muon_view on it at the start of every step, which lets a test enter an optimizer from a
+/// second thread while the first is known to be inside.
+struct Gate {
+  Mat<float> g = Mat<float>::Zero(6, 4);
+  std::atomic<int>* inside = nullptr;  // set: the next view announces itself and waits
+  std::atomic<bool>* release = nullptr;
+};
+muon::MatrixView<const float> muon_view(const Gate& gate) {
+  // Call 0 is registration's view, call 1 the watch's first read; call 2 is in step().
+  if (gate.inside != nullptr && gate.inside->fetch_add(1) == 2)
+    while (!gate.release->load()) std::this_thread::yield();
+  return muon::view(gate.g);
+}
+}  // namespace
+
+TEST_CASE("a second thread entering a busy optimizer is refused and disturbs nothing",
+          "[optimizer][errors]") {
+  muon::OptimizerOptions o;
+  o.watch_storage = true;
+  Opt<float> opt({}, o), alone({}, o);
+  Mat<float> w = gaussian<float>(6, 4, 1), w_alone = w;
+  Gate gate, gate_alone;
+  gate.g = gate_alone.g = gaussian<float>(6, 4, 2);
+  std::atomic<int> inside{0};
+  std::atomic<bool> release{false};
+  gate.inside = &inside;
+  gate.release = &release;
+  opt.add_muon("w", w, gate);
+  alone.add_muon("w", w_alone, gate_alone);
+  std::thread first([&] { opt.step(); });
+  while (inside.load() < 3) std::this_thread::yield();  // the first step() is inside
+  CHECK_THROWS_AS(opt.step(), muon::ConcurrentUse);
+  CHECK_THROWS_WITH(opt.clear_grad(muon::ParamId{0}), Contains("not thread-safe"));
+  Mat<float> other = gaussian<float>(2, 2, 3), g_other = other;
+  CHECK_THROWS_AS(opt.add_adamw("late", other, g_other), muon::ConcurrentUse);
+  release = true;
+  first.join();
+  alone.step();
+  CHECK(same_bits(w, w_alone));  // the refused calls changed nothing
+  CHECK(opt.num_params() == 1);
+  CHECK(opt.step_count() == 1);
+  CHECK_NOTHROW(opt.step());  // and the flag is free again
+}
+
+TEST_CASE("watch_storage: a gradient object given new storage is refused by name",
+          "[optimizer][errors]") {
+  const auto make_grad = [](std::uint64_t seed) { return Mat<float>(gaussian<float>(6, 4, seed)); };
+  muon::OptimizerOptions o;
+  o.watch_storage = true;
+  Opt<float> opt({}, o);
+  Mat<float> w = gaussian<float>(6, 4, 1), g = make_grad(2);
+  opt.add_muon("fc.weight", w, g);
+  g = make_grad(3) * 2;  // an expression: written into g's storage, fine
+  CHECK_NOTHROW(opt.step());
+  const Mat<float> before = w;
+  g = make_grad(4);  // move-assigned: g now holds other memory than the optimizer's view
+  CHECK_THROWS_WITH(opt.step(), Contains("'fc.weight' (6x4)") && Contains("G = make_grad()"));
+  CHECK(same_bits(w, before));
+  opt.set_grad(muon::ParamId{0}, cview(g));  // pointing it at the new storage mends it
+  CHECK_NOTHROW(opt.step());
+  // Off (the default), the same assignment goes unchecked: the docs show the in-place idiom.
+  CHECK_FALSE(muon::OptimizerOptions{}.watch_storage);
+}
+
+TEST_CASE("temporary blocks and maps register as views of the matrix they look at",
+          "[optimizer][views]") {
+  Mat<float> w = gaussian<float>(8, 8, 1), g = gaussian<float>(8, 8, 2);
+  Mat<float> c = w.block(2, 2, 4, 4), gc = g.block(2, 2, 4, 4);
+  Opt<float> a, b;
+  a.add_muon("c", w.block(2, 2, 4, 4), g.block(2, 2, 4, 4));  // rvalue blocks
+  b.add_muon("c", c, gc);
+  a.step();
+  b.step();
+  CHECK(same_bits(Mat<float>(w.block(2, 2, 4, 4)), c));
+  CHECK(w(0, 0) == gaussian<float>(8, 8, 1)(0, 0));  // outside the block: untouched
 }

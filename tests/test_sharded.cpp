@@ -494,3 +494,21 @@ TEMPLATE_TEST_CASE("expert stacks and split matrices shard bit for bit", "[shard
     }
   }
 }
+
+TEST_CASE("a step before any registration does nothing on every rank and strategy",
+          "[sharded]") {
+  // Found by the API property test: owner_compute's status words had no room in an empty
+  // layout, and the first step wrote before its segment.
+  for (auto strategy : {muon::ShardingStrategy::owner_compute, muon::ShardingStrategy::zero1}) {
+    std::vector<std::size_t> updated(3, 1);
+    muon::ThreadGroup::run(3, [&](muon::ThreadCommunicator comm) {
+      Sharded<double> opt(comm, strategy, sharded_options());
+      updated[static_cast<std::size_t>(comm.rank())] = opt.step().updated;
+      ShardedModel<double> model;  // and registering afterwards works as ever
+      model.register_with(opt);
+      model.local_gradients(comm.rank(), 0);
+      opt.step();
+    });
+    for (std::size_t u : updated) CHECK(u == 0);
+  }
+}

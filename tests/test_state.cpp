@@ -1,6 +1,7 @@
 // Optimizer state save/load: bit-identical resumption, and every way a file can be wrong.
 #include <catch2/catch.hpp>
 #include <filesystem>
+#include <limits>
 #include <sstream>
 
 #include "test_support.hpp"
@@ -19,11 +20,12 @@ struct Model {
   Mat<T> g_tall, g_wide, g_conv, g_bias;
   muon::Optimizer<muon::EigenBackend, T> opt;
 
-  explicit Model(std::vector<muon::index_t> conv_shape = {3, 2, 2, 2}) {
+  explicit Model(std::vector<muon::index_t> conv_shape = {3, 2, 2, 2},
+                 muon::OptimizerOptions options = {}) {
     muon::GroupOptions g;
     g.muon.lr = 0.02;
     g.adamw.lr = 0.01;
-    opt = muon::Optimizer<muon::EigenBackend, T>(g);
+    opt = muon::Optimizer<muon::EigenBackend, T>(g, options);
     set_grads(0);
     opt.add_muon("tall", tall, g_tall);
     opt.add_muon("wide", wide, g_wide);
@@ -214,4 +216,45 @@ TEST_CASE("a state file written by an independent writer loads with the values i
   std::ostringstream out;  // v and the AdamW step count are checked by the byte round trip
   opt.save_state(out);
   CHECK(out.str() == bytes);
+}
+
+TEST_CASE("a state holding NaN or Inf is refused under error and skip, kept under unchecked",
+          "[state][errors]") {
+  // An unchecked run steps through a NaN gradient and saves what it has.
+  muon::OptimizerOptions unchecked;
+  unchecked.non_finite = muon::NonFinitePolicy::unchecked;
+  Model<float> poisoned({3, 2, 2, 2}, unchecked);
+  poisoned.g_bias(0, 3) = std::numeric_limits<float>::quiet_NaN();
+  poisoned.opt.step();
+  const std::string bytes = poisoned.save();
+  for (auto policy : {muon::NonFinitePolicy::error, muon::NonFinitePolicy::skip}) {
+    muon::OptimizerOptions o;
+    o.non_finite = policy;
+    Model<float> m({3, 2, 2, 2}, o);
+    const std::string before = m.save();
+    CHECK_THROWS_WITH(m.load(bytes), Contains("'bias' (1x7)") && Contains("NaN or Inf"));
+    CHECK((m.save() == before));
+  }
+  Model<float> keeps({3, 2, 2, 2}, unchecked);
+  CHECK_NOTHROW(keeps.load(bytes));
+  CHECK((keeps.save() == bytes));
+}
+
+TEST_CASE("a directory as a state path is a StateError naming it, with nothing left behind",
+          "[state][errors]") {
+  const auto dir = std::filesystem::temp_directory_path() / "muon_state_dir_test";
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir / "checkpoint");
+  Model<float> a;
+  a.train(0, 1);
+  const std::string before = a.save();
+  CHECK_THROWS_WITH(a.opt.save_state(dir / "checkpoint"),
+                    Contains("checkpoint'") && Contains("is a directory"));
+  CHECK_THROWS_AS(a.opt.load_state(dir / "checkpoint"), muon::StateError);
+  CHECK_THROWS_AS(a.opt.save_state(dir / "no" / "such" / "dir" / "opt.muon"), muon::StateError);
+  std::size_t entries = 0;
+  for ([[maybe_unused]] const auto& e : std::filesystem::directory_iterator(dir)) ++entries;
+  CHECK(entries == 1);  // only the directory made above: no stray temporary
+  CHECK((a.save() == before));
+  std::filesystem::remove_all(dir);
 }

@@ -21,6 +21,7 @@
 #include <memory>
 #include <new>
 #include <random>
+#include <sstream>
 #include <string>
 #include <utility>
 #include <vector>
@@ -50,14 +51,37 @@ std::pair<muon::index_t, muon::index_t> matrix_shape(const std::vector<muon::ind
 
 /// --tolerance X: textbook steps after the schedule until the residual is at most X (at most
 /// the library's default cap of extra steps); 0 = off.
+/// Each refusal names the option it is about.
 muon::NewtonSchulzOptions ns_options(const std::string& schedule, int steps, double tolerance = 0) {
+  if (steps < 1 || steps > muon::kMaxNewtonSchulzSteps)
+    throw UsageError("--steps " + std::to_string(steps) + " is out of range [1, " +
+                     std::to_string(muon::kMaxNewtonSchulzSteps) + "]");
+  if (!(std::isfinite(tolerance) && tolerance >= 0)) {
+    std::ostringstream value;
+    value << tolerance;
+    throw UsageError("--tolerance " + value.str() + " must be finite and >= 0 (0: off)");
+  }
   muon::NewtonSchulzOptions o;
   o.schedule = muon::Schedule::from_name(schedule);
   o.steps = steps;
   o.tolerance = tolerance;
-  muon::validate(o, "--schedule/--steps/--tolerance");
+  try {
+    muon::validate(o, "cli");
+  } catch (const muon::InvalidArgument& e) {  // the schedule itself, or with the tolerance
+    std::string why = e.what();
+    why = why.substr(why.rfind("muon: ", 0) == 0 ? 6 : 0);
+    why = why.substr(0, why.find(" (in cli."));
+    throw UsageError("--schedule " + schedule + " --steps " + std::to_string(steps) + ": " + why);
+  }
   return o;
 }
+
+/// CLI11 reads an empty value ("--lr $UNSET") as 0; a number option refuses it.
+const CLI::Validator kNumber(
+    [](const std::string& value) {
+      return value.empty() ? std::string("an empty value is not a number") : std::string();
+    },
+    "", "number");  // no description: --help shows the type and default as before
 
 /// Refuses a matrix holding NaN or Inf, naming the file and the first such entry: Newton-Schulz
 /// of it would be all NaN.
@@ -319,6 +343,7 @@ void step(const std::string& param_file, muon::npy::Array<double> file,
     if (g.shape != param.shape)
       throw UsageError(name + ": gradient shape " + muon::detail::shape_string(g.shape) +
                        " differs from the parameter's " + muon::detail::shape_string(param.shape));
+    require_finite(g.data, name);  // named here: the optimizer knows no file names
     grad = std::move(g.data);
     opt.set_grad(muon::ParamId{0}, muon::TensorView<const T>{grad.data(), param.shape}.flattened());
     opt.step();
@@ -350,7 +375,7 @@ void run_step(StepArgs& a) {
 void add_schedule_options(CLI::App& cmd, std::string& schedule, int& steps) {
   cmd.add_option("--schedule", schedule,
                  "Newton-Schulz coefficients: keller, you, polar_express or textbook");
-  cmd.add_option("--steps", steps, "Newton-Schulz steps");
+  cmd.add_option("--steps", steps, "Newton-Schulz steps")->check(kNumber);
 }
 
 }  // namespace
@@ -374,16 +399,17 @@ int main(int argc, char** argv) {
                    "working and output precision (default: the input's)")
       ->check(dtype_check);
   orth->add_option("--tolerance", orth_args.tolerance,
-                   "add textbook steps until ||O O^T - I||_F / sqrt(k) <= X (0: off)");
+                   "add textbook steps until ||O O^T - I||_F / sqrt(k) <= X (0: off)")
+      ->check(kNumber);
 
   AccuracyArgs acc;
   CLI::App* accuracy = app.add_subcommand(
       "accuracy", "How close to orthogonal Newton-Schulz gets on random matrices (SVD in double)");
   accuracy->add_option("--shape", acc.shapes, "MxN, repeatable");
   accuracy->add_option("--schedule", acc.schedules, "repeatable");
-  accuracy->add_option("--steps", acc.steps, "repeatable");
+  accuracy->add_option("--steps", acc.steps, "repeatable")->check(kNumber);
   accuracy->add_option("--dtype", acc.dtypes, "repeatable")->check(dtype_check);
-  accuracy->add_option("--tolerance", acc.tolerance, "as for orthogonalize");
+  accuracy->add_option("--tolerance", acc.tolerance, "as for orthogonalize")->check(kNumber);
 
   BenchArgs bench;
   CLI::App* bench_cmd = app.add_subcommand(
@@ -392,6 +418,7 @@ int main(int argc, char** argv) {
   add_schedule_options(*bench_cmd, bench.schedule, bench.steps);
   bench_cmd->add_option("--dtype", bench.dtype)->check(dtype_check);
   bench_cmd->add_option("--repeat", bench.repeat, "timed runs per shape (median)")
+      ->check(kNumber)
       ->check(CLI::Range(1, 1000));
 
   StepArgs st;
@@ -401,11 +428,12 @@ int main(int argc, char** argv) {
   step_cmd->add_option("--grad", st.grads, "gradient .npy, repeatable: one step each")
       ->required();
   step_cmd->add_option("--out", st.out, "where the updated parameter is written")->required();
-  step_cmd->add_option("--lr", st.o.lr, "learning rate");
-  step_cmd->add_option("--momentum", st.o.momentum, "momentum coefficient mu");
+  step_cmd->add_option("--lr", st.o.lr, "learning rate")->check(kNumber);
+  step_cmd->add_option("--momentum", st.o.momentum, "momentum coefficient mu")->check(kNumber);
   step_cmd->add_option("--nesterov", st.nesterov, "Nesterov momentum")
       ->check(CLI::IsMember({"on", "off"}));
-  step_cmd->add_option("--weight-decay", st.o.weight_decay, "decoupled weight decay");
+  step_cmd->add_option("--weight-decay", st.o.weight_decay, "decoupled weight decay")
+      ->check(kNumber);
   step_cmd->add_option("--scale", st.scale,
                        "update scale: original, match_rms_adamw, spectral or none");
   step_cmd->add_option("--momentum-form", st.momentum_form, "ema or sum");

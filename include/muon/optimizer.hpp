@@ -19,8 +19,6 @@
 #include <cmath>
 #include <cstdint>
 #include <filesystem>
-#include <fstream>
-#include <iterator>
 #include <ostream>
 #include <sstream>
 #include <string>
@@ -69,6 +67,7 @@ class Optimizer : public detail::OptimizerCore<Optimizer<B, T>, B, T, detail::Wh
 
   // ---- state -----------------------------------------------------------------------------
   void save_state(std::ostream& out) {
+    const auto entered = this->enter("save_state");
     detail::StateWriter w;
     w.put_raw(std::string_view(detail::kStateMagic, sizeof detail::kStateMagic));
     w.put<std::uint32_t>(detail::kStateVersion);
@@ -97,7 +96,8 @@ class Optimizer : public detail::OptimizerCore<Optimizer<B, T>, B, T, detail::Wh
   /// Restores state saved by an optimizer with the same parameters (names, rules, shapes, in
   /// registration order) and Scalar. On any error the optimizer is left exactly as it was.
   void load_state(std::istream& in) {
-    const std::string bytes{std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+    const auto entered = this->enter("load_state");
+    const std::string bytes = detail::read_all(in, "load_state");
     const std::string_view all(bytes);
     constexpr std::size_t kMagic = sizeof detail::kStateMagic;
     if (all.size() < kMagic || all.substr(0, kMagic) != std::string_view(detail::kStateMagic, kMagic))
@@ -149,6 +149,7 @@ class Optimizer : public detail::OptimizerCore<Optimizer<B, T>, B, T, detail::Wh
                          ") in this optimizer");
       const std::size_t n = static_cast<std::size_t>(p.value.size()) * rules::All::buffers(p.rule);
       records.push_back({updates, r.take(n, sizeof(T), "state buffer")});
+      this->check_loaded_state(p, records.back().data, n);
     }
     if (r.remaining() != 0)
       throw StateError("muon: load_state: " + std::to_string(r.remaining()) +
@@ -171,20 +172,13 @@ class Optimizer : public detail::OptimizerCore<Optimizer<B, T>, B, T, detail::Wh
   }
 
   /// Writes to `path` through a temporary file and a rename, so a crash mid-write never leaves
-  /// a half-written checkpoint under the real name.
+  /// a half-written checkpoint under the real name; any failure is a StateError naming the path
+  /// and leaves no temporary file.
   void save_state(const std::filesystem::path& path) {
-    const std::filesystem::path tmp = path.string() + ".tmp";
-    {
-      std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-      if (!out) throw StateError("muon: save_state: cannot open '" + tmp.string() + "'");
-      save_state(out);
-    }
-    std::filesystem::rename(tmp, path);
+    detail::write_file_atomically(path, "save_state", [&](std::ostream& out) { save_state(out); });
   }
   void load_state(const std::filesystem::path& path) {
-    std::ifstream in(path, std::ios::binary);
-    if (!in) throw StateError("muon: load_state: cannot open '" + path.string() + "'");
-    load_state(in);
+    detail::read_file(path, "load_state", [&](std::istream& in) { load_state(in); });
   }
 
  private:

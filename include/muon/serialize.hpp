@@ -2,9 +2,15 @@
 // The byte-level pieces of muon's optimizer-state format: little-endian integers and scalars,
 // length-prefixed strings, and a trailing FNV-1a 64-bit checksum of everything before it
 // (any single changed byte changes it). The layout itself is documented in optimizer.hpp.
+#include <algorithm>
 #include <bit>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <istream>
+#include <iterator>
 #include <string>
 #include <string_view>
 #include <type_traits>
@@ -50,6 +56,19 @@ void from_little_endian(const char* src, std::size_t n, V* dst) {
   }
 }
 
+/// Whether n little-endian scalars of type V at src are all finite.
+template <class V>
+bool all_finite_little_endian(const char* src, std::size_t n) {
+  V chunk[256];
+  for (std::size_t i = 0; i < n; i += 256) {
+    const std::size_t m = std::min<std::size_t>(256, n - i);
+    from_little_endian(src + i * sizeof(V), m, chunk);
+    for (std::size_t j = 0; j < m; ++j)
+      if (!std::isfinite(chunk[j])) return false;
+  }
+  return true;
+}
+
 class StateWriter {
  public:
   template <class V>
@@ -76,6 +95,53 @@ class StateWriter {
  private:
   std::string bytes_;
 };
+
+/// Everything `in` holds, as bytes; a failing stream (a directory opened as a file, an I/O
+/// error) is a StateError, not the stream's own exception.
+inline std::string read_all(std::istream& in, const char* who) {
+  try {
+    std::string bytes{std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+    if (in.bad()) throw StateError(std::string("muon: ") + who + ": reading the state failed");
+    return bytes;
+  } catch (const std::ios_base::failure& e) {
+    throw StateError(std::string("muon: ") + who + ": reading the state failed: " + e.what());
+  }
+}
+
+/// Writes what write(std::ostream&) writes to `path` through `path.tmp` and a rename, so that a
+/// crash mid-write never leaves a half-written file under the real name. Every failure is a
+/// StateError naming the path, and leaves no temporary file behind.
+template <class Write>
+void write_file_atomically(const std::filesystem::path& path, const char* who, Write&& write) {
+  namespace fs = std::filesystem;
+  const std::string where = std::string("muon: ") + who + ": '" + path.string() + "'";
+  std::error_code ec;
+  if (fs::is_directory(path, ec)) throw StateError(where + " is a directory, not a file");
+  const fs::path tmp = path.string() + ".tmp";
+  try {
+    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+    if (!out) throw StateError(where + ": cannot open '" + tmp.string() + "' for writing");
+    write(out);
+    out.close();
+    if (!out) throw StateError(where + ": writing '" + tmp.string() + "' failed");
+    fs::rename(tmp, path, ec);
+    if (ec) throw StateError(where + ": cannot rename '" + tmp.string() + "' to it: " + ec.message());
+  } catch (...) {
+    fs::remove(tmp, ec);
+    throw;
+  }
+}
+
+/// Opens `path` for read(std::istream&); a directory or a missing file is a StateError naming it.
+template <class Read>
+void read_file(const std::filesystem::path& path, const char* who, Read&& read) {
+  const std::string where = std::string("muon: ") + who + ": '" + path.string() + "'";
+  std::error_code ec;
+  if (std::filesystem::is_directory(path, ec)) throw StateError(where + " is a directory, not a file");
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw StateError(where + ": cannot open it");
+  read(in);
+}
 
 class StateReader {
  public:

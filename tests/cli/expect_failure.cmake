@@ -1,8 +1,13 @@
-# Runs CLI with ARGS (a ;-list); passes when it exits non-zero and prints exactly one line to
-# stderr that starts with "muon-cli: error:" and contains EXPECT. muon's one-time warning that
-# the products run below the CPU (e.g. OPENBLAS_CORETYPE set below it by the machine's image)
-# may come before it and is not counted.
-execute_process(COMMAND ${CLI} ${ARGS} RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
+# Runs CLI with ARGS (a ;-list, then "" when EMPTY_LAST is set); passes when it exits non-zero
+# and prints exactly one line to stderr that starts with "muon-cli: error:" and contains EXPECT.
+# muon's one-time warning that the products run below the CPU (e.g. OPENBLAS_CORETYPE set below
+# it by the machine's image) may come before it and is not counted.
+# EMPTY_LAST: one more argument, the empty string (a list element cannot carry it).
+if(EMPTY_LAST)
+  execute_process(COMMAND ${CLI} ${ARGS} "" RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
+else()
+  execute_process(COMMAND ${CLI} ${ARGS} RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
+endif()
 if(rc EQUAL 0)
   message(FATAL_ERROR "expected a non-zero exit status, got 0; stderr: ${err}")
 endif()

@@ -6,10 +6,14 @@
 #include <catch2/catch.hpp>
 #include <cmath>
 #include <limits>
+#include <memory>
+#include <random>
 #include <muon/adapters/libtorch.hpp>
 #include <muon/adapters/libtorch_optimizer.hpp>
 #include <sstream>
 #include <muon/eigen.hpp>
+
+using Catch::Matchers::Contains;
 
 TEST_CASE("LibTorch tensors are viewed in place with their strides", "[frameworks][libtorch]") {
   torch::Tensor w = torch::zeros({3, 5});
@@ -246,7 +250,8 @@ TEST_CASE("Muon through torch::optim steps as muon::Optimizer on the same tensor
   for (int step = 0; step < 3; ++step) {
     for (Tiny* net : {&a, &b}) {
       torch::AutoGradMode grad(true);
-      for (auto& p : (*net)->parameters()) p.mutable_grad().zero_();
+      for (auto& p : (*net)->parameters())
+        if (p.grad().defined()) p.mutable_grad().zero_();
       tiny_loss(*net, step).backward();
     }
     wrapped.step();
@@ -346,4 +351,309 @@ TEST_CASE("a param group added later joins at the next step", "[frameworks][libt
   CHECK(opt.engine().num_params() == 2 + 1);
   CHECK(opt.engine().rule(muon::ParamId{1}) == muon::UpdateRule::adamw);
   CHECK(opt.last_report().updated == 3);
+}
+
+TEST_CASE("a frozen parameter sits every step out, and registration creates no gradient",
+          "[frameworks][libtorch][optim]") {
+  torch::manual_seed(6);
+  Tiny net;
+  net->hidden->weight.set_requires_grad(false);
+  net->head->bias.set_requires_grad(false);
+  const torch::Tensor weight = net->hidden->weight.detach().clone();
+  const torch::Tensor bias = net->head->bias.detach().clone();
+  muon::libtorch::Muon<float> opt(muon::libtorch::route(net->named_parameters(), tiny_routing()));
+  for (const auto& p : net->parameters()) CHECK_FALSE(p.grad().defined());
+  for (int step = 0; step < 10; ++step) {
+    opt.zero_grad();
+    tiny_loss(net, step).backward();
+    opt.step();
+  }
+  CHECK(torch::equal(net->hidden->weight, weight));  // not even weight decay
+  CHECK(torch::equal(net->head->bias, bias));
+  CHECK_FALSE(net->hidden->weight.grad().defined());
+  CHECK(opt.last_report().updated == net->parameters().size() - 2);
+
+  // Frozen mid-run (its .grad stays defined under LibTorch 1.x's zero_grad): it stops moving
+  // and keeps its momentum; unfrozen, it steps on as one that was never frozen would from there.
+  Tiny a, b;
+  {
+    torch::NoGradGuard no_grad;
+    for (std::size_t i = 0; i < a->parameters().size(); ++i) b->parameters()[i].copy_(a->parameters()[i]);
+  }
+  muon::libtorch::Muon<float> oa(muon::libtorch::route(a->named_parameters(), tiny_routing()));
+  muon::libtorch::Muon<float> ob(muon::libtorch::route(b->named_parameters(), tiny_routing()));
+  for (int step = 0; step < 6; ++step) {
+    const bool frozen = step == 2 || step == 3;
+    a->hidden->weight.set_requires_grad(!frozen);
+    const torch::Tensor held = a->hidden->weight.detach().clone();
+    zero_grad_in_place(oa);
+    tiny_loss(a, step).backward();
+    oa.step();
+    if (frozen) CHECK(torch::equal(a->hidden->weight, held));
+    // b: the same, with the frozen steps' gradient of that weight cleared by hand.
+    zero_grad_in_place(ob);
+    tiny_loss(b, step).backward();
+    if (frozen) b->hidden->weight.mutable_grad().reset();
+    ob.step();
+    CHECK(same_tensors(copies(a), copies(b)));
+  }
+}
+
+TEST_CASE("Experts{} in a routing layout infers the rows as add_muon does",
+          "[frameworks][libtorch][optim]") {
+  // Plain tensors take part when they require a gradient, as module parameters do.
+  torch::Tensor w = torch::randn({4, 8, 16}).requires_grad_(), v = w.detach().clone().requires_grad_();
+  w.mutable_grad() = torch::randn_like(w);
+  v.mutable_grad() = w.grad().clone();
+  torch::OrderedDict<std::string, torch::Tensor> named, named_v;
+  named.insert("w1", w);
+  named_v.insert("w1", v);
+  muon::libtorch::RoutingOptions inferred, given;
+  inferred.layouts["w1"].experts = muon::Experts{};
+  given.layouts["w1"].experts = muon::Experts{8};
+  const auto routed = muon::libtorch::route(named, inferred);
+  CHECK(routed.routes[0].effective_lr == muon::libtorch::route(named_v, given).routes[0].effective_lr);
+  muon::libtorch::Muon<float> a(routed), b(muon::libtorch::route(named_v, given));
+  a.step();
+  b.step();
+  CHECK(a.engine().num_matrices(muon::ParamId{0}) == 4);
+  CHECK(torch::equal(w, v));
+}
+
+TEST_CASE("a param group with a refused tensor registers none of it, names it, and recovers",
+          "[frameworks][libtorch][optim]") {
+  torch::Tensor a = torch::randn({4, 4}), c = torch::randn({4, 4}), d = torch::randn({4, 4});
+  torch::Tensor bad = torch::randn({4, 4}, torch::kDouble);
+  for (torch::Tensor* t : {&a, &c, &d, &bad}) {
+    t->requires_grad_();
+    t->mutable_grad() = torch::randn_like(*t);
+  }
+  muon::libtorch::Muon<float> opt({torch::optim::OptimizerParamGroup({d})},
+                                  muon::libtorch::Options(muon::UpdateRule::muon));
+  opt.add_param_group(torch::optim::OptimizerParamGroup(
+      {a, bad, c}, std::make_unique<muon::libtorch::Options>(muon::UpdateRule::muon)));
+  for (int attempt = 0; attempt < 2; ++attempt) {
+    CHECK_THROWS_WITH(opt.step(), Contains("'group.1.1'") && Contains("Double"));
+    CHECK(opt.engine().num_params() == 1);  // d, from the constructor; not a, before the bad one
+  }
+  auto& params = opt.param_groups()[1].params();
+  params.erase(params.begin() + 1);  // mended
+  const torch::Tensor a0 = a.detach().clone();
+  CHECK_NOTHROW(opt.step());
+  CHECK(opt.engine().num_params() == 3);
+  CHECK(opt.last_report().updated == 3);
+  CHECK_FALSE(torch::equal(a, a0));
+  // A routed model of another dtype names the parameter.
+  Tiny net;
+  net->to(torch::kDouble);
+  CHECK_THROWS_WITH(muon::libtorch::Muon<float>(muon::libtorch::route(net->named_parameters(), tiny_routing())),
+                    Contains("parameter 'hidden.weight'") && Contains("Double"));
+}
+
+TEST_CASE("enumerators outside their enum are refused by Options and in archives",
+          "[frameworks][libtorch][optim][errors]") {
+  muon::GroupOptions g;
+  g.muon.scale = static_cast<muon::ScaleMode>(42);
+  CHECK_THROWS_WITH(muon::libtorch::Options(muon::UpdateRule::muon, g), Contains("muon.scale"));
+  CHECK_THROWS_WITH(muon::libtorch::Options(static_cast<muon::UpdateRule>(9)), Contains("rule"));
+  torch::Tensor w = torch::randn({4, 4}).requires_grad_();
+  w.mutable_grad() = torch::randn_like(w);
+  muon::libtorch::Muon<float> opt({torch::optim::OptimizerParamGroup({w})},
+                                  muon::libtorch::Options(muon::UpdateRule::muon));
+  // Set by hand on a group's options: refused at the next step, which changes nothing.
+  auto& o = static_cast<muon::libtorch::Options&>(opt.param_groups()[0].options());
+  o.options().muon.momentum_form = static_cast<muon::MomentumForm>(7);
+  const torch::Tensor w0 = w.detach().clone();
+  CHECK_THROWS_WITH(opt.step(), Contains("momentum_form"));
+  CHECK(torch::equal(w, w0));
+  o.options().muon.momentum_form = muon::MomentumForm::ema;
+  // In an archive: a group whose method field was written as 9.
+  torch::serialize::OutputArchive archive;
+  o.options().muon.newton_schulz.method = static_cast<muon::NewtonSchulzMethod>(9);
+  o.serialize(archive);
+  o.options().muon.newton_schulz.method = muon::NewtonSchulzMethod::automatic;
+  std::stringstream bytes;
+  archive.save_to(bytes);
+  torch::serialize::InputArchive in;
+  in.load_from(bytes);
+  muon::libtorch::Options read;
+  CHECK_THROWS_WITH(read.serialize(in), Contains("newton_schulz.method"));
+  CHECK(read.options().muon.newton_schulz.method == muon::NewtonSchulzMethod::automatic);
+}
+
+TEST_CASE("a StepLR fast-forwarded before torch::load goes on at the saved run's rates",
+          "[frameworks][libtorch][optim]") {
+  const auto lr = [](muon::libtorch::Muon<float>& opt) {
+    return opt.param_groups()[0].options().get_lr();
+  };
+  torch::manual_seed(7);
+  Tiny net;
+  muon::libtorch::Muon<float> opt(muon::libtorch::route(net->named_parameters(), tiny_routing()));
+  torch::optim::StepLR schedule(opt, 2, 0.5);
+  train(opt, schedule, net, 0, 5);
+  std::stringstream saved;
+  torch::save(opt, saved);
+  CHECK(lr(opt) < 0.05);  // decayed: the case that matters
+
+  Tiny other;
+  muon::libtorch::Muon<float> resumed(muon::libtorch::route(other->named_parameters(), tiny_routing()));
+  torch::optim::StepLR resumed_schedule(resumed, 2, 0.5);
+  for (int s = 0; s < 5; ++s) resumed_schedule.step();  // the schedule first...
+  torch::load(resumed, saved);                          // ...then the saved rates
+  for (int s = 0; s < 4; ++s) {
+    CHECK(lr(resumed) == lr(opt));
+    schedule.step();
+    resumed_schedule.step();
+  }
+  // The other order decays the restored rate again.
+  saved.seekg(0);
+  Tiny third;
+  muon::libtorch::Muon<float> wrong(muon::libtorch::route(third->named_parameters(), tiny_routing()));
+  torch::load(wrong, saved);
+  const double restored = lr(wrong);
+  torch::optim::StepLR late(wrong, 2, 0.5);
+  for (int s = 0; s < 5; ++s) late.step();
+  CHECK(lr(wrong) < restored);
+}
+
+TEST_CASE("random call sequences keep muon::libtorch::Muon's promises",
+          "[frameworks][libtorch][optim][properties]") {
+  // Gradients (in place, reallocated, None, with a NaN), freezing, steps, learning rates set
+  // by a scheduler's call or refused options, torch::save / torch::load (valid and corrupted),
+  // and a param group with a refused tensor: a refused call changes nothing, a parameter
+  // without a gradient or frozen never moves, no NaN reaches a weight, and a resumed copy
+  // takes every later call to the same bits.
+  struct World {
+    Tiny net;
+    std::unique_ptr<muon::libtorch::Muon<float>> opt;
+    std::string saved;
+    std::vector<std::string> failures;
+    std::string engine_state() {
+      std::ostringstream out;
+      opt->engine().save_state(out);
+      return out.str();
+    }
+  };
+  const auto make = [](const World* from) {
+    auto w = std::make_unique<World>();
+    torch::NoGradGuard no_grad;
+    if (from != nullptr)
+      for (std::size_t i = 0; i < w->net->parameters().size(); ++i)
+        w->net->parameters()[i].copy_(from->net->parameters()[i]);
+    w->opt = std::make_unique<muon::libtorch::Muon<float>>(
+        muon::libtorch::route(w->net->named_parameters(), tiny_routing()));
+    return w;
+  };
+  for (int seq = 0; seq < 6; ++seq) {
+    INFO("sequence " << seq);
+    std::mt19937_64 rng(static_cast<std::uint64_t>(seq) + 17);
+    torch::manual_seed(seq);
+    auto world = make(nullptr);
+    std::unique_ptr<World> twin;
+    for (int n = 0; n < 30; ++n) {
+      const int kind = static_cast<int>(rng() % 9), which = static_cast<int>(rng() % 5);
+      const std::uint64_t seed = rng();
+      INFO("call " << n << " kind " << kind << " parameter " << which);
+      for (World* w : {world.get(), twin.get()}) {
+        if (w == nullptr) continue;
+        auto params = w->net->parameters();
+        torch::Tensor p = params[static_cast<std::size_t>(which)];
+        const auto weights = copies(w->net);
+        const std::string state = w->engine_state();
+        const auto unchanged = [&] {
+          return same_tensors(copies(w->net), weights) && w->engine_state() == state;
+        };
+        switch (kind) {
+          case 0:
+          case 1: {  // backward: in place where a gradient exists, else allocated
+            torch::manual_seed(seed);
+            zero_grad_in_place(*w->opt);
+            tiny_loss(w->net, static_cast<int>(seed % 7)).backward();
+            break;
+          }
+          case 2:  // None
+            p.mutable_grad().reset();
+            break;
+          case 3:  // frozen or thawed
+            p.set_requires_grad(!p.requires_grad());
+            break;
+          case 4:
+          case 5: {  // step, with a NaN in one gradient now and then
+            const bool nan = seed % 4 == 0 && p.grad().defined() && p.requires_grad();
+            if (nan) p.mutable_grad().view(-1)[0] = std::numeric_limits<float>::quiet_NaN();
+            std::vector<bool> sits_out;
+            for (auto& q : params) sits_out.push_back(!q.grad().defined() || !q.requires_grad());
+            if (nan) {
+              CHECK_THROWS_AS(w->opt->step(), muon::NonFiniteGradient);
+              CHECK(unchanged());
+              p.mutable_grad().view(-1)[0] = 0.f;
+              break;
+            }
+            w->opt->step();
+            const auto after = copies(w->net);
+            for (std::size_t i = 0; i < params.size(); ++i) {
+              if (sits_out[i]) CHECK(torch::equal(after[i], weights[i]));
+              CHECK(after[i].isfinite().all().item<bool>());
+            }
+            break;
+          }
+          case 6: {  // a scheduler's new rate, or options refused at the next step
+            auto& o = static_cast<muon::libtorch::Options&>(w->opt->param_groups()[which % 2].options());
+            if (seed % 3 != 0) {
+              o.set_lr(1e-3 * static_cast<double>(seed % 50));
+              break;
+            }
+            const muon::libtorch::Options good = o;
+            o.options().muon.scale = static_cast<muon::ScaleMode>(7);
+            CHECK_THROWS_AS(w->opt->step(), muon::InvalidArgument);
+            CHECK(unchanged());
+            o = good;
+            break;
+          }
+          case 7: {  // save, or load what was saved (corrupted now and then)
+            if (w->saved.empty() || seed % 2 == 0) {
+              std::stringstream out;
+              torch::save(*w->opt, out);
+              w->saved = out.str();
+              break;
+            }
+            std::string bytes = w->saved;
+            const bool corrupt = seed % 3 == 0;
+            if (corrupt) bytes.resize(bytes.size() / 2);
+            std::stringstream in(bytes);
+            if (corrupt) {
+              CHECK_THROWS(torch::load(*w->opt, in));
+              CHECK(unchanged());
+            } else {
+              torch::load(*w->opt, in);
+            }
+            break;
+          }
+          default: {  // a param group with a tensor of another dtype: refused, then removed
+            torch::Tensor bad = torch::zeros({3, 3}, torch::kDouble).requires_grad_();
+            w->opt->add_param_group(torch::optim::OptimizerParamGroup(
+                {bad}, std::make_unique<muon::libtorch::Options>(muon::UpdateRule::adamw)));
+            CHECK_THROWS_AS(w->opt->step(), muon::InvalidArgument);
+            CHECK(unchanged());
+            w->opt->param_groups().pop_back();
+            break;
+          }
+        }
+      }
+      if (twin) REQUIRE(same_tensors(copies(twin->net), copies(world->net)));
+      if (!twin && n == 10) {  // the resumed copy: same weights, gradients, freezing and state
+        twin = make(world.get());
+        for (std::size_t i = 0; i < world->net->parameters().size(); ++i) {
+          auto from = world->net->parameters()[i];
+          auto to = twin->net->parameters()[i];
+          to.set_requires_grad(from.requires_grad());
+          if (from.grad().defined()) to.mutable_grad() = from.grad().clone();
+        }
+        std::stringstream out;
+        torch::save(*world->opt, out);
+        torch::load(*twin->opt, out);
+        twin->saved = world->saved;
+      }
+    }
+  }
 }

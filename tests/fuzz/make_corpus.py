@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Writes the fuzzers' seed corpora (tests/fuzz/corpus/{npy,state}/).
+"""Writes the fuzzers' seed corpora (tests/fuzz/corpus/{npy,state,api}/).
 
 The state files are written here from the layout documented in include/muon/optimizer.hpp,
 independently of the C++ writer, for the model in fuzz_state.cpp (muon 'w' 3x2, adamw 'b' 1x4,
@@ -51,6 +51,7 @@ def npy_bytes(a, version=None):
 def main(root):
     os.makedirs(os.path.join(root, "state"), exist_ok=True)
     os.makedirs(os.path.join(root, "npy"), exist_ok=True)
+    os.makedirs(os.path.join(root, "api"), exist_ok=True)
     seeds = {
         "state/valid.bin": framed(state_body(steps=5)),
         "state/framed_body": b"F" + state_body(steps=5),
@@ -65,6 +66,16 @@ def main(root):
         "npy/v2_empty.npy": npy_bytes(np.zeros((0, 5)), version=(2, 0)),
         "npy/v3_scalar.npy": npy_bytes(np.float64(1.5), version=(3, 0)),
     })
+    # fuzz_api: a policy byte, then 6 bytes a call (kind, slot, variant, seed, rank, value;
+    # kinds as listed in tests/api_model.hpp: 0-1 add, 6-7 gradients, 8-10 step, 13 save,
+    # 14 load, 16 fork). Each seed registers everything and steps; the fuzzer mutates from there.
+    def calls(*kinds, slot=0):
+        return bytes(b for k in kinds for b in (k, slot, 1, 3, 1, 50))
+    register = calls(0, 0, 0, 0)
+    for policy in range(3):
+        seeds[f"api/steps_{policy}"] = bytes([policy]) + register + calls(6, 8, 6, 8)
+        seeds[f"api/resume_{policy}"] = (bytes([policy]) + register + calls(6, 8, 13, 16) +
+                                         calls(6, 8, 14, 6, 9))
     for name, data in seeds.items():
         with open(os.path.join(root, name), "wb") as f:
             f.write(data)

@@ -22,4 +22,13 @@ struct TensorAdapter<X> {
   }
 };
 
+// Blocks, Maps and Refs view memory owned elsewhere: a temporary one (W.block(...)) may be
+// registered.
+template <class X, int R, int C, bool Inner>
+inline constexpr bool is_view_type<Eigen::Block<X, R, C, Inner>> = true;
+template <class X, int Options, class Stride>
+inline constexpr bool is_view_type<Eigen::Map<X, Options, Stride>> = true;
+template <class X, int Options, class Stride>
+inline constexpr bool is_view_type<Eigen::Ref<X, Options, Stride>> = true;
+
 }  // namespace muon

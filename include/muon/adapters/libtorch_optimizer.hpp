@@ -15,7 +15,11 @@
 // None (zero_grad with set_to_none, the default in LibTorch 2.x) skips its parameter as torch
 // does, one it reallocated is followed to its new storage, so no step reads freed memory.
 // A param group added later (add_param_group) joins at the next step(); options changed by a
-// scheduler or by hand take effect at the next step(). CPU tensors of float or double here;
+// scheduler or by hand take effect at the next step(). A parameter without a gradient, or one
+// that no longer requires one (frozen), sits the step out untouched, and registration never
+// creates a gradient. A param group that holds a tensor the optimizer refuses (another dtype or
+// device) registers none of its new parameters: the error names the tensor, and step() works
+// again once the group is mended. CPU tensors of float or double here;
 // CUDA tensors through muon::libtorch::CudaMuon (libtorch_cuda.hpp).
 // Needs LibTorch (Debian: libtorch-dev); muon itself does not depend on it.
 #include <torch/optim/optimizer.h>
@@ -30,6 +34,7 @@
 #include <cmath>
 #include <type_traits>
 #include <map>
+#include <iterator>
 #include <memory>
 #include <optional>
 #include <regex>
@@ -52,6 +57,7 @@ class Options : public torch::optim::OptimizerCloneableOptions<Options> {
  public:
   Options() = default;
   explicit Options(UpdateRule rule, GroupOptions options = {}) : rule_(rule), options_(options) {
+    check_rule(rule_, "muon::libtorch::Options");
     validate(options_, "muon::libtorch::Options");
   }
   [[nodiscard]] UpdateRule rule() const noexcept { return rule_; }
@@ -99,6 +105,7 @@ class Options : public torch::optim::OptimizerCloneableOptions<Options> {
     } else {
       ns.schedule = Schedule::from_name(name);
     }
+    check_rule(o.rule_, "muon::libtorch::Options (from an archive)");
     validate(o.options_, "muon::libtorch::Options (from an archive)");
     *this = std::move(o);
   }
@@ -149,6 +156,9 @@ class Options : public torch::optim::OptimizerCloneableOptions<Options> {
   }
 
  private:
+  static void check_rule(UpdateRule rule, const std::string& where) {
+    detail::require_enum(rule, where, "rule", UpdateRule::muon, UpdateRule::adamw);
+  }
   static c10::IValue read(torch::serialize::InputArchive& archive, const std::string& key) {
     c10::IValue v;
     if (!archive.try_read(key, v))
@@ -165,6 +175,12 @@ struct Layout {
   std::optional<Split> split;
   std::optional<Experts> experts;
 };
+
+/// The rows of each expert of `p`: as given, or (Experts{}) p's second extent, as add_muon
+/// infers them for an E x m x n stack.
+inline index_t expert_rows(const Experts& experts, const torch::Tensor& p) {
+  return experts.rows != 0 || p.dim() < 2 ? experts.rows : p.size(1);
+}
 
 /// One row of a routing table.
 struct Route {
@@ -227,8 +243,10 @@ inline Routing route(const torch::OrderedDict<std::string, torch::Tensor>& named
     if (muon) {
       index_t rows = p.size(0), cols = p.numel() / std::max<int64_t>(1, p.size(0));
       const auto layout = r.layouts.find(item.key());
-      if (layout != r.layouts.end() && layout->second.experts)
-        rows = layout->second.experts->rows, cols = p.size(0) == 0 ? 0 : cols / rows;
+      if (layout != r.layouts.end() && layout->second.experts) {
+        rows = expert_rows(*layout->second.experts, p);
+        cols = p.size(0) == 0 || rows == 0 ? 0 : cols / rows;
+      }
       else if (layout != r.layouts.end() && layout->second.split && !layout->second.split->sizes.empty())
         (layout->second.split->axis == 0 ? rows : cols) = layout->second.split->sizes[0];
       row.effective_lr *= shape_scale(r.options.muon.scale, rows, cols, r.options.muon.rms_factor);
@@ -283,7 +301,8 @@ class Muon : public torch::optim::Optimizer {
     }
     sync();
     last_ = engine_.step();
-    for (const Entry& e : entries_) e.param.unsafeGetTensorImpl()->bump_version();
+    for (const Entry& e : entries_)
+      if (e.grad != nullptr) e.param.unsafeGetTensorImpl()->bump_version();
     return loss;
   }
 
@@ -368,47 +387,60 @@ class Muon : public torch::optim::Optimizer {
         engine_.set_group_options(groups_[g], o.options());
         seen_[g] = o;
       }
-      const auto& params = param_groups_[g].params();
-      for (std::size_t i = registered_[g]; i < params.size(); ++i) register_param(g, i, o.rule());
-      registered_[g] = params.size();
     }
+    // The parameters added since, all or nothing: one that is refused (its dtype, device or
+    // layout) leaves every parameter unregistered, so step() can be called again once the
+    // param group is mended.
+    std::vector<Entry> added;
+    engine_.add_all_or_nothing([&] {
+      for (std::size_t g = 0; g < param_groups_.size(); ++g)
+        for (std::size_t i = registered_[g]; i < param_groups_[g].params().size(); ++i)
+          added.push_back(register_param(g, i, as_options(g).rule()));
+    });
+    for (std::size_t g = 0; g < param_groups_.size(); ++g)
+      registered_[g] = param_groups_[g].params().size();
+    entries_.insert(entries_.end(), std::make_move_iterator(added.begin()),
+                    std::make_move_iterator(added.end()));
     for (Entry& e : entries_) follow(e);
   }
 
-  void register_param(std::size_t g, std::size_t i, UpdateRule rule) {
+  /// Registers a parameter without its gradient: registration never creates a .grad on the
+  /// user's tensor (a frozen parameter would then be decayed), so the engine gets a stand-in
+  /// that it never reads, and follow() points it at the real gradient when there is one.
+  Entry register_param(std::size_t g, std::size_t i, UpdateRule rule) {
     const torch::Tensor& p = param_groups_[g].params()[i];
     const auto named = names_.find(p.unsafeGetTensorImpl());
     const std::string name = named != names_.end() ? named->second
                                                    : "group." + std::to_string(g) + "." + std::to_string(i);
-    const MatrixView<T, Space> value = libtorch::param<T, Space>(p);
-    const MatrixView<const T, Space> grad = libtorch::grad<T, Space>(p);
+    const MatrixView<T, Space> value = libtorch::view<T, Space>(p, "parameter '" + name + "'");
+    static const T nothing{};
+    const MatrixView<const T, Space> absent(&nothing, value.rows(), value.cols(), 0, 0);
     const auto layout = layouts_.find(name);
     ParamId id;
     if (rule == UpdateRule::adamw)
-      id = engine_.add_adamw(name, value, grad, groups_[g]);
+      id = engine_.add_adamw(name, value, absent, groups_[g]);
     else if (layout != layouts_.end() && layout->second.split)
-      id = engine_.add_muon(name, value, grad, *layout->second.split, groups_[g]);
+      id = engine_.add_muon(name, value, absent, *layout->second.split, groups_[g]);
     else if (layout != layouts_.end() && layout->second.experts)
-      id = engine_.add_muon(name, value, grad,
-                            Experts{layout->second.experts->rows != 0 || p.dim() < 2
-                                        ? layout->second.experts->rows
-                                        : p.size(1)},
+      id = engine_.add_muon(name, value, absent, Experts{expert_rows(*layout->second.experts, p)},
                             groups_[g]);
     else
-      id = engine_.add_muon(name, value, grad, groups_[g]);
-    entries_.push_back({p, id, value.data(), grad.data(), p.grad().strides().vec()});
+      id = engine_.add_muon(name, value, absent, groups_[g]);
+    engine_.clear_grad(id);
+    return {p, id, value.data(), nullptr, {}};
   }
 
-  /// A gradient set to None: the parameter sits this step out. New memory: the engine reads
-  /// it from now on. A parameter whose memory moved (set_data, to()) is refused: its state
-  /// belongs to the tensor it was.
+  /// A gradient set to None, or a parameter that no longer requires one (frozen): the
+  /// parameter sits this step out, its state kept. New memory: the engine reads it from now
+  /// on. A parameter whose memory moved (set_data, to()) is refused: its state belongs to the
+  /// tensor it was.
   void follow(Entry& e) {
     if (e.param.data_ptr() != e.data)
       throw InvalidArgument("muon::libtorch::Muon: parameter '" + engine_.name(e.id) +
                             "' no longer lives where it was registered (set_data or to() "
                             "moved it); make the optimizer after moving the model");
     const torch::Tensor& g = e.param.grad();
-    if (!g.defined()) {
+    if (!g.defined() || !e.param.requires_grad()) {
       if (e.grad != nullptr) engine_.clear_grad(e.id);
       e.grad = nullptr;
       return;

@@ -67,6 +67,13 @@ struct ViewFn {
 /// Non-owning MatrixView of any adapted tensor type (see the file comment).
 inline constexpr detail::ViewFn view{};
 
+/// Whether X only looks at memory it does not own (a MatrixView, an Eigen Block, Map or Ref),
+/// so that a temporary X may be registered: the memory outlives it. Adapters of such types
+/// specialize it; a temporary of any other type is refused at compile time, since the view
+/// would outlive the memory.
+template <class X>
+inline constexpr bool is_view_type = detail::is_matrix_view<X>::value;
+
 /// Types muon::view accepts.
 template <class X>
 concept ViewableMatrix = detail::Adaptable<X>;

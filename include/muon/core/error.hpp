@@ -55,6 +55,14 @@ class StateError : public Error {
   using Error::Error;
 };
 
+/// A second thread called into an optimizer while another call was running in it. Optimizers are
+/// not thread-safe; the late call is refused before it touches anything, and the running one
+/// goes on undisturbed.
+class ConcurrentUse : public Error {
+ public:
+  using Error::Error;
+};
+
 /// A file (.npy) could not be read or written.
 class IoError : public Error {
  public:

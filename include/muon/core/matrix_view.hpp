@@ -4,10 +4,14 @@
 // elements, so row-major, column-major, transposed and strided sub-blocks are all the same type
 // and nothing is ever copied to look at them. The memory space is part of the type: a host
 // backend cannot be handed device memory by mistake.
+#include <algorithm>
 #include <cstddef>
+#include <cstdint>
+#include <limits>
 #include <numeric>
 #include <span>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "muon/core/error.hpp"
@@ -150,9 +154,80 @@ bool address_range(const MatrixView<T, S>& v, const void*& first, const void*& l
   return true;
 }
 
-/// Do two views share at least one element? Exact for views with a unit stride along the same
-/// axis and equal outer strides (column blocks of one matrix, such as per-head splits of a fused
-/// QKV weight, are disjoint); otherwise conservative: overlapping address ranges count.
+// Offsets of views near the address space's size, without overflow (a GNU extension of g++ and
+// clang; __extension__ keeps -Wpedantic quiet about it).
+__extension__ typedef __int128 wide_t;  // NOLINT(modernize-use-using): using cannot take __extension__
+
+inline wide_t floor_div(wide_t a, wide_t b) {
+  const wide_t q = a / b;
+  return (a % b != 0 && ((a < 0) != (b < 0))) ? q - 1 : q;
+}
+inline wide_t ceil_div(wide_t a, wide_t b) { return -floor_div(-a, b); }
+inline wide_t gcd_wide(wide_t a, wide_t b) {
+  if (a < 0) a = -a;
+  if (b < 0) b = -b;
+  while (b != 0) a = std::exchange(b, a % b);
+  return a;
+}
+
+/// Is there an integer pair (x, y) with x * p + y * q == d, x in [x0, x1], y in [y0, y1]?
+/// (Offsets of two elements of equally strided views differ by such a combination.)
+inline bool lattice_hits(wide_t p, wide_t q, wide_t d, wide_t x0, wide_t x1, wide_t y0, wide_t y1) {
+  if (x0 > x1 || y0 > y1) return false;
+  if (p == 0 && q == 0) return d == 0;
+  if (p == 0) return d % q == 0 && d / q >= y0 && d / q <= y1;
+  if (q == 0) return d % p == 0 && d / p >= x0 && d / p <= x1;
+  // Extended Euclid: u p + v q = g; then x = u d/g + k q/g, y = v d/g - k p/g for every k.
+  wide_t r0 = p, r1 = q, u0 = 1, u1 = 0, v0 = 0, v1 = 1;
+  while (r1 != 0) {
+    const wide_t t = r0 / r1;
+    r0 = std::exchange(r1, r0 - t * r1);
+    u0 = std::exchange(u1, u0 - t * u1);
+    v0 = std::exchange(v1, v0 - t * v1);
+  }
+  const wide_t g = r0;  // may be negative; the formulas hold with it as it is
+  if (d % g != 0) return false;
+  const wide_t x = u0 * (d / g), y = v0 * (d / g), sx = q / g, sy = -(p / g);
+  // The k with lo <= base + k step <= hi, as [k0, k1].
+  const auto range = [](wide_t base, wide_t step, wide_t lo, wide_t hi) {
+    return step > 0 ? std::pair{ceil_div(lo - base, step), floor_div(hi - base, step)}
+                    : std::pair{ceil_div(hi - base, step), floor_div(lo - base, step)};
+  };
+  const auto [kx0, kx1] = range(x, sx, x0, x1);
+  const auto [ky0, ky1] = range(y, sy, y0, y1);
+  return std::max(kx0, ky0) <= std::min(kx1, ky1);
+}
+
+/// Whether the view's elements are at distinct addresses, so writing through it never writes
+/// one element twice (rows with row_stride 0, or rows shorter than the row stride spans, are
+/// not). Exact for any strides.
+template <class T, class S>
+bool elements_distinct(const MatrixView<T, S>& v) {
+  if (v.rows() <= 1 || v.cols() <= 1)
+    return v.size() <= 1 || (v.rows() <= 1 ? v.col_stride() != 0 : v.row_stride() != 0);
+  // (i, j) and (i', j') collide iff (i - i') rs + (j - j') cs = 0 for some nonzero pair.
+  const wide_t rs = v.row_stride(), cs = v.col_stride();
+  if (rs == 0 || cs == 0) return false;
+  const wide_t g = gcd_wide(rs, cs);
+  return !(((cs < 0 ? -cs : cs) / g < v.rows()) && ((rs < 0 ? -rs : rs) / g < v.cols()));
+}
+
+/// Whether the view's extents and strides stay inside the address space: the element count and
+/// the byte span between its first and last element fit in a ptrdiff_t.
+template <class T, class S>
+bool fits_address_space(const MatrixView<T, S>& v) {
+  constexpr wide_t kMax = std::numeric_limits<index_t>::max();
+  if (v.rows() < 0 || v.cols() < 0) return false;
+  if (v.empty()) return true;
+  const auto abs = [](wide_t x) { return x < 0 ? -x : x; };
+  const wide_t span = (wide_t(v.rows()) - 1) * abs(v.row_stride()) +
+                      (wide_t(v.cols()) - 1) * abs(v.col_stride()) + 1;
+  return wide_t(v.rows()) * v.cols() <= kMax && span * wide_t(sizeof(T)) <= kMax;
+}
+
+/// Do two views share at least one element? Exact for views with the same strides and element
+/// type (blocks of one matrix, per-head splits of a fused weight, interleaved columns);
+/// otherwise conservative: overlapping address ranges count.
 template <class T, class U, class S>
 bool views_overlap(const MatrixView<T, S>& a, const MatrixView<U, S>& b) {
   const void *a0, *a1, *b0, *b1;
@@ -161,35 +236,14 @@ bool views_overlap(const MatrixView<T, S>& a, const MatrixView<U, S>& b) {
   if constexpr (!std::is_same_v<std::remove_cv_t<T>, std::remove_cv_t<U>>) {
     return true;
   } else {
-    // Normalize both to (outer, inner) with inner stride 1.
-    struct Rect {
-      index_t outer, inner, stride;
-    };
-    auto as_rect = [](auto v, bool row_major) {
-      return row_major ? Rect{v.rows(), v.cols(), v.row_stride()}
-                       : Rect{v.cols(), v.rows(), v.col_stride()};
-    };
-    bool row_major;
-    if (a.col_stride() == 1 && b.col_stride() == 1 && a.row_stride() == b.row_stride())
-      row_major = true;
-    else if (a.row_stride() == 1 && b.row_stride() == 1 && a.col_stride() == b.col_stride())
-      row_major = false;
-    else
-      return true;
-    const Rect ra = as_rect(a, row_major), rb = as_rect(b, row_major);
-    const index_t s = ra.stride;
-    if (s <= 0 || ra.inner > s || rb.inner > s) return true;
-    index_t d = b.data() - reinterpret_cast<const std::remove_cv_t<T>*>(a.data());
-    index_t q = d >= 0 ? d / s : -((-d + s - 1) / s);
-    index_t r = d - q * s;  // 0 <= r < s
-    auto hits = [&](index_t row0, index_t row1, index_t col0, index_t col1) {
-      // rows [row0,row1) x cols [col0,col1) of the grid against a's [0,outer) x [0,inner)
-      return row0 < ra.outer && row1 > 0 && col0 < ra.inner && col1 > 0 && row0 < row1 &&
-             col0 < col1;
-    };
-    const index_t end = r + rb.inner;
-    if (hits(q, q + rb.outer, r, end < s ? end : s)) return true;
-    return end > s && hits(q + 1, q + 1 + rb.outer, 0, end - s);
+    if (a.row_stride() != b.row_stride() || a.col_stride() != b.col_stride()) return true;
+    const auto bytes = reinterpret_cast<const std::byte*>(b.data()) -
+                       reinterpret_cast<const std::byte*>(a.data());
+    if (bytes % static_cast<std::ptrdiff_t>(sizeof(T)) != 0) return true;  // misaligned: unknown
+    // a(i, j) == b(i', j') iff (i - i') rs + (j - j') cs == d.
+    return lattice_hits(a.row_stride(), a.col_stride(), bytes / static_cast<std::ptrdiff_t>(sizeof(T)),
+                        -(wide_t(b.rows()) - 1), wide_t(a.rows()) - 1,
+                        -(wide_t(b.cols()) - 1), wide_t(a.cols()) - 1);
   }
 }
 

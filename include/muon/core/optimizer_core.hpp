@@ -26,6 +26,7 @@
 //   void gathered_input(Param&, const Part&, View)   void restore_momentum(Param&, const Part&)
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -40,6 +41,7 @@
 #include "muon/core/parts.hpp"
 #include "muon/core/registration.hpp"
 #include "muon/rules/rules.hpp"
+#include "muon/serialize.hpp"
 
 namespace muon {
 
@@ -83,6 +85,39 @@ struct Tally {
   std::size_t first = std::numeric_limits<std::size_t>::max();
 };
 
+/// Catches a second thread entering a busy optimizer (optimizers are not thread-safe): enter()
+/// holds the flag for the call's duration, and a call that finds it held throws ConcurrentUse
+/// before touching anything. One atomic exchange per call. Copies start free.
+class EntryFlag {
+ public:
+  EntryFlag() = default;
+  EntryFlag(const EntryFlag&) noexcept {}
+  EntryFlag& operator=(const EntryFlag&) noexcept { return *this; }
+  ~EntryFlag() = default;
+
+  class Held {
+   public:
+    explicit Held(std::atomic<bool>& busy) : busy_(&busy) {}
+    Held(const Held&) = delete;
+    Held& operator=(const Held&) = delete;
+    ~Held() { busy_->store(false, std::memory_order_release); }
+
+   private:
+    std::atomic<bool>* busy_;
+  };
+  [[nodiscard]] Held enter(const char* call) {
+    if (busy_.exchange(true, std::memory_order_acquire))
+      throw ConcurrentUse(std::string("muon: ") + call +
+                          "() was called while another call was running in the same optimizer "
+                          "(from another thread?); an optimizer is not thread-safe: give each "
+                          "thread its own or serialize the calls. Nothing was changed by this one");
+    return Held(busy_);
+  }
+
+ private:
+  std::atomic<bool> busy_{false};
+};
+
 template <class Derived, class B, class T, class ParamExtra>
 class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
  public:
@@ -94,12 +129,14 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
 
   // ---- groups ----------------------------------------------------------------------------
   GroupId add_group(const GroupOptions& options) {
+    const auto entered = enter("add_group");
     groups_.push_back(make_group(options, groups_.size()));
     return {groups_.size() - 1};
   }
   /// Replaces a group's options (e.g. a learning-rate schedule); validated first, and nothing
   /// changes if they are refused.
   void set_group_options(GroupId id, const GroupOptions& options) {
+    const auto entered = enter("set_group_options");
     check_group(id);
     Group group = make_group(options, id.value);
     const bool replan = options.muon.newton_schulz.method !=
@@ -120,17 +157,42 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
   [[nodiscard]] std::size_t num_groups() const noexcept { return groups_.size(); }
 
   // ---- parameters ------------------------------------------------------------------------
+  /// Runs `add_some` (calls of add_muon / add_adamw) all or nothing: if it throws, every
+  /// parameter it registered is removed again, the optimizer is as it was, and the exception
+  /// goes on (e.g. a framework's param group with one bad tensor among good ones).
+  template <class F>
+  void add_all_or_nothing(F&& add_some) {
+    const std::size_t before = params_.size();
+    auto units = units_;  // the plan as it is (copied first: restoring it cannot fail)
+    auto order = order_;
+    auto outcomes = outcomes_;
+    auto batches = batches_;
+    auto batched = batched_;
+    try {
+      std::forward<F>(add_some)();
+    } catch (...) {
+      params_.erase(params_.begin() + static_cast<std::ptrdiff_t>(before), params_.end());
+      std::erase_if(watches_, [&](const Watch& w) { return w.param >= before; });
+      units_.swap(units), order_.swap(order), outcomes_.swap(outcomes);
+      batches_.swap(batches), batched_.swap(batched);
+      throw;
+    }
+  }
+
   /// Points a parameter at a (new) gradient; it takes part in the next steps again.
   void set_grad(ParamId id, ConstView grad) {
+    const auto entered = enter("set_grad");
     check_param(id);
     Param& p = params_[id.value];
     check_grad(params_, p.name, p.shape, p.value, grad, id.value);
     p.grad = grad;
     p.has_grad = true;
+    std::erase_if(watches_, [&](const Watch& w) { return w.param == id.value && w.grad; });
   }
   /// The parameter has no gradient: step() leaves it and its state alone (no weight decay
   /// either), as torch does for a parameter whose .grad is None, until set_grad().
   void clear_grad(ParamId id) {
+    const auto entered = enter("clear_grad");
     check_param(id);
     params_[id.value].has_grad = false;
   }
@@ -149,6 +211,8 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
   /// One optimizer step over every parameter that has a gradient. Gradients are checked for
   /// NaN/Inf first; if one is found nothing is modified (see NonFinitePolicy).
   StepReport step() {
+    const auto entered = enter("step");
+    check_watched_storage();
     Derived& d = self();
     d.prepare_step();
     const Param* bad = first_nonfinite_grad();
@@ -225,10 +289,11 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
 
   OptimizerCore(B backend, OptimizerOptions options, const GroupOptions& defaults)
       : backend_(std::move(backend)), options_(options) {
+    validate(options);
     if (options.telemetry && !measures_residual<B, T>)
       throw InvalidArgument("muon: OptimizerOptions.telemetry: this backend cannot measure "
                             "residuals (it has no frobenius_norm(); EigenBackend has)");
-    add_group(defaults);
+    groups_.push_back(make_group(defaults, 0));
     if constexpr (RunsSideBySide<B>)
       workers_.resize(options.grouped ? static_cast<std::size_t>(std::max(1, backend_.workers())) : 1);
     else
@@ -243,6 +308,18 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
   }
 
   [[nodiscard]] bool checked() const { return options_.non_finite != NonFinitePolicy::unchecked; }
+  [[nodiscard]] EntryFlag::Held enter(const char* call) { return entry_.enter(call); }
+
+  /// Pass 1 of a load, on one parameter's n stored scalars: under error or skip, which promise
+  /// that no NaN or Inf is ever written, a state holding one is refused (an unchecked run saved
+  /// it); under unchecked it loads as saved.
+  void check_loaded_state(const Param& p, const char* bytes, std::size_t n) const {
+    if (checked() && !detail::all_finite_little_endian<T>(bytes, n))
+      throw StateError("muon: load_state: the state of parameter '" + p.name + "' (" +
+                       shape_string(p.shape) +
+                       ") holds NaN or Inf, which NonFinitePolicy::error and skip never write "
+                       "(saved under unchecked?); nothing was changed");
+  }
   [[nodiscard]] bool after_exchange() {
     if constexpr (Derived::exchanges)
       return self().orthogonalizes_after_exchange();
@@ -344,6 +421,7 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
   std::vector<Param> params_;
   std::vector<Worker> workers_;  // [0] serves every matrix; the others, side by side with it
   std::uint64_t steps_ = 0;
+  EntryFlag entry_;
 
  private:
   friend class Registrar<Derived, T, Space>;
@@ -362,6 +440,7 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
 
   ParamId add(std::string name, UpdateRule rule, std::vector<index_t> shape, View value,
               ConstView grad, GroupId group, const std::vector<Part>& parts) {
+    const auto entered = enter("add_muon/add_adamw");
     check_group(group);
     check_new_param(params_, name, shape, value, grad);
     Param p;
@@ -381,6 +460,32 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
       throw;
     }
     return {params_.size() - 1};
+  }
+
+  /// An object registered through add_muon / add_adamw, watched (OptimizerOptions::
+  /// watch_storage) for holding other memory than it was registered with.
+  struct Watch {
+    std::size_t param;
+    bool grad;
+    const void* object;
+    const void* (*data_of)(const void*);
+    const void* data;  // as registered
+  };
+  void watch_object(ParamId id, bool grad, const void* object, const void* (*data_of)(const void*)) {
+    if (!options_.watch_storage) return;
+    watches_.push_back({id.value, grad, object, data_of, data_of(object)});
+  }
+  void check_watched_storage() const {
+    for (const Watch& w : watches_) {
+      const Param& p = params_[w.param];
+      if ((w.grad && !p.has_grad) || w.data_of(w.object) == w.data) continue;
+      throw InvalidArgument(
+          describe_param(p.name, p.shape) + ": the " + (w.grad ? "gradient" : "parameter") +
+          " object registered for it no longer holds the memory it was registered with (was a "
+          "new matrix assigned to it? `G = make_grad();` moves the new storage in and leaves the "
+          "optimizer's view on freed memory: write into it instead, `G = expression;` or "
+          "`G.noalias() = ...`, or call set_grad); step() changed nothing");
+    }
   }
 
   const Part& part_of(const Unit& u) const { return params_[u.param].parts[u.part]; }
@@ -650,6 +755,7 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
                           p.name);
   }
 
+  std::vector<Watch> watches_;        // OptimizerOptions::watch_storage
   std::vector<Unit> units_;           // every matrix of the orthogonalizing rules, in order
   std::vector<std::size_t> order_;    // units_, costliest first
   std::vector<Outcome> outcomes_;     // per unit, this step

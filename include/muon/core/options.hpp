@@ -92,6 +92,14 @@ struct OptimizerOptions {
   /// batched call. false: every matrix one after the other, as a loop over the parameters
   /// would (e.g. when your own threads keep the cores busy).
   bool grouped = true;
+  /// Check, at every step(), that the objects registered through add_muon / add_adamw (an
+  /// Eigen::Matrix, your own adapted type) still hold the memory they were registered with.
+  /// Assigning a new matrix to a registered gradient (`G = make_grad();` move-assigns, so G
+  /// takes the new storage and the optimizer's view is left on freed memory) is then refused
+  /// with an error naming the parameter instead of reading freed memory. Costs one muon::view()
+  /// per registered object a step; the objects themselves (not only their memory) must then
+  /// outlive the optimizer. Off by default.
+  bool watch_storage = false;
 };
 
 inline const char* to_string(MomentumForm f) { return f == MomentumForm::ema ? "ema" : "sum"; }
@@ -126,6 +134,16 @@ inline void require(bool ok, const std::string& where, const char* field, double
                           " is invalid: it must be " + rule);
 }
 
+/// An enumerator outside its enum (a cast from a bad integer, a corrupted archive) is refused
+/// like a bad number, naming the field.
+template <class E, class... Known>
+void require_enum(E value, const std::string& where, const char* field, Known... known) {
+  if (((value != known) && ...))
+    throw InvalidArgument("muon: " + where + "." + field + " = " +
+                          std::to_string(static_cast<long long>(value)) +
+                          " is not one of its enumerators");
+}
+
 }  // namespace detail
 
 inline void validate(const NewtonSchulzOptions& o, const std::string& where) {
@@ -155,6 +173,12 @@ inline void validate(const NewtonSchulzOptions& o, const std::string& where) {
 }
 
 inline void validate(const MuonOptions& o, const std::string& where = "MuonOptions") {
+  detail::require_enum(o.momentum_form, where, "momentum_form", MomentumForm::ema, MomentumForm::sum);
+  detail::require_enum(o.scale, where, "scale", ScaleMode::original, ScaleMode::match_rms_adamw,
+               ScaleMode::spectral, ScaleMode::none);
+  detail::require_enum(o.newton_schulz.method, where, "newton_schulz.method",
+               NewtonSchulzMethod::standard, NewtonSchulzMethod::gram,
+               NewtonSchulzMethod::automatic);
   detail::require(std::isfinite(o.lr) && o.lr >= 0, where, "lr", o.lr, "finite and >= 0");
   detail::require(std::isfinite(o.weight_decay) && o.weight_decay >= 0, where, "weight_decay",
                   o.weight_decay, "finite and >= 0");
@@ -177,6 +201,11 @@ inline void validate(const AdamWOptions& o, const std::string& where = "AdamWOpt
 inline void validate(const GroupOptions& o, const std::string& where = "GroupOptions") {
   validate(o.muon, where + ".muon");
   validate(o.adamw, where + ".adamw");
+}
+
+inline void validate(const OptimizerOptions& o, const std::string& where = "OptimizerOptions") {
+  detail::require_enum(o.non_finite, where, "non_finite", NonFinitePolicy::error, NonFinitePolicy::skip,
+               NonFinitePolicy::unchecked);
 }
 
 }  // namespace muon

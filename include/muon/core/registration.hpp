@@ -4,6 +4,8 @@
 // matrices) and the checks on a new parameter. `params` is the list registered so far; its elements have name, shape, value, grad
 // and has_grad members.
 #include <algorithm>
+#include <type_traits>
+#include <utility>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -52,12 +54,21 @@ inline std::string describe_param(const std::string& name, const std::vector<ind
   return "muon: parameter '" + name + "' (" + shape_string(shape) + ")";
 }
 
+template <class T, class Space>
+std::string describe_strides(MatrixView<T, Space> v) {
+  return shape_string(v.rows(), v.cols()) + " with strides " + std::to_string(v.row_stride()) +
+         ", " + std::to_string(v.col_stride());
+}
+
 /// Shape match, no null data, and no memory shared with a parameter (other than `self`).
 template <class Params, class T, class Space>
 void check_grad(const Params& params, const std::string& name, const std::vector<index_t>& shape,
                 MatrixView<T, Space> value, MatrixView<const T, Space> grad, std::size_t self) {
   using ConstView = MatrixView<const T, Space>;
   const std::string what = describe_param(name, shape);
+  if (!fits_address_space(grad))
+    throw InvalidArgument(what + ": the gradient's view (" + describe_strides(grad) +
+                          ") spans more than the address space");
   if (grad.rows() != value.rows() || grad.cols() != value.cols())
     throw InvalidArgument(what + ": gradient has shape " + shape_string(grad.rows(), grad.cols()) +
                           ", expected " + shape_string(value.rows(), value.cols()));
@@ -84,6 +95,13 @@ void check_new_param(const Params& params, const std::string& name,
     if (e < 0) throw InvalidArgument(what + ": negative extent");
   if (!value.empty() && value.data() == nullptr)
     throw InvalidArgument(what + ": parameter data pointer is null");
+  if (!fits_address_space(value))
+    throw InvalidArgument(what + ": the parameter's view (" + describe_strides(value) +
+                          ") spans more than the address space");
+  if (!elements_distinct(value))
+    throw InvalidArgument(what + ": the parameter's view (" + describe_strides(value) +
+                          ") reaches some elements twice, so step() would write them twice; "
+                          "give it strides that keep its rows and columns apart");
   if (std::any_of(params.begin(), params.end(), [&](const auto& p) { return p.name == name; }))
     throw InvalidArgument(what + ": a parameter named '" + name + "' is already registered");
   for (const auto& p : params) {
@@ -105,6 +123,12 @@ class Registrar {
  public:
   using View = MatrixView<T, Space>;
   using ConstView = MatrixView<const T, Space>;
+  /// Adapted types, except the View and ConstView pair the overloads above take as they are
+  /// (which the adapted overloads forward to).
+  template <class P, class G>
+  static constexpr bool Adapted =
+      ViewableMatrix<std::remove_reference_t<P>> && ViewableMatrix<std::remove_reference_t<G>> &&
+      !(std::is_same_v<std::remove_cvref_t<P>, View> && std::is_same_v<std::remove_cvref_t<G>, ConstView>);
 
   /// A weight matrix updated by Muon.
   ParamId add_muon(std::string name, View param, ConstView grad, GroupId group = {}) {
@@ -155,19 +179,53 @@ class Registrar {
                       grad.flattened(), group, {});
   }
   /// Any adapted tensor types (Eigen objects, your own through muon::view), optionally with
-  /// a Split or Experts.
-  template <ViewableMatrix P, ViewableMatrix G, class... Layout>
-  ParamId add_muon(std::string name, P& param, const G& grad, Layout&&... layout_and_group) {
-    return add_muon(std::move(name), as_param<T, Space>(param), as_grad<T, Space>(grad),
-                    std::forward<Layout>(layout_and_group)...);
+  /// a Split or Experts. Named objects, or temporaries that only view memory owned elsewhere
+  /// (W.block(...), an Eigen::Map).
+  template <class P, class G, class... Layout>
+    requires Adapted<P, G>
+  ParamId add_muon(std::string name, P&& param, G&& grad, Layout&&... layout_and_group) {
+    check_lifetimes<P, G>();
+    const ParamId id = add_muon(std::move(name), as_param<T, Space>(param), as_grad<T, Space>(grad),
+                                std::forward<Layout>(layout_and_group)...);
+    watch<P, G>(id, param, grad);
+    return id;
   }
-  template <ViewableMatrix P, ViewableMatrix G>
-  ParamId add_adamw(std::string name, P& param, const G& grad, GroupId group = {}) {
-    return add_adamw(std::move(name), as_param<T, Space>(param), as_grad<T, Space>(grad), group);
+  template <class P, class G>
+    requires Adapted<P, G>
+  ParamId add_adamw(std::string name, P&& param, G&& grad, GroupId group = {}) {
+    check_lifetimes<P, G>();
+    const ParamId id = add_adamw(std::move(name), as_param<T, Space>(param), as_grad<T, Space>(grad), group);
+    watch<P, G>(id, param, grad);
+    return id;
   }
 
  private:
   Derived& self() { return static_cast<Derived&>(*this); }
+  template <class P, class G>
+  static constexpr void check_lifetimes() {
+    static_assert(std::is_lvalue_reference_v<P> || is_view_type<std::remove_cvref_t<P>>,
+                  "muon: this parameter is a temporary that owns its memory, which would be freed "
+                  "while the optimizer still updates it: register a named object (or a block or "
+                  "Map of one)");
+    static_assert(std::is_lvalue_reference_v<G> || is_view_type<std::remove_cvref_t<G>>,
+                  "muon: this gradient is a temporary that owns its memory, which would be freed "
+                  "while the optimizer still reads it: register a named object (or a block or "
+                  "Map of one)");
+  }
+  /// Named objects are handed to the optimizer's storage watch (OptimizerOptions::watch_storage).
+  template <class P, class G>
+  void watch(ParamId id, const std::remove_reference_t<P>& param,
+             const std::remove_reference_t<G>& grad) {
+    if constexpr (std::is_lvalue_reference_v<P>)
+      self().watch_object(id, false, &param, &data_of<std::remove_reference_t<P>>);
+    if constexpr (std::is_lvalue_reference_v<G>)
+      self().watch_object(id, true, &grad, &data_of<std::remove_reference_t<G>>);
+  }
+  /// The memory an adapted object holds now (X keeps the constness it was registered with).
+  template <class X>
+  static const void* data_of(const void* object) {
+    return muon::view(*static_cast<X*>(const_cast<void*>(object))).data();
+  }
   static void check_tensor(const std::string& name, const TensorView<T, Space>& param,
                            const TensorView<const T, Space>& grad, std::size_t min_dims) {
     if (grad.shape != param.shape)

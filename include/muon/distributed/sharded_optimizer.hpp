@@ -49,7 +49,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <istream>
-#include <iterator>
 #include <numeric>
 #include <ostream>
 #include <string>
@@ -122,7 +121,10 @@ class ShardedOptimizer
 
   ShardedOptimizer(C comm, ShardingStrategy strategy, GroupOptions defaults = {},
                    OptimizerOptions options = {}, B backend = B{})
-      : Core(std::move(backend), options, defaults), comm_(std::move(comm)), strategy_(strategy) {}
+      : Core(std::move(backend), options, defaults), comm_(std::move(comm)), strategy_(strategy) {
+    detail::require_enum(strategy, "ShardedOptimizer", "strategy", ShardingStrategy::owner_compute,
+                         ShardingStrategy::zero1);
+  }
 
   // Groups, add_muon / add_adamw and introspection: see detail::OptimizerCore
   // (muon/core/optimizer_core.hpp) and detail::Registrar. What changes what the ranks must
@@ -181,6 +183,7 @@ class ShardedOptimizer
   // ---- state (per rank) ------------------------------------------------------------------
   /// Writes this rank's state. Collective: call on every rank.
   void save_state(std::ostream& out) {
+    const auto entered = this->enter("save_state");
     agree(false);
     detail::StateWriter w;
     w.put_raw(std::string_view(kMagic, sizeof kMagic));
@@ -215,13 +218,15 @@ class ShardedOptimizer
   /// Restores state saved at the same world size, strategy and registration. Collective: if
   /// any rank's state is refused, every rank throws and no rank changes anything.
   void load_state(std::istream& in) {
+    const auto entered = this->enter("load_state");
     agree(false);
-    const std::string bytes{std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
     std::string error;
+    std::string bytes;
     std::vector<const char*> data;
     std::vector<std::uint64_t> updates;
     std::uint64_t steps = 0;
     try {
+      bytes = detail::read_all(in, "load_state");
       steps = parse_state(bytes, data, updates);
     } catch (const StateError& e) {
       error = e.what();
@@ -419,7 +424,7 @@ class ShardedOptimizer
   /// Lays out the parameters registered since the last call (local, deterministic). Those laid
   /// out before keep their pieces, offsets and state; the new ones go after them.
   void lay_out() {
-    if (laid_out_ == params_.size()) return;
+    if (laid_out_ == params_.size() && !used_.empty()) return;  // laid out once, even empty
     const int world = comm_.size();
     const std::size_t first = laid_out_;
     std::vector<index_t> used = used_;
@@ -561,6 +566,7 @@ class ShardedOptimizer
       updates.push_back(r.get<std::uint64_t>("parameter step count"));
       const std::size_t n = static_cast<std::size_t>(mine.size()) * rules::All::buffers(p.rule);
       data.push_back(r.take(n, sizeof(T), "state buffer"));
+      this->check_loaded_state(p, data.back(), n);
     }
     if (r.remaining() != 0)
       throw StateError("muon: load_state: " + std::to_string(r.remaining()) +
