@@ -357,4 +357,16 @@ inline std::unique_ptr<World<Single>> resumed_twin(World<Single>& w) {
 }
 
 
+/// One call to a single-process world and, once a fork call made it, to its resumed twin,
+/// which must stay the same bits as the world.
+inline void apply_with_twin(World<Single>& world, std::unique_ptr<World<Single>>& twin,
+                            const Call& c, int index) {
+  world.apply(c, index);
+  if (twin) {
+    twin->apply(c, index);
+    world.expect(twin->snapshot() == world.snapshot(), "the resumed run differs");
+  }
+  if (c.kind == Kind::fork && !twin) twin = resumed_twin(world);
+}
+
 }  // namespace muon_test::api

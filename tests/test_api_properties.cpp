@@ -38,13 +38,7 @@ TEST_CASE("random API call sequences keep the optimizer's promises (single proce
     world.opt->add_group(group1());
     std::unique_ptr<World<Single>> twin;
     for (int n = 0; n < kCalls; ++n) {
-      const Call c = make_call(rng, 1);
-      world.apply(c, n);
-      if (twin) {
-        twin->apply(c, n);
-        world.expect(twin->snapshot() == world.snapshot(), "the resumed run differs");
-      }
-      if (c.kind == Kind::fork && !twin) twin = resumed_twin(world);
+      apply_with_twin(world, twin, make_call(rng, 1), n);
       for (const auto* w : {&world, twin.get()})
         if (w != nullptr)
           for (const std::string& f : w->failures) FAIL_CHECK(f);

@@ -22,13 +22,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   world.opt->add_group(group1());
   std::unique_ptr<World<Single>> twin;
   for (int n = 0; at < size && n < 64; ++n) {
-    const Call c = make_call(next, 1);
-    world.apply(c, n);
-    if (twin) {
-      twin->apply(c, n);
-      world.expect(twin->snapshot() == world.snapshot(), "the resumed run differs");
-    }
-    if (c.kind == Kind::fork && !twin) twin = resumed_twin(world);
+    apply_with_twin(world, twin, make_call(next, 1), n);
     for (const World<Single>* w : {&world, twin.get()})
       if (w != nullptr && !w->failures.empty()) {
         std::fprintf(stderr, "fuzz_api: %s\n", w->failures.front().c_str());
