@@ -1,6 +1,8 @@
 // A parameter must be mutable: a const matrix (or a view of const elements) cannot be
 // registered, since step() writes the new weights into it.
-#include "muon/eigen.hpp"
+#include "muon/adapters/eigen.hpp"  // not muon/eigen.hpp: its SVD tools add ~25 s a compile
+#include "muon/backend/eigen.hpp"
+#include "muon/optimizer.hpp"
 
 int main() {
 #ifdef MUON_COMPILE_FAIL_CONTROL

@@ -1,6 +1,8 @@
 // A backend that lacks the operations of the muon::Backend concept is refused by name.
 // With -DMUON_COMPILE_FAIL_CONTROL the same program uses EigenBackend and must compile.
-#include "muon/eigen.hpp"
+#include "muon/adapters/eigen.hpp"  // not muon/eigen.hpp: its SVD tools add ~25 s a compile
+#include "muon/backend/eigen.hpp"
+#include "muon/optimizer.hpp"
 
 struct HalfABackend {  // has a memory space and buffers, but no gemm, syrk, momentum, ...
   using memory_space = muon::HostSpace;

@@ -1,7 +1,9 @@
 // A communicator without the collectives of the muon::Communicator concept is refused by name.
 // With -DMUON_COMPILE_FAIL_CONTROL the same program uses SingleProcessCommunicator.
 #include "muon/distributed/sharded_optimizer.hpp"
-#include "muon/eigen.hpp"
+#include "muon/adapters/eigen.hpp"  // not muon/eigen.hpp: its SVD tools add ~25 s a compile
+#include "muon/backend/eigen.hpp"
+#include "muon/optimizer.hpp"
 
 struct RankOnly {  // knows its rank and size, but has no all-gather, reduce-scatter, ...
   using memory_space = muon::HostSpace;
