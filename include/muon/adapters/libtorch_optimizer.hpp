@@ -390,7 +390,16 @@ class Muon : public torch::optim::Optimizer {
     }
     // The parameters added since, all or nothing: one that is refused (its dtype, device or
     // layout) leaves every parameter unregistered, so step() can be called again once the
-    // param group is mended.
+    // param group is mended. Most steps add nothing and skip this (it copies the engine's plan).
+    bool pending = false;
+    for (std::size_t g = 0; g < param_groups_.size(); ++g)
+      pending |= registered_[g] < param_groups_[g].params().size();
+    if (pending) register_pending();
+    for (Entry& e : entries_) follow(e);
+  }
+
+  /// Registers the param groups' new tensors in one all-or-nothing batch.
+  void register_pending() {
     std::vector<Entry> added;
     engine_.add_all_or_nothing([&] {
       for (std::size_t g = 0; g < param_groups_.size(); ++g)
@@ -401,7 +410,6 @@ class Muon : public torch::optim::Optimizer {
       registered_[g] = param_groups_[g].params().size();
     entries_.insert(entries_.end(), std::make_move_iterator(added.begin()),
                     std::make_move_iterator(added.end()));
-    for (Entry& e : entries_) follow(e);
   }
 
   /// Registers a parameter without its gradient: registration never creates a .grad on the
