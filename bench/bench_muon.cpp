@@ -273,7 +273,8 @@ BENCHMARK_TEMPLATE(SideBySideNewtonSchulz, float)
 
 int main(int argc, char** argv) {
   // The header names what the products ran on, so a slow table explains itself.
-  benchmark::AddCustomContext("muon_products", muon::EigenBackend::products());
+  // (float Newton-Schulz: bf16 or float32 products; MUON_NS_PRECISION=float32 pins float32)
+  benchmark::AddCustomContext("muon_products", muon::EigenBackend().engine());
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   benchmark::RunSpecifiedBenchmarks();

@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
-"""Times muon's Newton-Schulz (keller, 5 steps, float32) against the reference NS5 loop in
-NumPy and in PyTorch on the CPU (float32, and torch.optim.Muon's own bfloat16 NS), side by side
-in one run on this machine, and checks how close each is to the exact msign.
+"""Times muon's Newton-Schulz (keller, 5 steps, float32 matrices; float32 products and muon's
+automatic choice, bfloat16 products on CPUs that multiply bf16 in hardware) against the
+reference NS5 loop in NumPy and in PyTorch on the CPU (float32, and torch.optim.Muon's own
+bfloat16 NS), side by side in one run on this machine, and checks how close each is to the
+exact msign.
 
     python3 -m venv .venv-torch && .venv-torch/bin/pip install torch numpy   # once, not in CI
     .venv-torch/bin/python bench/compare_reference.py --cli build/muon-cli [--shape MxN]...
@@ -82,26 +84,37 @@ def main():
     print(f"NS5 keller float32, median of {args.repeat} after a warm-up, {os.cpu_count()} cores; "
           f"numpy {np.__version__}" + (f", torch {torch.__version__}" if torch else ", no torch")
           + ("" if muon_ns_bf16 else " (no torch.optim.Muon: no bf16 column)"))
-    print(f"{'shape':<11} {'muon ms':>8} {'gemm_ratio':>10} {'numpy ms':>9} {'torch ms':>9} "
-          f"{'bf16 ms':>8} {'vs numpy':>9} {'vs torch':>9} {'vs bf16':>8}   "
-          f"dist_msign muon / numpy / torch / bf16")
+    print("muon f32 / auto: muon with float32 products / with its automatic choice (products "
+          "column); ratios: the other's ms / muon's (above 1: muon faster); auto vs torch bf16, "
+          "f32 vs numpy and torch f32")
+    print(f"{'shape':<11} {'muon f32':>8} {'auto':>8} {'products':>9} {'numpy':>8} "
+          f"{'torch':>8} {'bf16':>8} {'auto/bf16':>9} {'f32/np':>7} {'f32/torch':>9}   "
+          f"dist_msign muon f32 / auto / numpy / torch / bf16")
     rng = np.random.default_rng(1234)
+    nan = float("nan")
+
+    def muon_run(shape, precision):
+        out = subprocess.run([args.cli, "bench", "--shape", shape, "--dtype", "float32",
+                              "--precision", precision, "--repeat", str(args.repeat)],
+                             check=True, capture_output=True, text=True).stdout
+        row = next(line for line in out.splitlines() if line.startswith(shape + " ")).split()
+        return float(row[5]), row[2]
+
     with tempfile.TemporaryDirectory() as tmp:
         for shape in shapes:
             m, n = map(int, shape.split("x"))
-            out = subprocess.run([args.cli, "bench", "--shape", shape, "--dtype", "float32",
-                                  "--repeat", str(args.repeat)], check=True, capture_output=True,
-                                 text=True).stdout
-            row = next(line for line in out.splitlines() if line.startswith(shape + " ")).split()
-            muon_ms, gemm_ratio = float(row[4]), float(row[7])
+            f32_ms, _ = muon_run(shape, "float32")
+            auto_ms, products = muon_run(shape, "auto")
             g = rng.standard_normal((m, n)).astype(np.float32)
             numpy_ms = median_ms(lambda: ns5_numpy(g), args.repeat)
             src, dst = os.path.join(tmp, "g.npy"), os.path.join(tmp, "o.npy")
             np.save(src, g)
-            subprocess.run([args.cli, "orthogonalize", src, dst, "--dtype", "float32"],
-                           check=True)
-            d_muon, d_numpy = msign_distance(np.load(dst), g), msign_distance(ns5_numpy(g), g)
-            nan = float("nan")
+            dist = {}
+            for precision in ("float32", "auto"):
+                subprocess.run([args.cli, "orthogonalize", src, dst, "--dtype", "float32",
+                                "--precision", precision], check=True)
+                dist[precision] = msign_distance(np.load(dst), g)
+            d_numpy = msign_distance(ns5_numpy(g), g)
             torch_ms = d_torch = bf16_ms = d_bf16 = nan
             if torch:
                 tg = torch.from_numpy(g)
@@ -111,10 +124,11 @@ def main():
                 bf16 = lambda: muon_ns_bf16(tg, (A, B, C), 5, 1e-7)  # noqa: E731
                 bf16_ms = median_ms(bf16, args.repeat)
                 d_bf16 = msign_distance(bf16().float().numpy(), g)
-            print(f"{shape:<11} {muon_ms:8.1f} {gemm_ratio:10.2f} {numpy_ms:9.1f} {torch_ms:9.1f} "
-                  f"{bf16_ms:8.1f} {numpy_ms / muon_ms:8.2f}x {torch_ms / muon_ms:8.2f}x "
-                  f"{bf16_ms / muon_ms:7.2f}x   "
-                  f"{d_muon:.4f} / {d_numpy:.4f} / {d_torch:.4f} / {d_bf16:.4f}", flush=True)
+            print(f"{shape:<11} {f32_ms:8.1f} {auto_ms:8.1f} {products:>9} {numpy_ms:8.1f} "
+                  f"{torch_ms:8.1f} {bf16_ms:8.1f} {bf16_ms / auto_ms:8.2f}x "
+                  f"{numpy_ms / f32_ms:6.2f}x {torch_ms / f32_ms:8.2f}x   "
+                  f"{dist['float32']:.4f} / {dist['auto']:.4f} / {d_numpy:.4f} / {d_torch:.4f} / "
+                  f"{d_bf16:.4f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -118,3 +118,24 @@ TEMPLATE_TEST_CASE("step() allocates nothing after the first step", "[allocation
   WARN("Eigen kernels: " << one << " allocations per step");
 #endif
 }
+
+TEST_CASE("step() with bf16 Newton-Schulz allocates nothing after the first step",
+          "[allocations][bf16]") {
+  if (!muon::cpu::has_bf16()) {
+    WARN("this CPU has no AVX512-BF16: nothing to check");
+    return;
+  }
+  // side by side (the small ones) and alone, its products split over the workers (big: past
+  // EigenBackend::kSideBySideMaxCost); square, wide and tall
+  Mat<float> w1 = gaussian<float>(256, 256, 1), w2 = gaussian<float>(192, 768, 2);
+  Mat<float> w3 = gaussian<float>(768, 192, 3), big = gaussian<float>(1100, 4000, 4);
+  const Mat<float> g1 = w1, g2 = w2, g3 = w3, gb = big;
+  muon::Optimizer<muon::EigenBackend, float> opt(
+      {}, {}, muon::EigenBackend(muon::CpuOptions{muon::cpu::Precision::bfloat16}));
+  opt.add_muon("w1", w1, g1);
+  opt.add_muon("w2", w2, g2);
+  opt.add_muon("w3", w3, g3);
+  opt.add_muon("big", big, gb);
+  opt.step();
+  CHECK(allocations_in([&] { opt.step(); }) == 0);
+}

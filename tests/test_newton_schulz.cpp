@@ -1,6 +1,8 @@
 // Newton-Schulz: mathematical properties, the SVD oracle, overflow, edge shapes, schedules.
 #include <catch2/catch.hpp>
+#include <bit>
 #include <cmath>
+#include <cstdint>
 
 #include "test_support.hpp"
 
@@ -223,6 +225,19 @@ Mat<T> low_rank(Eigen::Index m, Eigen::Index n, Eigen::Index rank, double scale,
   return (x * scale).cast<T>();
 }
 
+/// The robust grid's inputs: wide, tall, square and very long; ranks 0, 1, a few and full; tiny
+/// and huge norms; a zero row.
+struct RobustInput {
+  Eigen::Index m, n, rank;
+  double scale;
+  bool zero_row;
+};
+constexpr RobustInput kRobustInputs[] = {{32, 128, 1, 1, false},    {128, 32, 1, 1, false},
+                                         {32, 128, 3, 1e-30, false}, {96, 24, 3, 1e30, false},
+                                         {32, 128, 32, 1, true},    {24, 24, 2, 1, false},
+                                         {16, 160, 0, 1, false},    {1, 40, 1, 1, false},
+                                         {20, 80, 20, 1, false}};
+
 }  // namespace
 
 TEMPLATE_TEST_CASE("Newton-Schulz stays finite and within the schedule's bound at any rank",
@@ -230,17 +245,6 @@ TEMPLATE_TEST_CASE("Newton-Schulz stays finite and within the schedule's bound a
   using muon::NewtonSchulzMethod;
   using T = TestType;
   constexpr bool is_float = std::is_same_v<T, float>;
-  struct Input {
-    Eigen::Index m, n, rank;
-    double scale;
-    bool zero_row;
-  };
-  // wide, tall, square and very long; ranks 0, 1, a few and full; tiny and huge norms
-  const Input inputs[] = {{32, 128, 1, 1, false},    {128, 32, 1, 1, false},
-                          {32, 128, 3, 1e-30, false}, {96, 24, 3, 1e30, false},
-                          {32, 128, 32, 1, true},    {24, 24, 2, 1, false},
-                          {16, 160, 0, 1, false},    {1, 40, 1, 1, false},
-                          {20, 80, 20, 1, false}};
   const std::pair<Schedule, std::vector<int>> schedules[] = {
       {Schedule::keller(), {1, 5, 6, 10, 20, 72, 100}},
       {Schedule::you(), {5, 10, 40}},
@@ -248,7 +252,7 @@ TEMPLATE_TEST_CASE("Newton-Schulz stays finite and within the schedule's bound a
       {Schedule::textbook(), {5, 20, 100}}};
   int worst_rows = 0;
   double worst_excess = 0, worst_gap = 0;
-  for (const Input& in : inputs) {
+  for (const RobustInput& in : kRobustInputs) {
     const Mat<T> x = low_rank<T>(in.m, in.n, in.rank, in.scale, 17 + in.rank, in.zero_row);
     for (const auto& [schedule, step_counts] : schedules) {
       for (int steps : step_counts) {
@@ -524,4 +528,161 @@ TEMPLATE_TEST_CASE("diagnostics: SVD entropy and update RMS", "[diagnostics]", f
   CHECK(r.s_max == Approx(1.0).epsilon(1e-5));
   CHECK(r.gram_defect < 1e-5);
   CHECK(r.msign_distance < 1e-5);
+}
+
+// ---- Newton-Schulz with bf16 products (CPUs with AVX512-BF16) ------------------------------
+
+namespace {
+
+namespace bf16 = muon::cpu::bf16;
+
+/// Whether the [bf16] cases can run here; they pass with a warning on a CPU without bf16.
+bool bf16_cpu() {
+  if (!muon::cpu::has_bf16()) WARN("this CPU has no AVX512-BF16: nothing to check");
+  return muon::cpu::has_bf16();
+}
+
+muon::EigenBackend backend_in(muon::cpu::Precision p) {
+  return muon::EigenBackend(muon::CpuOptions{p});
+}
+
+template <class T>
+Mat<T> ns_in(muon::cpu::Precision p, const Mat<T>& x, const Schedule& schedule, int steps) {
+  muon::EigenBackend backend = backend_in(p);
+  Mat<T> out(x.rows(), x.cols());
+  muon::NewtonSchulzOptions o;
+  o.schedule = schedule;
+  o.steps = steps;
+  muon::orthogonalize(backend, cview(x), muon::view(out), o);
+  return out;
+}
+
+std::vector<bf16::Bits> bf16_gaussian(Eigen::Index n, std::uint64_t seed) {
+  const Mat<float> g = gaussian<float>(1, n, seed);
+  std::vector<bf16::Bits> out(static_cast<std::size_t>(n));
+  for (Eigen::Index i = 0; i < n; ++i) out[static_cast<std::size_t>(i)] = bf16::from_float(g(0, i));
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("bf16 products are the instruction's arithmetic written out, bit for bit, on any "
+          "number of threads", "[bf16]") {
+  if (!bf16_cpu()) return;
+  struct Case {
+    muon::index_t m, n, k;
+    bool transposed_b, lower;
+  };
+  // edges of the 12 x 32 tile, odd k, k across the 512-wide blocks, n across the 2048-wide
+  // ones, B read as a transpose, and the lower-triangle mode of X X^T
+  const Case cases[] = {{1, 1, 1, false, false},     {37, 70, 1031, false, false},
+                        {130, 33, 5, true, false},   {13, 2100, 6, false, false},
+                        {70, 70, 515, true, true},   {97, 97, 64, true, true}};
+  for (const Case& c : cases) {
+    INFO(c.m << "x" << c.n << "x" << c.k << (c.transposed_b ? " B^T" : "") << (c.lower ? " lower" : ""));
+    const auto a = bf16_gaussian(c.m * c.k, 1), b = bf16_gaussian(c.k * c.n, 2);
+    const bf16::Operand op_a{a.data(), c.k, 1};
+    const bf16::Operand op_b = c.transposed_b ? bf16::Operand{b.data(), 1, c.k}
+                                              : bf16::Operand{b.data(), c.n, 1};
+    std::vector<float> expected(static_cast<std::size_t>(c.m * c.n));
+    bf16::reference_product(c.m, c.n, c.k, op_a, op_b, expected.data(), c.n, 1);
+    std::vector<bf16::PackBuffers> packs(static_cast<std::size_t>(muon::cpu::worker_pool().size()));
+    for (auto& p : packs) p.reserve(c.m, std::max(c.n, c.k));
+    for (bool one_thread : {false, true}) {
+      INFO((one_thread ? "one thread" : "the workers"));
+      std::vector<float> got(expected.size(), -1.0f);
+      const auto run = [&] {
+        bf16::product(c.m, c.n, c.k, op_a, op_b, got.data(), c.n, 1, c.lower, packs);
+      };
+      if (one_thread) {  // as inside a side-by-side task
+        muon::cpu::worker_pool().run(
+            1, [](void* f, std::size_t, int) { (*static_cast<decltype(run)*>(f))(); },
+            const_cast<void*>(static_cast<const void*>(&run)));
+      } else {
+        run();
+      }
+      int differ = 0;
+      for (muon::index_t i = 0; i < c.m; ++i)
+        for (muon::index_t j = 0; j < (c.lower ? i + 1 : c.n); ++j)
+          differ += std::bit_cast<std::uint32_t>(got[static_cast<std::size_t>(i * c.n + j)]) !=
+                    std::bit_cast<std::uint32_t>(expected[static_cast<std::size_t>(i * c.n + j)]);
+      CHECK(differ == 0);
+    }
+  }
+}
+
+TEST_CASE("bf16 Newton-Schulz lands as near msign as float32 and keeps the schedule's bounds",
+          "[bf16]") {
+  if (!bf16_cpu()) return;
+  using muon::cpu::Precision;
+  for (auto [m, n] : {std::pair{64, 256}, std::pair{256, 64}, std::pair{96, 96},
+                      std::pair{77, 130}, std::pair{1, 50}}) {
+    const Mat<float> x = with_spectrum<float>(m, n, log_spaced(std::min(m, n), 5e-2, 5.0), 11);
+    const Eigen::MatrixXd exact = muon::reference::msign(x.cast<double>());
+    const double root_k = std::sqrt(double(std::min(m, n)));
+    for (const Schedule& s : {Schedule::keller(), Schedule::polar_express()}) {
+      const Mat<float> o16 = ns_in(Precision::bfloat16, x, s, 5);
+      const Mat<float> o32 = ns_in(Precision::float32, x, s, 5);
+      const double d16 = (o16.cast<double>() - exact).norm() / root_k;
+      const double d32 = (o32.cast<double>() - exact).norm() / root_k;
+      const Eigen::VectorXd sv = muon::reference::singular_values(o16.cast<double>());
+      INFO(m << "x" << n << " " << s.name() << ": dist_msign bf16 " << d16 << ", float32 " << d32
+             << "; s in [" << sv.minCoeff() << ", " << sv.maxCoeff() << "]");
+      // bf16 operands (8 significant bits) move each result entry by about 2^-9 relative
+      CHECK(d16 <= d32 + 4e-3);
+      CHECK(sv.minCoeff() >= 0.6);
+      CHECK(sv.maxCoeff() <= 1.25);
+      // the same matrix again: the same bits
+      CHECK(same_bits(o16, ns_in(Precision::bfloat16, x, s, 5)));
+    }
+  }
+}
+
+TEST_CASE("bf16 Newton-Schulz stays finite and near the schedule's bound at any rank and scale",
+          "[bf16][robust]") {
+  if (!bf16_cpu()) return;
+  const std::pair<Schedule, std::vector<int>> schedules[] = {
+      {Schedule::keller(), {1, 5, 10, 72}}, {Schedule::polar_express(), {5, 12}},
+      {Schedule::textbook(), {5, 20}}};
+  double worst = 0;
+  for (const RobustInput& in : kRobustInputs) {
+    const Mat<float> x = low_rank<float>(in.m, in.n, in.rank, in.scale, 17 + in.rank, in.zero_row);
+    for (const auto& [schedule, step_counts] : schedules)
+      for (int steps : step_counts) {
+        const double bound = muon::singular_value_bound(schedule.resolve(steps),
+                                                        1.0 / schedule.norm_scale()).output;
+        const Mat<float> o = ns_in(muon::cpu::Precision::bfloat16, x, schedule, steps);
+        INFO(in.m << "x" << in.n << " rank " << in.rank << " scale " << in.scale << ", "
+                  << schedule.name() << " " << steps << " steps");
+        REQUIRE(o.allFinite());
+        if (in.rank == 0) CHECK(o.cwiseAbs().maxCoeff() == 0);
+        const double excess =
+            muon::reference::singular_values(o.cast<double>()).maxCoeff() - bound;
+        // bf16 rounding of the operands may lift a singular value past the exact bound by a
+        // few bf16 units (2^-8 = 0.004; 0.0048 seen over this grid)
+        CHECK(excess <= 0.01 * std::max(1.0, bound));
+        worst = std::max(worst, excess);
+      }
+  }
+  WARN("bf16: largest singular value past the bound by " << worst);
+}
+
+TEST_CASE("the CPU backend's Newton-Schulz precision is checked and reported", "[bf16]") {
+  using muon::cpu::Precision;
+  CHECK_THROWS_WITH(backend_in(static_cast<Precision>(7)),
+                    Catch::Contains("CpuOptions::newton_schulz = 7"));
+  if (!muon::cpu::has_bf16()) {
+    CHECK_THROWS_WITH(backend_in(Precision::bfloat16), Catch::Contains("no AVX512-BF16"));
+    CHECK(muon::EigenBackend().newton_schulz_precision() == Precision::float32);
+    return;
+  }
+  const muon::EigenBackend b16 = backend_in(Precision::bfloat16), b32 = backend_in(Precision::float32);
+  CHECK(b16.use_bf16(muon::NewtonSchulzMethod::gram));
+  CHECK_FALSE(b32.use_bf16(muon::NewtonSchulzMethod::standard));
+  CHECK_THAT(b16.engine(), Catch::Contains("bf16 products on AVX512-BF16"));
+  CHECK_THAT(b32.engine(), Catch::Contains("float Newton-Schulz: float32 products"));
+  // double matrices never run in bf16: the same bits as under float32
+  const Mat<double> x = gaussian<double>(20, 36, 4);
+  CHECK(same_bits(ns_in(Precision::bfloat16, x, Schedule::keller(), 5),
+                  ns_in(Precision::float32, x, Schedule::keller(), 5)));
 }

@@ -3,6 +3,7 @@
 // tolerances, and the golden files written by tests/reference/muon_reference.py.
 #include <Eigen/Core>
 #include <Eigen/QR>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <map>
@@ -15,6 +16,12 @@
 #include "muon/io/npy.hpp"
 
 namespace muon_test {
+
+/// The golden values and tolerances of this suite are those of float32 (and float64)
+/// Newton-Schulz, so its processes pin MUON_NS_PRECISION=float32 before the first CPU backend
+/// reads it; a value ctest already set wins (the bf16.* entries set auto). The [bf16] cases
+/// ask for bf16 by name (CpuOptions), whatever the environment says.
+inline const bool float32_newton_schulz = setenv("MUON_NS_PRECISION", "float32", 0) == 0;
 
 template <class T>
 using Mat = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;

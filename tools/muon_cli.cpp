@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <iostream>
+#include <map>
 #include <memory>
 #include <new>
 #include <random>
@@ -110,15 +111,32 @@ std::string dtype_or(const std::string& requested, const muon::npy::Array<double
   return requested.empty() ? muon::npy::to_string(a.stored) : requested;
 }
 
+/// --precision: the CPU backend's Newton-Schulz precision for float32 matrices.
+const std::map<std::string, muon::cpu::Precision> kPrecisions{
+    {"auto", muon::cpu::Precision::automatic},
+    {"float32", muon::cpu::Precision::float32},
+    {"bfloat16", muon::cpu::Precision::bfloat16}};
+
+muon::EigenBackend backend_for(const std::string& precision) {
+  return muon::EigenBackend(muon::CpuOptions{kPrecisions.at(precision)});
+}
+
+/// What a T matrix's Newton-Schulz multiplies in on `backend`: float64, float32 or bfloat16.
+template <class T>
+const char* products_in(const muon::EigenBackend& backend, const muon::NewtonSchulzOptions& o) {
+  if constexpr (std::is_same_v<T, double>) return "float64";
+  return backend.use_bf16(o.method) ? "bfloat16" : "float32";
+}
+
 // ---- orthogonalize ----------------------------------------------------------------------
 template <class T>
 void orthogonalize(const std::string& in, muon::npy::Array<double> file, const std::string& out,
-                   const muon::NewtonSchulzOptions& o) {
+                   const muon::NewtonSchulzOptions& o, const std::string& precision) {
   auto a = in_precision<T>(std::move(file));
   const auto [rows, cols] = matrix_shape(a.shape, in);
   require_finite(a.data, in);
   std::vector<T> result(a.data.size());
-  muon::EigenBackend backend;
+  muon::EigenBackend backend = backend_for(precision);
   muon::orthogonalize(backend,
                       muon::row_major_view<muon::HostSpace, const T>(a.data.data(), rows, cols),
                       muon::row_major_view(result.data(), rows, cols), o);
@@ -126,7 +144,7 @@ void orthogonalize(const std::string& in, muon::npy::Array<double> file, const s
 }
 
 struct OrthogonalizeArgs {
-  std::string in, out, schedule = "keller", dtype;
+  std::string in, out, schedule = "keller", dtype, precision = "auto";
   int steps = muon::NewtonSchulzOptions{}.steps;
   double tolerance = 0;
 };
@@ -135,9 +153,9 @@ void run_orthogonalize(const OrthogonalizeArgs& a) {
   const auto o = ns_options(a.schedule, a.steps, a.tolerance);
   auto file = muon::npy::read<double>(a.in);
   if (dtype_or(a.dtype, file) == "float32")
-    orthogonalize<float>(a.in, std::move(file), a.out, o);
+    orthogonalize<float>(a.in, std::move(file), a.out, o, a.precision);
   else
-    orthogonalize<double>(a.in, std::move(file), a.out, o);
+    orthogonalize<double>(a.in, std::move(file), a.out, o, a.precision);
 }
 
 // ---- shapes and memory --------------------------------------------------------------------
@@ -205,17 +223,20 @@ Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> random_matrix(
 // ---- accuracy ---------------------------------------------------------------------------
 template <class T>
 void accuracy_row(muon::index_t m, muon::index_t n, const std::string& dtype,
-                  const std::string& schedule, int steps, double tolerance) {
+                  const std::string& precision, const std::string& schedule, int steps,
+                  double tolerance) {
   const auto x = random_matrix<T>(m, n);
   Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> o(m, n);
-  muon::EigenBackend backend;
+  muon::EigenBackend backend = backend_for(precision);
   muon::NewtonSchulzReport report;
-  muon::orthogonalize(backend, muon::MatrixView<const T>(muon::view(x)), muon::view(o),
-                      ns_options(schedule, steps, tolerance), &report);
+  const muon::NewtonSchulzOptions options = ns_options(schedule, steps, tolerance);
+  muon::orthogonalize(backend, muon::MatrixView<const T>(muon::view(x)), muon::view(o), options,
+                      &report);
   const auto r = muon::orthogonality(muon::MatrixView<const T>(muon::view(o)),
                                      muon::MatrixView<const T>(muon::view(x)));
-  std::printf("%-11s %-8s %-14s %5d %9.4f %9.4f %9.4f %11.3e %10.3e %5d\n",
+  std::printf("%-11s %-8s %-9s %-14s %5d %9.4f %9.4f %9.4f %11.3e %10.3e %5d\n",
               (std::to_string(m) + "x" + std::to_string(n)).c_str(), dtype.c_str(),
+              products_in<T>(backend, options),
               schedule.c_str(), steps, r.s_min, r.s_max, r.max_deviation, r.msign_distance,
               report.residual, report.steps);
 }
@@ -225,6 +246,7 @@ struct AccuracyArgs {
   std::vector<std::string> schedules{"keller", "you", "polar_express", "textbook"};
   std::vector<int> steps{muon::NewtonSchulzOptions{}.steps};
   std::vector<std::string> dtypes{"float32"};
+  std::vector<std::string> precisions{"auto"};
   double tolerance = 0;
 };
 
@@ -238,17 +260,19 @@ void run_accuracy(const AccuracyArgs& a) {
               "the result (1 = orthogonal) and ||O - msign(X)||_F / sqrt(min(m,n)) by SVD in double;\n"
               "residual = ||O O^T - I||_F / sqrt(min(m,n)) as the library measures it, and the\n"
               "steps it ran (more than asked where --tolerance added textbook steps)\n");
-  std::printf("%-11s %-8s %-14s %5s %9s %9s %9s %11s %10s %5s\n", "shape", "dtype", "schedule",
-              "steps", "s_min", "s_max", "max|s-1|", "dist_msign", "residual", "ran");
+  std::printf("%-11s %-8s %-9s %-14s %5s %9s %9s %9s %11s %10s %5s\n", "shape", "dtype",
+              "products", "schedule", "steps", "s_min", "s_max", "max|s-1|", "dist_msign",
+              "residual", "ran");
   for (auto [m, n] : dims)
     for (const auto& d : a.dtypes)
-      for (const auto& s : a.schedules)
-        for (int k : a.steps) {
-          if (d == "float32")
-            accuracy_row<float>(m, n, d, s, k, a.tolerance);
-          else
-            accuracy_row<double>(m, n, d, s, k, a.tolerance);
-        }
+      for (const auto& p : d == "float32" ? a.precisions : std::vector<std::string>{"auto"})
+        for (const auto& s : a.schedules)
+          for (int k : a.steps) {
+            if (d == "float32")
+              accuracy_row<float>(m, n, d, p, s, k, a.tolerance);
+            else
+              accuracy_row<double>(m, n, d, p, s, k, a.tolerance);
+          }
 }
 
 // ---- bench ------------------------------------------------------------------------------
@@ -268,9 +292,9 @@ double median_seconds(int repeat, F&& f) {
 
 template <class T>
 void bench_row(muon::index_t m, muon::index_t n, const std::string& dtype,
-               const muon::NewtonSchulzOptions& o, int repeat) {
+               const std::string& precision, const muon::NewtonSchulzOptions& o, int repeat) {
   using Mat = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-  muon::EigenBackend backend;
+  muon::EigenBackend backend = backend_for(precision);
   const Mat x = random_matrix<T>(m, n);
   muon::NewtonSchulzWorkspace<muon::EigenBackend, T> ws;
   ws.reserve(backend, m, n);
@@ -290,10 +314,10 @@ void bench_row(muon::index_t m, muon::index_t n, const std::string& dtype,
   const double kd = double(k), nd = double(big);
   const double ns_flops = o.steps * (4 * kd * kd * nd + 2 * kd * kd * kd);
   const double gemm_flops = 2 * kd * kd * nd;
-  std::printf("%-11s %-8s %-14s %5d %10.2f %9.1f %10.1f %9.2f\n",
+  std::printf("%-11s %-8s %-9s %-14s %5d %10.2f %9.1f %10.1f %9.2f\n",
               (std::to_string(m) + "x" + std::to_string(n)).c_str(), dtype.c_str(),
-              o.schedule.name().c_str(), o.steps, ns * 1e3, ns_flops / ns * 1e-9,
-              gemm_flops / gemm * 1e-9, (ns_flops / ns) / (gemm_flops / gemm));
+              products_in<T>(backend, o), o.schedule.name().c_str(), o.steps, ns * 1e3,
+              ns_flops / ns * 1e-9, gemm_flops / gemm * 1e-9, (ns_flops / ns) / (gemm_flops / gemm));
   std::fflush(stdout);
 }
 
@@ -302,6 +326,7 @@ struct BenchArgs {
   std::string schedule = "keller";
   int steps = muon::NewtonSchulzOptions{}.steps;
   std::string dtype = "float32";
+  std::string precision = "auto";
   int repeat = 5;
 };
 
@@ -312,15 +337,16 @@ void run_bench(const BenchArgs& a) {
   require_memory(dims, 8, a.dtype == "float32" ? 4 : 8);
   std::printf("%s\nNewton-Schulz speed: median of %d runs after a warm-up.\n"
               "GFLOP/s counts the nominal 4k^2N + 2k^3 flops per step (k = min, N = max side);\n"
-              "gemm_ratio = NS GFLOP/s / GFLOP/s of a k x N by N x k GEMM measured in this run.\n",
-              muon::EigenBackend::products().c_str(), a.repeat);
-  std::printf("%-11s %-8s %-14s %5s %10s %9s %10s %9s\n", "shape", "dtype", "schedule", "steps",
-              "ms", "GFLOP/s", "gemm_GF/s", "gemm_ratio");
+              "gemm_ratio = NS GFLOP/s / GFLOP/s of a k x N by N x k GEMM (in the dtype, on the\n"
+              "BLAS) measured in this run; products: what Newton-Schulz multiplies in.\n",
+              backend_for(a.precision).engine().c_str(), a.repeat);
+  std::printf("%-11s %-8s %-9s %-14s %5s %10s %9s %10s %9s\n", "shape", "dtype", "products",
+              "schedule", "steps", "ms", "GFLOP/s", "gemm_GF/s", "gemm_ratio");
   for (auto [m, n] : dims) {
     if (a.dtype == "float32")
-      bench_row<float>(m, n, a.dtype, o, a.repeat);
+      bench_row<float>(m, n, a.dtype, a.precision, o, a.repeat);
     else
-      bench_row<double>(m, n, a.dtype, o, a.repeat);
+      bench_row<double>(m, n, a.dtype, a.precision, o, a.repeat);
   }
 }
 
@@ -386,7 +412,7 @@ int main(int argc, char** argv) {
                "the rest) matrix.",
                "muon-cli"};
   app.set_version_flag("--version", std::string("muon-cli ") + MUON_VERSION_STRING +
-                                        " (" + muon::EigenBackend::products() + ")");
+                                        " (" + muon::EigenBackend().engine() + ")");
   app.option_defaults()->always_capture_default();  // --help shows every default
   const auto dtype_check = CLI::IsMember(kDtypes);
 
@@ -398,6 +424,11 @@ int main(int argc, char** argv) {
   orth->add_option("--dtype", orth_args.dtype,
                    "working and output precision (default: the input's)")
       ->check(dtype_check);
+  const auto precision_check = CLI::IsMember({"auto", "float32", "bfloat16"});
+  const char* precision_help =
+      "Newton-Schulz products for float32: auto (bfloat16 where the CPU multiplies bf16 in "
+      "hardware), float32 or bfloat16";
+  orth->add_option("--precision", orth_args.precision, precision_help)->check(precision_check);
   orth->add_option("--tolerance", orth_args.tolerance,
                    "add textbook steps until ||O O^T - I||_F / sqrt(k) <= X (0: off)")
       ->check(kNumber);
@@ -409,6 +440,8 @@ int main(int argc, char** argv) {
   accuracy->add_option("--schedule", acc.schedules, "repeatable");
   accuracy->add_option("--steps", acc.steps, "repeatable")->check(kNumber);
   accuracy->add_option("--dtype", acc.dtypes, "repeatable")->check(dtype_check);
+  accuracy->add_option("--precision", acc.precisions, "repeatable; as for orthogonalize")
+      ->check(precision_check);
   accuracy->add_option("--tolerance", acc.tolerance, "as for orthogonalize")->check(kNumber);
 
   BenchArgs bench;
@@ -417,6 +450,7 @@ int main(int argc, char** argv) {
   bench_cmd->add_option("--shape", bench.shapes, "MxN, repeatable");
   add_schedule_options(*bench_cmd, bench.schedule, bench.steps);
   bench_cmd->add_option("--dtype", bench.dtype)->check(dtype_check);
+  bench_cmd->add_option("--precision", bench.precision, precision_help)->check(precision_check);
   bench_cmd->add_option("--repeat", bench.repeat, "timed runs per shape (median)")
       ->check(kNumber)
       ->check(CLI::Range(1, 1000));

@@ -280,6 +280,13 @@ inline bool uses_gram(NewtonSchulzMethod method, index_t rows, index_t cols,
 /// never accuracy.
 inline constexpr double kGramGuard = 2.0;
 
+namespace detail {
+template <class B, class T>
+struct ScratchOf {
+  using type = typename B::template NewtonSchulzScratch<T>;
+};
+}  // namespace detail
+
 /// Reusable workspace for orthogonalizing matrices up to a reserved size. All allocation
 /// happens in reserve(); input() and run() never allocate.
 template <class B, class T>
@@ -297,6 +304,7 @@ class NewtonSchulzWorkspace {
     grow(backend, y_, k * n);
     grow(backend, a_, k * k);
     grow(backend, b_, k * k);
+    if constexpr (has_scratch) backend.template reserve_newton_schulz<T>(scratch_, rows, cols);
     if (may_use_gram(method, rows, cols)) {
       grow(backend, z_, k * n);
       grow(backend, w_, k * k);
@@ -372,18 +380,17 @@ class NewtonSchulzWorkspace {
     if (rows == 0 || cols == 0) return short_side(backend, x_, rows, cols);
     const index_t k = std::min(rows, cols);
     const auto side = [&](auto& buf) { return short_side(backend, buf, rows, cols); };
+    const auto square = [&](auto& buf) { return backend.view(buf, k, k); };
     View out;
-    // A backend may carry out the whole iteration itself (the CUDA backend in bf16 or fp16);
-    // it returns an empty optional when it leaves the matrix to the generic code below.
-    if constexpr (requires {
-                    backend.try_newton_schulz(side(x_), side(y_), schedule,
-                                              norm_scale, eps, method);
-                  }) {
-      if (auto done = backend.try_newton_schulz(side(x_), side(y_), schedule,
-                                                norm_scale, eps, method))
+    // A backend may run the whole iteration in another precision, with scratch of its own that
+    // the workspace keeps (EigenBackend in bf16); nothing when it leaves the matrix to the code
+    // below.
+    if constexpr (has_scratch) {
+      if (auto done = backend.template try_newton_schulz<T>(scratch_, side(x_), side(y_),
+                                                            square(a_), square(b_), schedule,
+                                                            norm_scale, eps, method))
         return *done;
     }
-    const auto square = [&](auto& buf) { return backend.view(buf, k, k); };
     // the precision of the products (a backend may multiply in less than T: TF32 on a GPU)
     double u = unit_roundoff<T>;
     if constexpr (requires { backend.template product_unit_roundoff<T>(); })
@@ -427,7 +434,13 @@ class NewtonSchulzWorkspace {
     }
   }
 
+  static constexpr bool has_scratch = requires { typename B::template NewtonSchulzScratch<T>; };
+  struct NoScratch {};
+  using Scratch = typename std::conditional_t<has_scratch, detail::ScratchOf<B, T>,
+                                              std::type_identity<NoScratch>>::type;
+
   typename B::template Buffer<T> x_, y_, z_, a_, b_, w_, q_, p_;
+  Scratch scratch_;
 };
 
 /// One-off orthogonalization of `in` into `out` (same shape), with every option of `options`;

@@ -14,7 +14,10 @@
 //   MUON_BLAS_DISPATCH=keep   leave the BLAS's own choice (the warning still tells); `auto`
 //                             (the default) redoes it;
 //   MUON_PRODUCTS=eigen       run the products on Eigen's kernels instead of the BLAS (`blas`,
-//                             the default, where the build has one).
+//                             the default, where the build has one);
+//   MUON_NS_PRECISION=<p>     what CpuOptions' automatic Newton-Schulz precision means:
+//                             `auto` (the default: bfloat16 where the CPU multiplies bf16 in
+//                             hardware, float32 elsewhere), `float32` or `bfloat16`.
 // Any other value is refused (std::invalid_argument naming the variable) when the first CPU
 // backend is made.
 #include <algorithm>
@@ -22,6 +25,7 @@
 #include <cctype>
 #include <cstdio>
 #include <cstdlib>
+#include <initializer_list>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -86,6 +90,33 @@ inline Isa cpu_isa() {
 #endif
 }
 
+/// Whether the CPU multiplies bfloat16 in hardware: AVX512-BF16 (VDPBF16PS), with AVX-512
+/// enabled by the OS. AMD Zen 4 and later, Intel Cooper Lake, Sapphire Rapids and later.
+inline bool has_bf16() {
+#if MUON_X86
+  if (cpu_isa() != Isa::avx512) return false;
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (!__get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx)) return false;
+  return ((eax >> 5) & 1u) != 0;  // CPUID.(EAX=7,ECX=1):EAX[5]
+#else
+  return false;
+#endif
+}
+
+/// The storage precision of the CPU backend's Newton-Schulz products for float matrices
+/// (double matrices always run in double). `automatic`: bfloat16 where the CPU multiplies bf16
+/// in hardware (has_bf16), float32 elsewhere, unless MUON_NS_PRECISION says otherwise.
+enum class Precision { automatic, float32, bfloat16 };
+
+inline const char* name(Precision p) {
+  switch (p) {
+    case Precision::automatic: return "auto";
+    case Precision::float32: return "float32";
+    case Precision::bfloat16: return "bfloat16";
+  }
+  return "?";
+}
+
 /// The level an OpenBLAS kernel family needs (`openblas_get_corename()`'s names, any case);
 /// `none` for a name this table does not know.
 inline Isa openblas_kernel_isa(std::string_view core) {
@@ -145,6 +176,11 @@ struct Report {
   std::string kept_because;      // why a below-ISA kernel was left as it is
   Products products = Products::blas;
   Isa products_isa = Isa::none;  // the level the products run at (none: unknown)
+  bool bf16 = false;             // the CPU multiplies bf16 in hardware (has_bf16)
+  // what Precision::automatic resolves to: float32 (no bf16 hardware, or MUON_NS_PRECISION=
+  // float32), bfloat16 (MUON_NS_PRECISION=bfloat16), or automatic (bf16 unless the Gram form
+  // is asked for by name)
+  Precision automatic = Precision::float32;
   /// True when the products run on kernels known to be below what the CPU can run.
   bool below_cpu() const {
     return cpu != Isa::none && products_isa != Isa::none && products_isa < cpu;
@@ -163,6 +199,15 @@ struct Report {
     if (below_cpu()) s += ", BELOW the CPU";
     return s;
   }
+  /// The same with the Newton-Schulz engine of float matrices under `precision` (resolved):
+  /// "... | float Newton-Schulz: bf16 products on AVX512-BF16 ...".
+  std::string summary(Precision precision) const {
+    const char* engine =
+        precision == Precision::float32    ? "float32 products"
+        : precision == Precision::bfloat16 ? "bf16 products on AVX512-BF16 (muon's kernels)"
+                                           : "bf16 products on AVX512-BF16 (muon's kernels)";
+    return summary() + " | float Newton-Schulz: " + engine;
+  }
   /// The one-time warning configure() prints; empty when the products run at the CPU's level.
   std::string warning() const {
     if (!below_cpu()) return {};
@@ -179,14 +224,17 @@ inline const char* env(const char* key) {
   return v && *v ? v : nullptr;
 }
 
-/// The value of an environment variable that takes one of two words; `first` when unset.
-inline std::string_view env_choice(const char* key, std::string_view first,
-                                   std::string_view second) {
+/// The value of an environment variable that takes one of a few words; the first when unset.
+/// Any other value is refused, naming the variable and the words.
+inline std::string_view env_choice(const char* key,
+                                   std::initializer_list<std::string_view> words) {
   const char* v = env(key);
-  if (!v || v == first) return first;
-  if (v == second) return second;
-  throw std::invalid_argument(std::string(key) + "=" + v + ": expected " + std::string(first) +
-                              " or " + std::string(second));
+  if (!v) return *words.begin();
+  for (std::string_view w : words)
+    if (v == w) return w;
+  std::string expected;
+  for (std::string_view w : words) expected += (expected.empty() ? "" : ", ") + std::string(w);
+  throw std::invalid_argument(std::string(key) + "=" + v + ": expected one of " + expected);
 }
 
 #if MUON_HAVE_DLSYM
@@ -259,7 +307,7 @@ inline Report inspect_and_redispatch() {
   const char* target = openblas_kernel_for(r.cpu);
   if (env("OPENBLAS_CORETYPE")) {
     r.kept_because = "OPENBLAS_CORETYPE is set";
-  } else if (env_choice("MUON_BLAS_DISPATCH", "auto", "keep") == "keep") {
+  } else if (env_choice("MUON_BLAS_DISPATCH", {"auto", "keep"}) == "keep") {
     r.kept_because = "MUON_BLAS_DISPATCH=keep";
   } else if (r.blas.find("DYNAMIC_ARCH") == std::string::npos) {
     r.kept_because = "the BLAS is built for one CPU model (no DYNAMIC_ARCH)";
@@ -289,9 +337,18 @@ inline void set_engine(Report& r, Products p) {
 inline const Report& configure() {
   static std::once_flag once;
   std::call_once(once, [] {
-    const bool eigen = detail::env_choice("MUON_PRODUCTS", "blas", "eigen") == "eigen";
-    (void)detail::env_choice("MUON_BLAS_DISPATCH", "auto", "keep");
+    const bool eigen = detail::env_choice("MUON_PRODUCTS", {"blas", "eigen"}) == "eigen";
+    (void)detail::env_choice("MUON_BLAS_DISPATCH", {"auto", "keep"});
+    const std::string_view ns = detail::env_choice("MUON_NS_PRECISION", {"auto", "float32", "bfloat16"});
     Report r = detail::inspect_and_redispatch();
+    r.bf16 = has_bf16();
+    if (ns == "bfloat16" && !r.bf16)
+      throw std::invalid_argument(
+          "MUON_NS_PRECISION=bfloat16: this CPU does not multiply bf16 in hardware "
+          "(no AVX512-BF16); use auto or float32");
+    r.automatic = ns == "float32" || !r.bf16 ? Precision::float32
+                  : ns == "bfloat16"        ? Precision::bfloat16
+                                            : Precision::automatic;
     if (eigen) detail::products_setting() = static_cast<int>(Products::eigen);
     detail::set_engine(r, static_cast<Products>(detail::products_setting().load()));
     if (r.below_cpu()) std::fprintf(stderr, "%s\n", r.warning().c_str());

@@ -1,0 +1,319 @@
+#pragma once
+// bfloat16 matrix products for the CPU backend's Newton–Schulz: bf16 operands, float32
+// accumulation and float32 results, on the VDPBF16PS instruction of AVX512-BF16 (AMD Zen 4 and
+// later, Intel Cooper Lake and Sapphire Rapids and later). One instruction multiplies 16 pairs
+// of bf16 and adds each pair's two products to a float32 lane, twice the multiplies of a float
+// FMA; the products here run at 1.6-1.8x OpenBLAS's sgemm on one core of an AMD EPYC (Zen 4),
+// the register tile alone at about 2x. Written here rather than taken from oneDNN (Debian's
+// libdnnl 2.6 multiplies bf16 about 1.25x faster still) because oneDNN allocates on every
+// execution (6 allocations per matmul, measured) and step() must not; see docs/precision.md.
+//
+// The layout is the classic one of GotoBLAS/BLIS (Goto and van de Geijn, "Anatomy of
+// high-performance matrix multiplication", 2008): B is packed in KC x NC blocks as pairs of
+// consecutive k (what the instruction reads), A in MC x KC blocks, and a 12 x 32 register tile
+// accumulates in float32. Every element of C is reduced in one fixed order (KC blocks in turn,
+// pairs in turn) by exactly one thread, however the work is split, so a product's bits depend
+// on its operands only: the same alone, side by side with others, or on any thread count.
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "muon/backend/cpu_dispatch.hpp"
+#include "muon/backend/worker_pool.hpp"
+#include "muon/core/matrix_view.hpp"
+
+#if MUON_X86
+#include <immintrin.h>
+#endif
+
+// The register tile's loops over its 12 rows must be unrolled for the accumulators to stay in
+// registers (measured: 1.8x slower when not). nvcc's front end does not know the pragma; no
+// CUDA translation unit runs these products where speed matters.
+#if defined(__CUDACC__)
+#define MUON_UNROLL_TILE
+#else
+#define MUON_UNROLL_TILE _Pragma("GCC unroll 12")
+#endif
+
+namespace muon::cpu::bf16 {
+
+/// A bfloat16 value, as its bits.
+using Bits = std::uint16_t;
+
+/// float -> bf16, rounding to nearest even (as VCVTNEPS2BF16); NaN stays a (quiet) NaN.
+inline Bits from_float(float f) {
+  const auto u = std::bit_cast<std::uint32_t>(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<Bits>((u >> 16) | 0x40u);
+  return static_cast<Bits>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+inline float to_float(Bits b) { return std::bit_cast<float>(static_cast<std::uint32_t>(b) << 16); }
+
+/// A bf16 operand: element (i, l) at data[i * rs + l * cs].
+struct Operand {
+  const Bits* data = nullptr;
+  index_t rs = 0, cs = 0;
+  Bits operator()(index_t i, index_t l) const { return data[i * rs + l * cs]; }
+};
+
+inline constexpr index_t kMR = 12;   // rows of the register tile
+inline constexpr index_t kNR = 32;   // columns: two 16-lane registers
+inline constexpr index_t kKC = 512;  // k per packed block (measured best of 256-1024)
+inline constexpr index_t kMC = 96;   // rows per packed A block (96 KB, in L2)
+inline constexpr index_t kNC = 2048; // columns per packed B block
+
+/// Packing space for one thread, for products whose dimensions are at most k rows (m) and n
+/// inner and columns (k, n of a Newton-Schulz short side).
+struct PackBuffers {
+  std::vector<std::uint32_t> a, b;  // pairs of bf16
+  static std::size_t a_size(index_t k, index_t n) {
+    return static_cast<std::size_t>(std::min(kMC, round_up(k, kMR)) * std::min(kKC, round_up(n, 2)) / 2);
+  }
+  static std::size_t b_size(index_t n) {
+    return static_cast<std::size_t>(std::min(kNC, round_up(n, kNR)) * std::min(kKC, round_up(n, 2)) / 2);
+  }
+  void reserve(index_t k, index_t n) {
+    if (a.size() < a_size(k, n)) a.assign(a_size(k, n), 0);
+    if (b.size() < b_size(n)) b.assign(b_size(n), 0);
+  }
+  [[nodiscard]] bool fits(index_t k, index_t n) const {
+    return a.size() >= a_size(k, n) && b.size() >= b_size(n);
+  }
+
+ private:
+  static index_t round_up(index_t v, index_t to) { return (v + to - 1) / to * to; }
+};
+
+namespace detail {
+
+/// Two bf16 as the 32-bit word the instruction reads: `lo` at the lower address.
+inline std::uint32_t pair(Bits lo, Bits hi) { return lo | (std::uint32_t{hi} << 16); }
+inline std::uint32_t load_pair(const Bits* p) {
+  std::uint32_t v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+/// Packs rows [i0, i0 + mc) and k [l0, l0 + kc) of A as micro-panels of kMR rows, each
+/// [pair][row] (a pair of consecutive k per 32-bit word); rows and the odd k beyond the matrix
+/// are zero.
+inline void pack_a(Operand a, index_t i0, index_t mc, index_t l0, index_t kc,
+                   std::uint32_t* out) {
+  const index_t pairs = (kc + 1) / 2, full = kc / 2;
+  for (index_t ir = 0; ir < mc; ir += kMR) {
+    std::uint32_t* panel = out + ir * pairs;
+    for (index_t r = 0; r < kMR; ++r) {
+      if (ir + r >= mc) {
+        for (index_t p = 0; p < pairs; ++p) panel[p * kMR + r] = 0;
+        continue;
+      }
+      const index_t i = i0 + ir + r;
+      if (a.cs == 1) {  // pairs lie next to each other
+        const Bits* row = a.data + i * a.rs + l0;
+        for (index_t p = 0; p < full; ++p) panel[p * kMR + r] = load_pair(row + 2 * p);
+      } else {
+        for (index_t p = 0; p < full; ++p)
+          panel[p * kMR + r] = pair(a(i, l0 + 2 * p), a(i, l0 + 2 * p + 1));
+      }
+      if (full < pairs) panel[full * kMR + r] = pair(a(i, l0 + 2 * full), 0);
+    }
+  }
+}
+
+/// Packs k [l0, l0 + kc) and columns [j0, j0 + nc) of B as micro-panels of kNR columns, each
+/// [pair][column]; columns and the odd k beyond the matrix are zero.
+inline void pack_b(Operand b, index_t l0, index_t kc, index_t j0, index_t nc,
+                   std::uint32_t* out) {
+  const index_t pairs = (kc + 1) / 2, full = kc / 2;
+  for (index_t jr = 0; jr < nc; jr += kNR) {
+    std::uint32_t* panel = out + jr * pairs;
+    const index_t width = std::min(kNR, nc - jr);
+    if (b.rs == 1) {  // B^T stored row-major: a column's pairs lie next to each other
+      for (index_t j = 0; j < width; ++j) {
+        const Bits* col = b.data + (j0 + jr + j) * b.cs + l0;
+        for (index_t p = 0; p < full; ++p) panel[p * kNR + j] = load_pair(col + 2 * p);
+      }
+    } else if (b.cs == 1) {  // row-major: interleave rows l and l + 1
+      for (index_t p = 0; p < full; ++p) {
+        const Bits* r0 = b.data + (l0 + 2 * p) * b.rs + j0 + jr;
+        const Bits* r1 = r0 + b.rs;
+        std::uint32_t* dst = panel + p * kNR;
+        for (index_t j = 0; j < width; ++j) dst[j] = pair(r0[j], r1[j]);
+      }
+    } else {
+      for (index_t p = 0; p < full; ++p)
+        for (index_t j = 0; j < width; ++j)
+          panel[p * kNR + j] = pair(b(l0 + 2 * p, j0 + jr + j), b(l0 + 2 * p + 1, j0 + jr + j));
+    }
+    if (full < pairs)
+      for (index_t j = 0; j < width; ++j) panel[full * kNR + j] = pair(b(l0 + 2 * full, j0 + jr + j), 0);
+    for (index_t p = 0; p < pairs; ++p)
+      for (index_t j = width; j < kNR; ++j) panel[p * kNR + j] = 0;
+  }
+}
+
+/// The float32 tile C[mr x nr] (element (r, j) at c[r * rs + j * cs]) = (accumulate ? C : 0) +
+/// sum over `pairs` of the packed A and B micro-panels.
+#if MUON_X86
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline void tile(
+    index_t pairs, const std::uint32_t* a, const std::uint32_t* b, float* c, index_t rs,
+    index_t cs, index_t mr, index_t nr, bool accumulate) {
+  __m512 acc[kMR][2];
+  const bool dense = cs == 1 && mr == kMR && nr == kNR;
+  alignas(64) float spill[kMR][kNR];
+  if (accumulate && !dense) {
+    for (index_t r = 0; r < kMR; ++r)
+      for (index_t j = 0; j < kNR; ++j)
+        spill[r][j] = r < mr && j < nr ? c[r * rs + j * cs] : 0.0f;
+  }
+MUON_UNROLL_TILE
+  for (index_t r = 0; r < kMR; ++r) {
+    if (!accumulate) {
+      acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    } else if (dense) {
+      acc[r][0] = _mm512_loadu_ps(c + r * rs);
+      acc[r][1] = _mm512_loadu_ps(c + r * rs + 16);
+    } else {
+      acc[r][0] = _mm512_load_ps(&spill[r][0]);
+      acc[r][1] = _mm512_load_ps(&spill[r][16]);
+    }
+  }
+  for (index_t p = 0; p < pairs; ++p) {
+    const __m512bh b0 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(b + p * kNR));
+    const __m512bh b1 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(b + p * kNR + 16));
+    const std::uint32_t* ap = a + p * kMR;
+MUON_UNROLL_TILE
+    for (index_t r = 0; r < kMR; ++r) {
+      const __m512bh av =
+          reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(ap[r])));
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], av, b0);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], av, b1);
+    }
+  }
+  if (dense) {
+MUON_UNROLL_TILE
+    for (index_t r = 0; r < kMR; ++r) {
+      _mm512_storeu_ps(c + r * rs, acc[r][0]);
+      _mm512_storeu_ps(c + r * rs + 16, acc[r][1]);
+    }
+    return;
+  }
+MUON_UNROLL_TILE
+  for (index_t r = 0; r < kMR; ++r) {
+    _mm512_store_ps(&spill[r][0], acc[r][0]);
+    _mm512_store_ps(&spill[r][16], acc[r][1]);
+  }
+  for (index_t r = 0; r < mr; ++r)
+    for (index_t j = 0; j < nr; ++j) c[r * rs + j * cs] = spill[r][j];
+}
+#else  // never called: cpu::has_bf16() is false off x86
+inline void tile(index_t, const std::uint32_t*, const std::uint32_t*, float*, index_t, index_t,
+                 index_t, index_t, bool) {}
+#endif
+
+/// Columns [j0, j1) of C (m x n, element (i, j) at c[i * rs + j * cs]) = A B, A m x k, B k x n;
+/// with `lower`, only the tiles that reach the lower triangle (the others are not written).
+inline void product_columns(index_t m, index_t k, Operand a, Operand b, float* c, index_t rs,
+                            index_t cs, bool lower, index_t j0, index_t j1, PackBuffers& pack) {
+  for (index_t jc = j0; jc < j1; jc += kNC) {
+    const index_t nc = std::min(kNC, j1 - jc);
+    for (index_t pc = 0; pc < k; pc += kKC) {
+      const index_t kc = std::min(kKC, k - pc), pairs = (kc + 1) / 2;
+      pack_b(b, pc, kc, jc, nc, pack.b.data());
+      for (index_t ic = 0; ic < m; ic += kMC) {
+        const index_t mc = std::min(kMC, m - ic);
+        if (lower && ic + mc <= jc) continue;  // the block lies above the diagonal
+        pack_a(a, ic, mc, pc, kc, pack.a.data());
+        for (index_t jr = 0; jr < nc; jr += kNR)
+          for (index_t ir = 0; ir < mc; ir += kMR) {
+            if (lower && jc + jr >= ic + ir + kMR) continue;
+            tile(pairs, pack.a.data() + ir * pairs, pack.b.data() + jr * pairs,
+                 c + (ic + ir) * rs + (jc + jr) * cs, rs, cs, std::min(kMR, mc - ir),
+                 std::min(kNR, nc - jr), pc > 0);
+          }
+      }
+    }
+  }
+}
+
+}  // namespace detail
+
+/// C (m x n float32, element (i, j) at c[i * rs + j * cs]) = A B for bf16 A (m x k) and B
+/// (k x n), accumulated in float32 (each pair's products added in turn, as VDPBF16PS does:
+/// rounding to nearest even, subnormals flushed to zero). With `lower` (C square), only the
+/// lower triangle is guaranteed (tiles wholly above the diagonal are skipped: about half the
+/// work). On the process's workers, split by columns, unless this thread is one of them
+/// (side-by-side tasks); `packs` holds one PackBuffers per worker. Needs cpu::has_bf16().
+inline void product(index_t m, index_t n, index_t k, Operand a, Operand b, float* c, index_t rs,
+                    index_t cs, bool lower, std::vector<PackBuffers>& packs) {
+  if (m == 0 || n == 0) return;
+  if (k == 0) {
+    for (index_t i = 0; i < m; ++i)
+      for (index_t j = 0; j < n; ++j) c[i * rs + j * cs] = 0.0f;
+    return;
+  }
+  const int workers = ::muon::cpu::detail::single_threaded_products
+                          ? 1
+                          : std::min<int>(static_cast<int>(packs.size()), worker_pool().size());
+  // Split points on tile columns, balancing the work (a column j of a lower triangle has
+  // m - j rows to compute).
+  index_t bounds[65] = {0};
+  const int parts = std::clamp(workers, 1, 64);
+  {
+    const auto work = [&](index_t j) { return lower ? std::max<index_t>(0, m - j) : m; };
+    double total = 0;
+    for (index_t j = 0; j < n; j += kNR) total += static_cast<double>(work(j));
+    double seen = 0;
+    int part = 1;
+    for (index_t j = 0; j < n && part < parts; j += kNR) {
+      seen += static_cast<double>(work(j));
+      if (seen >= total * part / parts) bounds[part++] = std::min(n, j + kNR);
+    }
+    for (; part <= parts; ++part) bounds[part] = n;
+  }
+  if (parts == 1) {
+    detail::product_columns(m, k, a, b, c, rs, cs, lower, 0, n, packs[0]);
+    return;
+  }
+  struct Job {
+    index_t m, k;
+    Operand a, b;
+    float* c;
+    index_t rs, cs;
+    bool lower;
+    const index_t* bounds;
+    std::vector<PackBuffers>* packs;
+  } job{m, k, a, b, c, rs, cs, lower, bounds, &packs};
+  worker_pool().run(
+      static_cast<std::size_t>(parts),
+      [](void* ctx, std::size_t i, int worker) {
+        auto& j = *static_cast<Job*>(ctx);
+        if (j.bounds[i] < j.bounds[i + 1])
+          detail::product_columns(j.m, j.k, j.a, j.b, j.c, j.rs, j.cs, j.lower, j.bounds[i],
+                                  j.bounds[i + 1], (*j.packs)[static_cast<std::size_t>(worker)]);
+      },
+      &job);
+}
+
+/// The same arithmetic in portable C++, element by element: for each pair of consecutive k in
+/// turn (the odd k beyond the matrix counts as 0), add the odd product, then the even one,
+/// each rounded to float32 with subnormals flushed to zero (VDPBF16PS as Intel's manual
+/// specifies it). Tests compare product() with it bit for bit.
+inline void reference_product(index_t m, index_t n, index_t k, Operand a, Operand b, float* c,
+                              index_t rs, index_t cs) {
+  const auto flush = [](float v) { return std::fpclassify(v) == FP_SUBNORMAL ? 0.0f * v : v; };
+  const auto value = [&](Bits v) { return flush(to_float(v)); };
+  for (index_t i = 0; i < m; ++i)
+    for (index_t j = 0; j < n; ++j) {
+      float acc = 0;
+      for (index_t p = 0; p < k; p += 2) {
+        const float odd = p + 1 < k ? value(a(i, p + 1)) * value(b(p + 1, j)) : 0.0f;
+        acc = flush(flush(acc + flush(odd)) + flush(value(a(i, p)) * value(b(p, j))));
+      }
+      c[i * rs + j * cs] = acc;
+    }
+}
+
+}  // namespace muon::cpu::bf16
