@@ -76,8 +76,9 @@ class EigenBackend {
   /// Whether a float matrix runs in bf16 under Newton-Schulz `method`: always under CpuOptions
   /// bfloat16; under automatic on a bf16 CPU unless `method` asks for the Gram form by name
   /// (bf16 has none: it would restart at every step); never under float32. Measured on an
-  /// AVX512-BF16 CPU, the bf16 plain loop beat float32 at squares (1.7-2x) and matched or beat
-  /// the float32 Gram form at aspect 4, at the same distance to msign (docs/precision.md).
+  /// AVX512-BF16 CPU, the bf16 plain loop beat float32 at squares (1.4-1.8x) and was level
+  /// with the float32 Gram form at aspect 4, the distance to msign moving in its third or
+  /// fourth digit (docs/precision.md).
   [[nodiscard]] bool use_bf16(NewtonSchulzMethod method) const {
     if (precision_ == cpu::Precision::float32) return false;
     return precision_ == cpu::Precision::bfloat16 || method != NewtonSchulzMethod::gram;
