@@ -181,13 +181,12 @@ MUON_UNROLL_TILE
     }
   }
   for (index_t p = 0; p < pairs; ++p) {
-    const __m512bh b0 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(b + p * kNR));
-    const __m512bh b1 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(b + p * kNR + 16));
+    const auto b0 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(b + p * kNR));
+    const auto b1 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(b + p * kNR + 16));
     const std::uint32_t* ap = a + p * kMR;
 MUON_UNROLL_TILE
     for (index_t r = 0; r < kMR; ++r) {
-      const __m512bh av =
-          reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(ap[r])));
+      const auto av = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(ap[r])));
       acc[r][0] = _mm512_dpbf16_ps(acc[r][0], av, b0);
       acc[r][1] = _mm512_dpbf16_ps(acc[r][1], av, b1);
     }

@@ -199,14 +199,12 @@ struct Report {
     if (below_cpu()) s += ", BELOW the CPU";
     return s;
   }
-  /// The same with the Newton-Schulz engine of float matrices under `precision` (resolved):
-  /// "... | float Newton-Schulz: bf16 products on AVX512-BF16 ...".
+  /// The same with the Newton-Schulz engine of float matrices under `precision` (resolved:
+  /// automatic there means bf16): "... | float Newton-Schulz: bf16 products on AVX512-BF16 ...".
   std::string summary(Precision precision) const {
-    const char* engine =
-        precision == Precision::float32    ? "float32 products"
-        : precision == Precision::bfloat16 ? "bf16 products on AVX512-BF16 (muon's kernels)"
-                                           : "bf16 products on AVX512-BF16 (muon's kernels)";
-    return summary() + " | float Newton-Schulz: " + engine;
+    return summary() + " | float Newton-Schulz: " +
+           (precision == Precision::float32 ? "float32 products"
+                                            : "bf16 products on AVX512-BF16 (muon's kernels)");
   }
   /// The one-time warning configure() prints; empty when the products run at the CPU's level.
   std::string warning() const {
