@@ -574,10 +574,14 @@ TEST_CASE("bf16 products are the instruction's arithmetic written out, bit for b
     bool transposed_b, lower;
   };
   // edges of the 12 x 32 tile, odd k, k across the 512-wide blocks, n across the 2048-wide
-  // ones, B read as a transpose, and the lower-triangle mode of X X^T
+  // ones, B read as a transpose, the lower-triangle mode of X X^T, A read in place (even k)
+  // and packed (odd k; rows 4 KB apart), and products large enough to be split over the
+  // workers (from 4e6 multiply-adds)
   const Case cases[] = {{1, 1, 1, false, false},     {37, 70, 1031, false, false},
                         {130, 33, 5, true, false},   {13, 2100, 6, false, false},
-                        {70, 70, 515, true, true},   {97, 97, 64, true, true}};
+                        {70, 70, 515, true, true},   {97, 97, 64, true, true},
+                        {24, 40, 2048, false, false}, {200, 150, 300, false, false},
+                        {301, 301, 100, true, true}};
   for (const Case& c : cases) {
     INFO(c.m << "x" << c.n << "x" << c.k << (c.transposed_b ? " B^T" : "") << (c.lower ? " lower" : ""));
     const auto a = bf16_gaussian(c.m * c.k, 1), b = bf16_gaussian(c.k * c.n, 2);

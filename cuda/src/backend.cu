@@ -5,6 +5,9 @@
 
 namespace muon::cuda {
 
+// NewtonSchulzWorkspace hands float matrices to the bf16 / fp16 iteration only through this hook.
+static_assert(muon::detail::RunsOwnNewtonSchulz<CudaBackend, float>);
+
 void CudaBackend::newton_schulz_batched(MatrixView<const float, DeviceSpace> in, index_t in_stride,
                              MatrixView<float, DeviceSpace> out, index_t out_stride,
                              index_t batch, std::span<const Coefficients> schedule,
@@ -62,6 +65,7 @@ void CudaBackend::newton_schulz_batched(MatrixView<const float, DeviceSpace> in,
   template void CudaBackend::adamw<T>(MatrixView<T, DeviceSpace>, MatrixView<const T, DeviceSpace>, MatrixView<T, DeviceSpace>, MatrixView<T, DeviceSpace>, const AdamWStep&) const; \
   template bool CudaBackend::all_finite<T>(MatrixView<const T, DeviceSpace>) const; \
   template std::optional<MatrixView<T, DeviceSpace>> CudaBackend::try_newton_schulz<T>( \
+      NewtonSchulzScratch<T>&, MatrixView<T, DeviceSpace>, MatrixView<T, DeviceSpace>, \
       MatrixView<T, DeviceSpace>, MatrixView<T, DeviceSpace>, std::span<const Coefficients>, \
       double, double, NewtonSchulzMethod) const;
 

@@ -281,6 +281,17 @@ inline bool uses_gram(NewtonSchulzMethod method, index_t rows, index_t cols,
 inline constexpr double kGramGuard = 2.0;
 
 namespace detail {
+/// A backend that can run the whole iteration itself, in a precision of its own (EigenBackend
+/// in bf16, CudaBackend in bf16 or fp16), names the scratch a workspace keeps for it,
+/// NewtonSchulzScratch<T>, and has
+///   bool reserve_newton_schulz<T>(scratch, rows, cols, method): sizes the scratch; says
+///       whether it will take such matrices (the workspace then skips the Gram buffers),
+///   try_newton_schulz<T>(scratch, x, y, a, b, schedule, norm_scale, eps, method): runs the
+///       iteration on the k x n short side x (not yet normalized) with a, b (k x k) as
+///       scratch, returning the view of the result, or nothing to leave it to the code here.
+template <class B, class T>
+concept RunsOwnNewtonSchulz = requires { typename B::template NewtonSchulzScratch<T>; };
+
 template <class B, class T>
 struct ScratchOf {
   using type = typename B::template NewtonSchulzScratch<T>;
@@ -304,8 +315,10 @@ class NewtonSchulzWorkspace {
     grow(backend, y_, k * n);
     grow(backend, a_, k * k);
     grow(backend, b_, k * k);
-    if constexpr (has_scratch) backend.template reserve_newton_schulz<T>(scratch_, rows, cols);
-    if (may_use_gram(method, rows, cols)) {
+    bool own = false;  // the backend takes such matrices itself: no Gram form here
+    if constexpr (has_scratch)
+      own = backend.template reserve_newton_schulz<T>(scratch_, rows, cols, method);
+    if (!own && may_use_gram(method, rows, cols)) {
       grow(backend, z_, k * n);
       grow(backend, w_, k * k);
       grow(backend, q_, k * k);
@@ -383,8 +396,8 @@ class NewtonSchulzWorkspace {
     const auto square = [&](auto& buf) { return backend.view(buf, k, k); };
     View out;
     // A backend may run the whole iteration in another precision, with scratch of its own that
-    // the workspace keeps (EigenBackend in bf16); nothing when it leaves the matrix to the code
-    // below.
+    // the workspace keeps (detail::RunsOwnNewtonSchulz); nothing when it leaves the matrix to
+    // the code below.
     if constexpr (has_scratch) {
       if (auto done = backend.template try_newton_schulz<T>(scratch_, side(x_), side(y_),
                                                             square(a_), square(b_), schedule,
@@ -434,7 +447,7 @@ class NewtonSchulzWorkspace {
     }
   }
 
-  static constexpr bool has_scratch = requires { typename B::template NewtonSchulzScratch<T>; };
+  static constexpr bool has_scratch = detail::RunsOwnNewtonSchulz<B, T>;
   struct NoScratch {};
   using Scratch = typename std::conditional_t<has_scratch, detail::ScratchOf<B, T>,
                                               std::type_identity<NoScratch>>::type;

@@ -73,34 +73,83 @@ class NewtonSchulz {
   }
 
  private:
+  static constexpr index_t kBlock = 32;  // conversions go in 32 x 32 blocks, a task a block row
+  static constexpr index_t kChunk = 256;  // floats of a row formed on the stack before rounding
+
+  static std::size_t blocks(index_t n) { return static_cast<std::size_t>((n + kBlock - 1) / kBlock); }
+  /// Calls f(i, j) for every element of block row `task` of a rows x cols matrix, block by
+  /// block, columns outer when `by_columns` (a column-major source or destination).
+  template <class F>
+  static void each_in_block_row(std::size_t task, index_t rows, index_t cols, bool by_columns, F&& f) {
+    const index_t i0 = static_cast<index_t>(task) * kBlock, i1 = std::min(rows, i0 + kBlock);
+    for (index_t j0 = 0; j0 < cols; j0 += kBlock) {
+      const index_t j1 = std::min(cols, j0 + kBlock);
+      if (by_columns) {
+        for (index_t j = j0; j < j1; ++j)
+          for (index_t i = i0; i < i1; ++i) f(i, j);
+      } else {
+        for (index_t i = i0; i < i1; ++i)
+          for (index_t j = j0; j < j1; ++j) f(i, j);
+      }
+    }
+  }
   /// dst (dense row-major) = bf16(src).
   static void round_into(MatrixView<const float> src, Bits* dst) {
     const index_t n = src.cols();
-    for (index_t i = 0; i < src.rows(); ++i) {
-      const float* row = src.data() + i * src.row_stride();
-      const index_t cs = src.col_stride();
-      for (index_t j = 0; j < n; ++j) dst[i * n + j] = from_float(row[j * cs]);
-    }
+    auto task = [&](std::size_t t, int) {
+      if (src.col_stride() == 1) {
+        const index_t i0 = static_cast<index_t>(t) * kBlock;
+        for (index_t i = i0; i < std::min(src.rows(), i0 + kBlock); ++i)
+          round_row(src.data() + i * src.row_stride(), dst + i * n, n);
+        return;
+      }
+      each_in_block_row(t, src.rows(), n, true,
+                        [&](index_t i, index_t j) { dst[i * n + j] = from_float(src(i, j)); });
+    };
+    detail::for_each_task(blocks(src.rows()), task);
   }
-  /// dst = src (same shape, any layouts), in 32 x 32 tiles.
+  /// dst = src (same shape, any layouts).
   static void transpose_copy(MatrixView<const float> src, MatrixView<float> dst) {
-    constexpr index_t tile = 32;
-    for (index_t i0 = 0; i0 < src.rows(); i0 += tile)
-      for (index_t j0 = 0; j0 < src.cols(); j0 += tile)
-        for (index_t j = j0; j < std::min(j0 + tile, src.cols()); ++j)
-          for (index_t i = i0; i < std::min(i0 + tile, src.rows()); ++i) dst(i, j) = src(i, j);
+    auto task = [&](std::size_t t, int) {
+      each_in_block_row(t, src.rows(), src.cols(), dst.col_stride() != 1,
+                        [&](index_t i, index_t j) { dst(i, j) = src(i, j); });
+    };
+    detail::for_each_task(blocks(src.rows()), task);
   }
-  /// dst (full, dense) = bf16(c t + b s + a I) from the lower triangles of t and s.
+  /// dst (full, dense) = bf16(c t + b s + a I) from the lower triangles of t and s (dense
+  /// row-major).
   static void mirror_round(MatrixView<const float> t, MatrixView<const float> s, float c,
                            float b, float a, Bits* dst) {
     const index_t k = t.rows();
-    for (index_t i = 0; i < k; ++i)
-      for (index_t j = 0; j <= i; ++j) {
-        float v = c == 0 ? 0.0f : c * t(i, j);  // t is not formed when c = 0
-        v += b * s(i, j);
-        if (i == j) v += a;
-        dst[i * k + j] = dst[j * k + i] = from_float(v);
+    auto task = [&](std::size_t row_block, int) {
+      const index_t i0 = static_cast<index_t>(row_block) * kBlock, i1 = std::min(k, i0 + kBlock);
+      for (index_t i = i0; i < i1; ++i) {  // row i up to the diagonal, in float32, then rounded
+        const float* ti = t.data() + i * k;
+        const float* si = s.data() + i * k;
+        for (index_t j0 = 0; j0 <= i; j0 += kChunk) {
+          const index_t len = std::min(kChunk, i + 1 - j0);
+          alignas(64) float v[kChunk];
+          if (c == 0) {  // t is not formed
+            for (index_t j = 0; j < len; ++j) v[j] = b * si[j0 + j];
+          } else {
+            for (index_t j = 0; j < len; ++j) v[j] = c * ti[j0 + j] + b * si[j0 + j];
+          }
+          if (j0 + len == i + 1) v[len - 1] += a;
+          round_row(v, dst + i * k + j0, len);
+        }
       }
+      // The mirror, block by block through a local copy: reading dst's column while writing its
+      // row would alias every 4 KB when k is a power of two (loads wait on unrelated stores).
+      for (index_t j0 = 0; j0 < i1; j0 += kBlock) {
+        const index_t j1 = std::min(i1, j0 + kBlock);
+        Bits block[kBlock][kBlock];
+        for (index_t i = i0; i < i1; ++i)
+          for (index_t j = j0; j < std::min(j1, i + 1); ++j) block[i - i0][j - j0] = dst[i * k + j];
+        for (index_t j = j0; j < j1; ++j)
+          for (index_t i = std::max(i0, j + 1); i < i1; ++i) dst[j * k + i] = block[i - i0][j - j0];
+      }
+    };
+    detail::for_each_task(blocks(k), task);
   }
 
   std::vector<Bits> x_, a_, b_;

@@ -3,9 +3,9 @@
 // accumulation and float32 results, on the VDPBF16PS instruction of AVX512-BF16 (AMD Zen 4 and
 // later, Intel Cooper Lake and Sapphire Rapids and later). One instruction multiplies 16 pairs
 // of bf16 and adds each pair's two products to a float32 lane, twice the multiplies of a float
-// FMA; the products here run at 1.6-1.8x OpenBLAS's sgemm on one core of an AMD EPYC (Zen 4),
-// the register tile alone at about 2x. Written here rather than taken from oneDNN (Debian's
-// libdnnl 2.6 multiplies bf16 about 1.25x faster still) because oneDNN allocates on every
+// FMA; the register tile runs at about 2.2x OpenBLAS's sgemm on one core of an AMD EPYC
+// (Zen 4), and at about 200 GFLOP/s a core inside Newton-Schulz. Written here rather than taken
+// from oneDNN (Debian's libdnnl 2.6 is about as fast) because oneDNN allocates on every
 // execution (6 allocations per matmul, measured) and step() must not; see docs/precision.md.
 //
 // The layout is the classic one of GotoBLAS/BLIS (Goto and van de Geijn, "Anatomy of
@@ -50,6 +50,40 @@ inline Bits from_float(float f) {
   return static_cast<Bits>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 inline float to_float(Bits b) { return std::bit_cast<float>(static_cast<std::uint32_t>(b) << 16); }
+
+namespace detail {
+#if MUON_X86
+/// round_row's first multiple of 16 elements, 16 at a time, with from_float's integer steps.
+__attribute__((target("avx512f,avx512bw"))) inline index_t round_row_avx512(const float* src,
+                                                                          Bits* dst, index_t n) {
+  const __m512i one = _mm512_set1_epi32(1), half = _mm512_set1_epi32(0x7fff);
+  const __m512i magnitude = _mm512_set1_epi32(0x7fffffff), inf = _mm512_set1_epi32(0x7f800000);
+  const __m512i quiet = _mm512_set1_epi32(0x40);
+  // The maskz forms: GCC 12 warns of the undefined register the unmasked ones start from.
+  const __mmask16 all = 0xffff;
+  index_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __m512i u = _mm512_loadu_si512(src + j), high = _mm512_maskz_srli_epi32(all, u, 16);
+    __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, half), _mm512_and_si512(high, one));
+    r = _mm512_maskz_srli_epi32(all, r, 16);
+    const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, magnitude), inf);
+    r = _mm512_mask_or_epi32(r, nan, high, quiet);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j), _mm512_maskz_cvtepi32_epi16(all, r));
+  }
+  return j;
+}
+#endif
+}  // namespace detail
+
+/// dst[0, n) = bf16(src[0, n)), the same bits as from_float element by element. Needs
+/// cpu::has_bf16() (AVX-512 with it).
+inline void round_row(const float* src, Bits* dst, index_t n) {
+  index_t j = 0;
+#if MUON_X86
+  j = detail::round_row_avx512(src, dst, n);
+#endif
+  for (; j < n; ++j) dst[j] = from_float(src[j]);
+}
 
 /// A bf16 operand: element (i, l) at data[i * rs + l * cs].
 struct Operand {
@@ -154,11 +188,23 @@ inline void pack_b(Operand b, index_t l0, index_t kc, index_t j0, index_t nc,
   }
 }
 
-/// The float32 tile C[mr x nr] (element (r, j) at c[r * rs + j * cs]) = (accumulate ? C : 0) +
-/// sum over `pairs` of the packed A and B micro-panels.
 #if MUON_X86
+/// v's bits as the instruction's operand type (a function: nvcc's front end refuses the cast).
+__attribute__((target("avx512f,avx512bf16"))) inline __m512bh as_bf16x32(__m512i v) {
+  __m512bh out;
+  std::memcpy(&out, &v, sizeof out);
+  return out;
+}
+#endif
+
+/// The float32 tile C[mr x nr] (element (r, j) at c[r * rs + j * cs]) = (accumulate ? C : 0) +
+/// sum over `pairs` of A's rows and the packed B micro-panel. A is a packed micro-panel
+/// ([pair][row] words), or with kDirect kMR full rows of a row-major bf16 matrix read in place
+/// (element (r, l) at a[r * lda + l]): no packing, the broadcasts read the rows themselves.
+#if MUON_X86
+template <bool kDirect>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline void tile(
-    index_t pairs, const std::uint32_t* a, const std::uint32_t* b, float* c, index_t rs,
+    index_t pairs, const void* a, index_t lda, const std::uint32_t* b, float* c, index_t rs,
     index_t cs, index_t mr, index_t nr, bool accumulate) {
   __m512 acc[kMR][2];
   const bool dense = cs == 1 && mr == kMR && nr == kNR;
@@ -181,12 +227,14 @@ MUON_UNROLL_TILE
     }
   }
   for (index_t p = 0; p < pairs; ++p) {
-    const auto b0 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(b + p * kNR));
-    const auto b1 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(b + p * kNR + 16));
-    const std::uint32_t* ap = a + p * kMR;
+    const __m512bh b0 = as_bf16x32(_mm512_loadu_si512(b + p * kNR));
+    const __m512bh b1 = as_bf16x32(_mm512_loadu_si512(b + p * kNR + 16));
 MUON_UNROLL_TILE
     for (index_t r = 0; r < kMR; ++r) {
-      const auto av = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(ap[r])));
+      const std::uint32_t word =
+          kDirect ? load_pair(static_cast<const Bits*>(a) + r * lda + 2 * p)
+                  : static_cast<const std::uint32_t*>(a)[p * kMR + r];
+      const __m512bh av = as_bf16x32(_mm512_set1_epi32(static_cast<int>(word)));
       acc[r][0] = _mm512_dpbf16_ps(acc[r][0], av, b0);
       acc[r][1] = _mm512_dpbf16_ps(acc[r][1], av, b1);
     }
@@ -208,33 +256,50 @@ MUON_UNROLL_TILE
     for (index_t j = 0; j < nr; ++j) c[r * rs + j * cs] = spill[r][j];
 }
 #else  // never called: cpu::has_bf16() is false off x86
-inline void tile(index_t, const std::uint32_t*, const std::uint32_t*, float*, index_t, index_t,
+template <bool kDirect>
+inline void tile(index_t, const void*, index_t, const std::uint32_t*, float*, index_t, index_t,
                  index_t, index_t, bool) {}
 #endif
 
-/// Columns [j0, j1) of C (m x n, element (i, j) at c[i * rs + j * cs]) = A B, A m x k, B k x n;
-/// with `lower`, only the tiles that reach the lower triangle (the others are not written).
-inline void product_columns(index_t m, index_t k, Operand a, Operand b, float* c, index_t rs,
-                            index_t cs, bool lower, index_t j0, index_t j1, PackBuffers& pack) {
-  for (index_t jc = j0; jc < j1; jc += kNC) {
-    const index_t nc = std::min(kNC, j1 - jc);
-    for (index_t pc = 0; pc < k; pc += kKC) {
-      const index_t kc = std::min(kKC, k - pc), pairs = (kc + 1) / 2;
-      pack_b(b, pc, kc, jc, nc, pack.b.data());
-      for (index_t ic = 0; ic < m; ic += kMC) {
-        const index_t mc = std::min(kMC, m - ic);
-        if (lower && ic + mc <= jc) continue;  // the block lies above the diagonal
-        pack_a(a, ic, mc, pc, kc, pack.a.data());
-        for (index_t jr = 0; jr < nc; jr += kNR)
-          for (index_t ir = 0; ir < mc; ir += kMR) {
-            if (lower && jc + jr >= ic + ir + kMR) continue;
-            tile(pairs, pack.a.data() + ir * pairs, pack.b.data() + jr * pairs,
-                 c + (ic + ir) * rs + (jc + jr) * cs, rs, cs, std::min(kMR, mc - ir),
-                 std::min(kNR, nc - jr), pc > 0);
-          }
-      }
-    }
+/// Runs f(i, worker) for every i < n on the process's workers, or on this thread alone when
+/// it is one of them (side-by-side tasks). Tasks are handed out in order of i.
+template <class F>
+void for_each_task(std::size_t n, F& f) {
+  if (::muon::cpu::detail::single_threaded_products || n < 2) {
+    for (std::size_t i = 0; i < n; ++i) f(i, 0);
+    return;
   }
+  worker_pool().run(
+      n, [](void* ctx, std::size_t i, int worker) { (*static_cast<F*>(ctx))(i, worker); }, &f);
+}
+
+/// The part of C += (pc > 0) / = (pc == 0) A[rows, pc:pc+kc] B[pc:pc+kc, jc:jc+nc] that lies in
+/// rows [ic, ic + mc), from B's packed block; with `lower`, tiles wholly above the diagonal are
+/// skipped.
+inline void row_block(Operand a, index_t ic, index_t mc, index_t pc, index_t kc, index_t jc,
+                      index_t nc, const std::uint32_t* packed_b, float* c, index_t rs,
+                      index_t cs, bool lower, std::uint32_t* packed_a) {
+  if (lower && ic + mc <= jc) return;  // the block lies above the diagonal
+  const index_t pairs = (kc + 1) / 2;
+  // A row-major A with whole pairs is read in place, full tiles at least; the rest is packed.
+  // Not when its rows lie a multiple of 4 KB apart: the 12 rows then share one set of the L1
+  // cache and evict each other (measured at 2048 x 2048: 12% slower than packing; at
+  // 1024 x 1024 reading in place is ~10% faster).
+  const bool direct = a.cs == 1 && kc % 2 == 0 && a.rs % 2048 != 0;
+  const index_t full_rows = direct ? mc / kMR * kMR : 0;
+  if (full_rows < mc) pack_a(a, ic + full_rows, mc - full_rows, pc, kc, packed_a);
+  for (index_t jr = 0; jr < nc; jr += kNR)
+    for (index_t ir = 0; ir < mc; ir += kMR) {
+      if (lower && jc + jr >= ic + ir + kMR) continue;
+      float* out = c + (ic + ir) * rs + (jc + jr) * cs;
+      const index_t mr = std::min(kMR, mc - ir), nr = std::min(kNR, nc - jr);
+      if (ir < full_rows)
+        tile<true>(pairs, a.data + (ic + ir) * a.rs + pc, a.rs, packed_b + jr * pairs, out, rs, cs,
+                   mr, nr, pc > 0);
+      else
+        tile<false>(pairs, packed_a + (ir - full_rows) * pairs, 0, packed_b + jr * pairs, out, rs,
+                    cs, mr, nr, pc > 0);
+    }
 }
 
 }  // namespace detail
@@ -243,8 +308,9 @@ inline void product_columns(index_t m, index_t k, Operand a, Operand b, float* c
 /// (k x n), accumulated in float32 (each pair's products added in turn, as VDPBF16PS does:
 /// rounding to nearest even, subnormals flushed to zero). With `lower` (C square), only the
 /// lower triangle is guaranteed (tiles wholly above the diagonal are skipped: about half the
-/// work). On the process's workers, split by columns, unless this thread is one of them
-/// (side-by-side tasks); `packs` holds one PackBuffers per worker. Needs cpu::has_bf16().
+/// work). On the process's workers unless this thread is one of them (side-by-side tasks):
+/// for each block of B, the workers pack it together, then take blocks of rows, each packing
+/// its own rows of A once; `packs` holds one PackBuffers per worker. Needs cpu::has_bf16().
 inline void product(index_t m, index_t n, index_t k, Operand a, Operand b, float* c, index_t rs,
                     index_t cs, bool lower, std::vector<PackBuffers>& packs) {
   if (m == 0 || n == 0) return;
@@ -253,47 +319,41 @@ inline void product(index_t m, index_t n, index_t k, Operand a, Operand b, float
       for (index_t j = 0; j < n; ++j) c[i * rs + j * cs] = 0.0f;
     return;
   }
-  const int workers = ::muon::cpu::detail::single_threaded_products
-                          ? 1
-                          : std::min<int>(static_cast<int>(packs.size()), worker_pool().size());
-  // Split points on tile columns, balancing the work (a column j of a lower triangle has
-  // m - j rows to compute).
-  index_t bounds[65] = {0};
-  const int parts = std::clamp(workers, 1, 64);
-  {
-    const auto work = [&](index_t j) { return lower ? std::max<index_t>(0, m - j) : m; };
-    double total = 0;
-    for (index_t j = 0; j < n; j += kNR) total += static_cast<double>(work(j));
-    double seen = 0;
-    int part = 1;
-    for (index_t j = 0; j < n && part < parts; j += kNR) {
-      seen += static_cast<double>(work(j));
-      if (seen >= total * part / parts) bounds[part++] = std::min(n, j + kNR);
+  // Below a few MFLOP, waking the workers costs more than it saves.
+  const bool small = static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(k) < 4e6;
+  const auto workers = static_cast<std::size_t>(
+      small ? 1 : std::min<int>(static_cast<int>(packs.size()), worker_pool().size()));
+  std::uint32_t* const shared_b = packs[0].b.data();
+  const index_t row_blocks = (m + kMC - 1) / kMC;
+  for (index_t jc = 0; jc < n; jc += kNC) {
+    const index_t nc = std::min(kNC, n - jc), panels = (nc + kNR - 1) / kNR;
+    for (index_t pc = 0; pc < k; pc += kKC) {
+      const index_t kc = std::min(kKC, k - pc), pairs = (kc + 1) / 2;
+      auto pack = [&](std::size_t part, int) {
+        const index_t p0 = panels * static_cast<index_t>(part) / static_cast<index_t>(workers);
+        const index_t p1 = panels * static_cast<index_t>(part + 1) / static_cast<index_t>(workers);
+        if (p0 < p1)
+          detail::pack_b(b, pc, kc, jc + p0 * kNR, std::min(nc, p1 * kNR) - p0 * kNR,
+                         shared_b + p0 * kNR * pairs);
+      };
+      // Each element's sum runs over the k blocks in turn whichever worker computes it, so the
+      // bits do not depend on the split.
+      auto rows = [&](std::size_t task, int worker) {
+        // Under `lower` the bottom blocks carry the most work: they go first.
+        const auto block = lower ? row_blocks - 1 - static_cast<index_t>(task) : static_cast<index_t>(task);
+        const index_t ic = block * kMC;
+        detail::row_block(a, ic, std::min(kMC, m - ic), pc, kc, jc, nc, shared_b, c, rs, cs, lower,
+                          packs[static_cast<std::size_t>(worker)].a.data());
+      };
+      if (workers == 1) {
+        pack(0, 0);
+        for (index_t t = 0; t < row_blocks; ++t) rows(static_cast<std::size_t>(t), 0);
+      } else {
+        detail::for_each_task(workers, pack);
+        detail::for_each_task(static_cast<std::size_t>(row_blocks), rows);
+      }
     }
-    for (; part <= parts; ++part) bounds[part] = n;
   }
-  if (parts == 1) {
-    detail::product_columns(m, k, a, b, c, rs, cs, lower, 0, n, packs[0]);
-    return;
-  }
-  struct Job {
-    index_t m, k;
-    Operand a, b;
-    float* c;
-    index_t rs, cs;
-    bool lower;
-    const index_t* bounds;
-    std::vector<PackBuffers>* packs;
-  } job{m, k, a, b, c, rs, cs, lower, bounds, &packs};
-  worker_pool().run(
-      static_cast<std::size_t>(parts),
-      [](void* ctx, std::size_t i, int worker) {
-        auto& j = *static_cast<Job*>(ctx);
-        if (j.bounds[i] < j.bounds[i + 1])
-          detail::product_columns(j.m, j.k, j.a, j.b, j.c, j.rs, j.cs, j.lower, j.bounds[i],
-                                  j.bounds[i + 1], (*j.packs)[static_cast<std::size_t>(worker)]);
-      },
-      &job);
 }
 
 /// The same arithmetic in portable C++, element by element: for each pair of consecutive k in

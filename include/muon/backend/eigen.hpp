@@ -76,9 +76,9 @@ class EigenBackend {
   /// Whether a float matrix runs in bf16 under Newton-Schulz `method`: always under CpuOptions
   /// bfloat16; under automatic on a bf16 CPU unless `method` asks for the Gram form by name
   /// (bf16 has none: it would restart at every step); never under float32. Measured on an
-  /// AVX512-BF16 CPU, the bf16 plain loop beat float32 at squares (1.4-1.8x) and was level
-  /// with the float32 Gram form at aspect 4, the distance to msign moving in its third or
-  /// fourth digit (docs/precision.md).
+  /// AVX512-BF16 CPU, the bf16 plain loop beat float32 at squares (about 1.9x) and was level
+  /// to 1.25x faster than the float32 Gram form at aspect 4, the distance to msign moving in
+  /// its third or fourth digit (docs/precision.md).
   [[nodiscard]] bool use_bf16(NewtonSchulzMethod method) const {
     if (precision_ == cpu::Precision::float32) return false;
     return precision_ == cpu::Precision::bfloat16 || method != NewtonSchulzMethod::gram;
@@ -89,11 +89,17 @@ class EigenBackend {
   template <class T>
   using NewtonSchulzScratch =
       std::conditional_t<std::is_same_v<T, float>, cpu::bf16::NewtonSchulz, std::tuple<>>;
+  /// Sizes `scratch` for rows x cols matrices under `method`; whether they will run in bf16.
   template <class T>
-  void reserve_newton_schulz(NewtonSchulzScratch<T>& scratch, index_t rows, index_t cols) const {
-    if constexpr (std::is_same_v<T, float>)
-      if (precision_ != cpu::Precision::float32)
-        scratch.reserve(std::min(rows, cols), std::max(rows, cols));
+  bool reserve_newton_schulz(NewtonSchulzScratch<T>& scratch, index_t rows, index_t cols,
+                             NewtonSchulzMethod method) const {
+    if constexpr (std::is_same_v<T, float>) {
+      if (!use_bf16(method)) return false;
+      scratch.reserve(std::min(rows, cols), std::max(rows, cols));
+      return true;
+    } else {
+      return false;
+    }
   }
   /// Runs the whole iteration in bf16 on the k x n (k <= n) short side `x` (normalizing it
   /// first) into `y`, with `a`, `b` (k x k) as float scratch, where use_bf16(method) says so;

@@ -33,6 +33,7 @@
 #include <optional>
 #include <span>
 #include <string>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 
@@ -250,12 +251,23 @@ class CudaBackend {
              MatrixView<T, DeviceSpace> m, MatrixView<T, DeviceSpace> v, const AdamWStep& s) const;
 
   // ---- Newton-Schulz in bf16 / fp16 ------------------------------------------------------
-  /// The hook NewtonSchulzWorkspace calls: runs the whole iteration in reduced precision on a
-  /// k x n (k <= n) float matrix when CudaOptions::newton_schulz asks for bf16 or fp16, and
-  /// returns the view holding the result; otherwise nothing (the generic fp32/fp64 code runs).
+  // The hooks NewtonSchulzWorkspace calls (muon::detail::RunsOwnNewtonSchulz). The reduced
+  // precision iteration keeps its buffers in the backend: the workspace holds no scratch.
+  template <class T>
+  using NewtonSchulzScratch = std::tuple<>;
+  /// Whether float matrices run in bf16 or fp16 (CudaOptions::newton_schulz).
+  template <class T>
+  bool reserve_newton_schulz(NewtonSchulzScratch<T>&, index_t, index_t, NewtonSchulzMethod) const {
+    return std::is_same_v<T, float> &&
+           (options_.newton_schulz == Precision::bf16 || options_.newton_schulz == Precision::fp16);
+  }
+  /// Runs the whole iteration in reduced precision on a k x n (k <= n) float matrix when
+  /// CudaOptions::newton_schulz asks for bf16 or fp16, and returns the view holding the
+  /// result; otherwise nothing (the generic fp32/fp64 code runs).
   template <class T>
   std::optional<MatrixView<T, DeviceSpace>> try_newton_schulz(
-      MatrixView<T, DeviceSpace> x, MatrixView<T, DeviceSpace> y,
+      NewtonSchulzScratch<T>& scratch, MatrixView<T, DeviceSpace> x, MatrixView<T, DeviceSpace> y,
+      MatrixView<T, DeviceSpace> a, MatrixView<T, DeviceSpace> b,
       std::span<const Coefficients> schedule, double norm_scale, double eps,
       NewtonSchulzMethod method) const;
 
