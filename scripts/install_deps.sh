@@ -4,7 +4,7 @@
 set -euo pipefail
 packages=(cmake make g++ clang pkg-config libeigen3-dev catch2 python3-numpy libbenchmark-dev
           libopenblas-dev clang-tidy libclang-rt-14-dev libopenmpi-dev openmpi-bin libcli11-dev
-          libtorch-dev libxtensor-dev python3-matplotlib)
+          libtorch-dev libxtensor-dev python3-matplotlib fortunes)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

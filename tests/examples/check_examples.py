@@ -6,6 +6,8 @@
     check_examples.py rms            EXE            update RMS against 1/sqrt(max(m, n)) scales
     check_examples.py entropy        EXE [ARGS...]  one entropy in (0, 1] per layer and optimizer
     check_examples.py loss_falls     EXE FACTOR     the last printed loss < first / FACTOR
+    check_examples.py gpt            EXE [ARGS...]  every run's validation loss falls, the
+                                                    target is AdamW's best, resume is exact
 """
 import csv
 import math
@@ -104,6 +106,35 @@ def loss_falls(exe, factor):
         sys.exit(f"losses {losses}: the last is not below the first / {factor}")
 
 
+FORTUNES = "/usr/share/games/fortunes"  # Debian's fortunes package, the example's text
+SKIP = 77  # CTest's skip code
+
+
+def gpt(exe, args):
+    if not os.path.isdir(FORTUNES):
+        print(f"{FORTUNES} is missing (Debian: fortunes): skipped")
+        sys.exit(SKIP)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "curves.csv")
+        out = run([exe, *args, "--csv", path, "--check-resume"])
+        curves = {}
+        with open(path, newline="") as f:
+            for r in csv.DictReader(f):
+                curves.setdefault((r["optimizer"], r["lr"]), []).append(float(r["validation_loss"]))
+    if {o for o, _ in curves} != {"AdamW", "Muon"}:
+        sys.exit(f"expected AdamW and Muon runs, found {sorted(curves)}")
+    for key, losses in curves.items():
+        # Untrained, the loss is near ln(256) = 5.5 nats per byte; 40 steps bring it well below.
+        if not losses[-1] < 0.8 * losses[0]:
+            sys.exit(f"{key}: validation loss {losses[0]:.3f} -> {losses[-1]:.3f} did not fall by 20%")
+    target = min(losses[-1] for (o, _), losses in curves.items() if o == "AdamW")
+    printed = re.search(r"AdamW's best final validation loss: ([\d.]+)", out)
+    if not printed or abs(float(printed.group(1)) - target) > 5e-5:
+        sys.exit(f"the printed target is not AdamW's best final loss {target:.4f}")
+    if "the same weights, bit for bit" not in out:
+        sys.exit("the resumed Muon run did not end on the same weights")
+
+
 def main():
     check, exe, args = sys.argv[1], sys.argv[2], sys.argv[3:]
     if check == "depth_pattern":
@@ -114,6 +145,8 @@ def main():
         rms(exe)
     elif check == "entropy":
         entropy(exe, args)
+    elif check == "gpt":
+        gpt(exe, args)
     elif check == "loss_falls":
         loss_falls(exe, float(args[0]))
     else:

@@ -1,0 +1,468 @@
+// What Muon is for: a small GPT trained on English text twice, with Muon (hidden matrices) +
+// AdamW (embeddings, head, gains) through muon::libtorch::Muon, and with torch::optim::AdamW
+// alone; the same model, initial weights, batches and schedule for both. For each optimizer it
+// sweeps the learning rates given, keeps the one with the lowest final validation loss, and
+// reports how many steps Muon needs to reach AdamW's best final validation loss.
+//
+// The model: byte tokens, token and position embeddings, `layers` blocks of causal attention
+// (fused QKV, orthogonalized as three matrices through muon::Split) and a 4x MLP, RMSNorm
+// before each and at the end, an untied head. The text: Debian's `fortunes` package (quotes,
+// literature, definitions); every tenth fortune (which tenth is chosen by --split) is held out.
+// The protocol is in docs/gpt_experiment.md.
+//
+//   gpt_muon_vs_adamw [--steps 600] [--muon-lr 0.016 ...] [--adamw-lr 0.008 ...]
+//                     [--csv curves.csv] [--check-resume] (--help for all)
+#include <ATen/CPUGeneratorImpl.h>
+#include <torch/torch.h>
+
+#include <CLI/CLI.hpp>
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <limits>
+#include <memory>
+#include <muon/adapters/libtorch_optimizer.hpp>
+#include <muon/diagnostics.hpp>
+#include <numbers>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace {
+
+struct Config {
+  std::vector<std::string> text{"/usr/share/games/fortunes"};
+  int steps = 600, width = 128, layers = 4, heads = 4, context = 64, batch = 32;
+  double warmup = 0.05;  // share of the steps spent warming up, then cosine to zero
+  double weight_decay = 0.1;
+  // Each optimizer's best peak rate of the sweep in docs/gpt_experiment.md.
+  std::vector<double> muon_lr{0.016}, adamw_lr{0.008};
+  int eval_every = 25, eval_batches = 16, seed = 0, split = 0;
+  std::string csv;
+  bool check_resume = false;
+};
+
+using Clock = std::chrono::steady_clock;
+double seconds_since(Clock::time_point t) {
+  return std::chrono::duration<double>(Clock::now() - t).count();
+}
+
+// ---- the text -------------------------------------------------------------------------------
+
+struct Text {
+  torch::Tensor train, validation;  // byte tokens, int64
+};
+
+/// The fortunes of every file named (a directory: its fortune files, ascii-art left out),
+/// every tenth one (index % 10 == split) held out for validation.
+Text read_text(const Config& c) {
+  std::vector<std::filesystem::path> files;
+  for (const std::filesystem::path p : c.text) {
+    if (std::filesystem::is_directory(p)) {
+      for (const auto& e : std::filesystem::directory_iterator(p))
+        if (e.is_regular_file() && !e.is_symlink() && !e.path().has_extension() &&
+            e.path().filename() != "ascii-art")
+          files.push_back(e.path());
+    } else if (std::filesystem::is_regular_file(p)) {
+      files.push_back(p);
+    } else {
+      throw std::invalid_argument("--text: '" + p.string() + "' is neither a file nor a directory "
+                                  "(Debian: apt-get install fortunes)");
+    }
+  }
+  std::sort(files.begin(), files.end());
+  std::string train, validation;
+  long index = 0;
+  for (const auto& f : files) {
+    std::ifstream in(f, std::ios::binary);
+    std::string line, fortune;
+    auto flush = [&] {
+      if (!fortune.empty()) (index++ % 10 == c.split ? validation : train) += fortune;
+      fortune.clear();
+    };
+    while (std::getline(in, line)) {
+      if (line == "%") flush();
+      else fortune += line + "\n";
+    }
+    flush();
+  }
+  const std::size_t need = static_cast<std::size_t>(c.context) + 2;
+  if (train.size() < need || validation.size() < need)
+    throw std::invalid_argument("--text: too little text (" + std::to_string(train.size()) +
+                                " training and " + std::to_string(validation.size()) +
+                                " validation bytes; at least " + std::to_string(need) + " each)");
+  auto tokens = [](const std::string& s) {
+    return torch::from_blob(const_cast<char*>(s.data()), {static_cast<int64_t>(s.size())},
+                            torch::kUInt8)
+        .to(torch::kInt64);
+  };
+  return {tokens(train), tokens(validation)};
+}
+
+/// One window of context + 1 tokens per entry of `starts`: inputs and next-token targets.
+std::pair<torch::Tensor, torch::Tensor> windows(const torch::Tensor& tokens,
+                                                const torch::Tensor& starts, int context) {
+  const torch::Tensor index = starts.unsqueeze(1) + torch::arange(context + 1).unsqueeze(0);
+  const torch::Tensor w = tokens.index_select(0, index.flatten()).view({starts.size(0), -1});
+  return {w.slice(1, 0, context), w.slice(1, 1, context + 1)};
+}
+
+/// Training batch `step`: random windows, the same for every run of one seed.
+std::pair<torch::Tensor, torch::Tensor> train_batch(const Text& t, const Config& c, int step) {
+  const torch::Tensor starts =
+      torch::randint(t.train.size(0) - c.context - 1, {c.batch},
+                     at::detail::createCPUGenerator(1000003ULL * c.seed + step));
+  return windows(t.train, starts, c.context);
+}
+
+// ---- the model --------------------------------------------------------------------------------
+
+struct RMSNormImpl : torch::nn::Module {
+  torch::Tensor gain;
+  explicit RMSNormImpl(int64_t width) { gain = register_parameter("gain", torch::ones({width})); }
+  torch::Tensor forward(const torch::Tensor& x) {
+    return x * torch::rsqrt(x.pow(2).mean(-1, true) + 1e-6) * gain;
+  }
+};
+TORCH_MODULE(RMSNorm);
+
+struct BlockImpl : torch::nn::Module {
+  int64_t width, heads;
+  RMSNorm norm1{nullptr}, norm2{nullptr};
+  torch::nn::Linear qkv{nullptr}, proj{nullptr}, up{nullptr}, down{nullptr};
+  BlockImpl(int64_t width_, int64_t heads_) : width(width_), heads(heads_) {
+    auto linear = [](int64_t in, int64_t out) {
+      return torch::nn::Linear(torch::nn::LinearOptions(in, out).bias(false));
+    };
+    norm1 = register_module("norm1", RMSNorm(width));
+    qkv = register_module("qkv", linear(width, 3 * width));
+    proj = register_module("proj", linear(width, width));
+    norm2 = register_module("norm2", RMSNorm(width));
+    up = register_module("up", linear(width, 4 * width));
+    down = register_module("down", linear(4 * width, width));
+  }
+  torch::Tensor forward(torch::Tensor x, const torch::Tensor& future) {
+    const int64_t b = x.size(0), t = x.size(1), d = width / heads;
+    auto parts = qkv(norm1(x)).view({b, t, 3, heads, d}).permute({2, 0, 3, 1, 4});
+    torch::Tensor scores = torch::matmul(parts[0], parts[1].transpose(-2, -1)) / std::sqrt(double(d));
+    scores = scores.masked_fill(future, -std::numeric_limits<float>::infinity());
+    const torch::Tensor attended = torch::matmul(scores.softmax(-1), parts[2]);
+    x = x + proj(attended.transpose(1, 2).reshape({b, t, width}));
+    return x + down(torch::gelu(up(norm2(x))));
+  }
+};
+TORCH_MODULE(Block);
+
+struct GptImpl : torch::nn::Module {
+  torch::nn::Embedding token_embed{nullptr}, position_embed{nullptr};
+  torch::nn::ModuleList blocks;
+  RMSNorm norm{nullptr};
+  torch::nn::Linear head{nullptr};
+  explicit GptImpl(const Config& c) {
+    token_embed = register_module("token_embed", torch::nn::Embedding(256, c.width));
+    position_embed = register_module("position_embed", torch::nn::Embedding(c.context, c.width));
+    blocks = register_module("blocks", torch::nn::ModuleList());
+    for (int l = 0; l < c.layers; ++l) blocks->push_back(Block(c.width, c.heads));
+    norm = register_module("norm", RMSNorm(c.width));
+    head = register_module("head", torch::nn::Linear(torch::nn::LinearOptions(c.width, 256).bias(false)));
+  }
+  torch::Tensor forward(const torch::Tensor& tokens) {
+    const int64_t t = tokens.size(1);
+    const torch::Tensor future = torch::ones({t, t}, torch::kBool).triu(1);
+    torch::Tensor x = token_embed(tokens) + position_embed(torch::arange(t));
+    for (const auto& block : *blocks) x = block->as<Block>()->forward(x, future);
+    return head(norm(x));
+  }
+};
+TORCH_MODULE(Gpt);
+
+torch::Tensor loss_of(Gpt& model, const std::pair<torch::Tensor, torch::Tensor>& batch) {
+  const torch::Tensor logits = model->forward(batch.first);
+  return torch::nn::functional::cross_entropy(logits.reshape({-1, 256}), batch.second.reshape({-1}));
+}
+
+/// Mean loss over `eval_batches` fixed windows spread evenly over the validation text.
+double validation_loss(Gpt& model, const Text& t, const Config& c) {
+  torch::NoGradGuard no_grad;
+  const int64_t last = t.validation.size(0) - c.context - 1;
+  double sum = 0;
+  for (int b = 0; b < c.eval_batches; ++b) {
+    const torch::Tensor starts =
+        torch::linspace(0, last, c.batch * c.eval_batches, torch::kFloat64)
+            .slice(0, b * c.batch, (b + 1) * c.batch)
+            .to(torch::kInt64);
+    sum += loss_of(model, windows(t.validation, starts, c.context)).item<double>();
+  }
+  return sum / c.eval_batches;
+}
+
+// ---- the optimizers ---------------------------------------------------------------------------
+
+/// Linear warm-up over the first `warmup` steps, then cosine decay to zero at `total`, applied
+/// to every group's peak rate (LibTorch's LRScheduler interface).
+class WarmupCosine : public torch::optim::LRScheduler {
+ public:
+  WarmupCosine(torch::optim::Optimizer& opt, double peak, int warmup, int total, int done = 0)
+      : LRScheduler(opt), groups_(opt.param_groups().size()), peak_(peak), warmup_(warmup), total_(total) {
+    step_count_ = static_cast<unsigned>(done);
+    set_rates(opt);
+  }
+  /// The rate factor of step `s`.
+  double factor(int s) const {
+    if (s < warmup_) return (s + 1.0) / warmup_;
+    return 0.5 * (1 + std::cos(std::numbers::pi * (s - warmup_) / std::max(1, total_ - warmup_)));
+  }
+
+ private:
+  // LRScheduler::step() calls this after step step_count_, for the rate of the next one.
+  std::vector<double> get_lrs() override {
+    return std::vector<double>(groups_, peak_ * factor(static_cast<int>(step_count_) + 1));
+  }
+  void set_rates(torch::optim::Optimizer& opt) {  // the rate of the first step
+    for (auto& g : opt.param_groups()) g.options().set_lr(peak_ * factor(static_cast<int>(step_count_)));
+  }
+  std::size_t groups_;
+  double peak_;
+  int warmup_, total_;
+};
+
+/// Muon for the hidden matrices, AdamW for embeddings, head and gains, one peak rate for both
+/// (Moonlight's transfer: Muon's update scaled to AdamW's RMS, 0.2 sqrt(max(rows, cols))).
+muon::libtorch::Routing muon_routing(Gpt& model, const Config& c, double lr) {
+  muon::libtorch::RoutingOptions r;
+  r.options.muon.lr = lr;
+  r.options.muon.weight_decay = c.weight_decay;
+  r.options.muon.scale = muon::ScaleMode::match_rms_adamw;
+  r.options.adamw.lr = lr;
+  r.options.adamw.beta2 = 0.95;
+  r.options.adamw.weight_decay = c.weight_decay;
+  for (int l = 0; l < c.layers; ++l)
+    r.layouts["blocks." + std::to_string(l) + ".qkv.weight"].split =
+        muon::Split{0, {c.width, c.width, c.width}};
+  return muon::libtorch::route(model->named_parameters(), r);
+}
+
+struct Run {
+  Run(std::string optimizer_, double lr_) : optimizer(std::move(optimizer_)), lr(lr_) {}
+  std::string optimizer;
+  double lr;
+  std::vector<int> steps;          // evaluation points
+  std::vector<double> validation;  // validation loss there
+  std::vector<double> seconds;     // training time up to there (evaluation left out)
+  double step_seconds = 0;         // of it, in the optimizer's step()
+  double entropy = 0;              // mean SVD entropy of the hidden matrices at the end
+  double final_loss() const { return validation.back(); }
+};
+
+Gpt fresh_model(const Config& c) {
+  torch::manual_seed(c.seed);
+  return Gpt(c);
+}
+
+double mean_hidden_entropy(Gpt& model) {
+  double sum = 0;
+  int n = 0;
+  for (const auto& p : model->named_parameters()) {
+    if (p.value().dim() != 2 || p.key().find("blocks.") != 0) continue;
+    sum += muon::svd_entropy(muon::libtorch::view<const float>(p.value().detach(), p.key()));
+    ++n;
+  }
+  return n ? sum / n : 0;
+}
+
+/// Steps [from, to) of one run, evaluating every eval_every steps and at the end.
+void train(Gpt& model, torch::optim::Optimizer& opt, WarmupCosine& schedule, const Text& text,
+           const Config& c, int from, int to, Run& run) {
+  const auto start = Clock::now();
+  double trained = run.seconds.empty() ? 0 : run.seconds.back();
+  auto evaluate = [&](int step) {
+    run.steps.push_back(step);
+    run.seconds.push_back(trained);
+    run.validation.push_back(validation_loss(model, text, c));
+  };
+  if (from == 0) evaluate(0);
+  for (int step = from; step < to; ++step) {
+    const auto t0 = Clock::now();
+    opt.zero_grad();
+    const torch::Tensor loss = loss_of(model, train_batch(text, c, step));
+    loss.backward();
+    const auto t1 = Clock::now();
+    opt.step();
+    schedule.step();
+    run.step_seconds += seconds_since(t1);
+    trained += seconds_since(t0);
+    if ((step + 1) % c.eval_every == 0 || step + 1 == c.steps) {
+      evaluate(step + 1);
+      const double rate = (step + 1 - from) * double(c.batch) * c.context / seconds_since(start);
+      std::fprintf(stderr, "  %-5s lr %-7.3g step %5d/%d  train %.3f  validation %.3f  %6.0f tok/s  ETA %4.0f s\n",
+                   run.optimizer.c_str(), run.lr, step + 1, c.steps, loss.item<double>(),
+                   run.validation.back(), rate, (c.steps - step - 1) * double(c.batch) * c.context / rate);
+    }
+  }
+}
+
+/// One run of `c.steps` from the seed's initial weights, with the optimizer `make(model)`.
+template <class MakeOptimizer>
+Run train_run(const Config& c, const Text& text, const std::string& name, double lr,
+              MakeOptimizer make) {
+  Gpt model = fresh_model(c);
+  const std::unique_ptr<torch::optim::Optimizer> opt = make(model);
+  WarmupCosine schedule(*opt, lr, static_cast<int>(c.warmup * c.steps), c.steps);
+  Run run(name, lr);
+  train(model, *opt, schedule, text, c, 0, c.steps, run);
+  run.entropy = mean_hidden_entropy(model);
+  return run;
+}
+
+Run train_muon(const Config& c, const Text& text, double lr) {
+  return train_run(c, text, "Muon", lr, [&](Gpt& model) -> std::unique_ptr<torch::optim::Optimizer> {
+    return std::make_unique<muon::libtorch::Muon<float>>(muon_routing(model, c, lr));
+  });
+}
+
+Run train_adamw(const Config& c, const Text& text, double lr) {
+  return train_run(c, text, "AdamW", lr, [&](Gpt& model) -> std::unique_ptr<torch::optim::Optimizer> {
+    return std::make_unique<torch::optim::AdamW>(
+        model->parameters(),
+        torch::optim::AdamWOptions(lr).betas({0.9, 0.95}).weight_decay(c.weight_decay));
+  });
+}
+
+/// The Muon run again, saved with torch::save halfway and resumed in a fresh model and
+/// optimizer from the file: true when the resumed run ends on the same bits.
+bool resume_is_exact(const Config& c, const Text& text, double lr) {
+  const int half = c.steps / 2, warmup = static_cast<int>(c.warmup * c.steps);
+  Gpt model = fresh_model(c);
+  muon::libtorch::Muon<float> opt(muon_routing(model, c, lr));
+  WarmupCosine schedule(opt, lr, warmup, c.steps);
+  Run run("Muon", lr), unused = run;
+  train(model, opt, schedule, text, c, 0, half, run);
+  std::stringstream checkpoint;  // a file in a real program: torch::save(opt, "opt.pt")
+  torch::save(opt, checkpoint);
+  std::vector<torch::Tensor> weights;
+  for (const auto& p : model->parameters()) weights.push_back(p.detach().clone());
+  train(model, opt, schedule, text, c, half, c.steps, run);
+
+  Config other = c;  // other initial weights, overwritten by the saved ones
+  other.seed = c.seed + 1;
+  Gpt resumed = fresh_model(other);
+  {
+    torch::NoGradGuard no_grad;
+    for (std::size_t i = 0; i < weights.size(); ++i) resumed->parameters()[i].copy_(weights[i]);
+  }
+  muon::libtorch::Muon<float> opt2(muon_routing(resumed, c, lr));
+  torch::load(opt2, checkpoint);
+  WarmupCosine schedule2(opt2, lr, warmup, c.steps, half);
+  train(resumed, opt2, schedule2, text, c, half, c.steps, unused);
+  bool same = true;
+  for (std::size_t i = 0; i < weights.size(); ++i)
+    same = same && torch::equal(resumed->parameters()[i], model->parameters()[i]);
+  return same;
+}
+
+const Run& best_of(const std::vector<Run>& runs, const std::string& optimizer) {
+  const Run* best = nullptr;
+  for (const Run& r : runs)
+    if (r.optimizer == optimizer && (!best || r.final_loss() < best->final_loss())) best = &r;
+  return *best;
+}
+
+/// The first evaluation point at which `run` is at or below `target`, or -1.
+int first_below(const Run& run, double target) {
+  for (std::size_t i = 0; i < run.steps.size(); ++i)
+    if (run.validation[i] <= target) return static_cast<int>(i);
+  return -1;
+}
+
+void write_csv(const std::string& path, const std::vector<Run>& runs) {
+  std::ofstream out(path);
+  out << "optimizer,lr,step,validation_loss,seconds\n";
+  for (const Run& r : runs)
+    for (std::size_t i = 0; i < r.steps.size(); ++i)
+      out << r.optimizer << ',' << r.lr << ',' << r.steps[i] << ',' << r.validation[i] << ','
+          << r.seconds[i] << '\n';
+  if (!out) throw std::runtime_error("--csv: cannot write '" + path + "'");
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Config c;
+  CLI::App app{"A small GPT on English text: Muon + AdamW against AdamW alone"};
+  app.add_option("--text", c.text, "fortune files or directories of them")->capture_default_str();
+  app.add_option("--steps", c.steps, "training steps of every run")->capture_default_str()->check(CLI::Range(2, 1 << 24));
+  app.add_option("--width", c.width, "model width")->capture_default_str()->check(CLI::Range(8, 1 << 14));
+  app.add_option("--layers", c.layers, "transformer blocks")->capture_default_str()->check(CLI::Range(1, 64));
+  app.add_option("--heads", c.heads, "attention heads (divide the width)")->capture_default_str()->check(CLI::Range(1, 256));
+  app.add_option("--context", c.context, "tokens per sequence")->capture_default_str()->check(CLI::Range(2, 1 << 14));
+  app.add_option("--batch", c.batch, "sequences per step")->capture_default_str()->check(CLI::Range(1, 1 << 14));
+  app.add_option("--warmup", c.warmup, "share of the steps warming up")->capture_default_str()->check(CLI::Range(0.0, 1.0));
+  app.add_option("--weight-decay", c.weight_decay, "decoupled weight decay of both optimizers")->capture_default_str()->check(CLI::NonNegativeNumber);
+  app.add_option("--muon-lr", c.muon_lr, "peak rates to sweep for Muon (+ AdamW on the rest)")->capture_default_str()->check(CLI::PositiveNumber);
+  app.add_option("--adamw-lr", c.adamw_lr, "peak rates to sweep for AdamW alone")->capture_default_str()->check(CLI::PositiveNumber);
+  app.add_option("--eval-every", c.eval_every, "steps between validation losses")->capture_default_str()->check(CLI::PositiveNumber);
+  app.add_option("--eval-batches", c.eval_batches, "batches of the validation loss")->capture_default_str()->check(CLI::PositiveNumber);
+  app.add_option("--seed", c.seed, "initial weights and batch order")->capture_default_str();
+  app.add_option("--split", c.split, "which tenth of the fortunes is held out")->capture_default_str()->check(CLI::Range(0, 9));
+  app.add_option("--csv", c.csv, "write every run's validation curve here");
+  app.add_flag("--check-resume", c.check_resume, "also check that a Muon run saved and resumed halfway ends on the same bits");
+  CLI11_PARSE(app, argc, argv);
+  if (c.width % c.heads != 0) {
+    std::fprintf(stderr, "--heads: %d does not divide --width %d\n", c.heads, c.width);
+    return 2;
+  }
+  if (c.muon_lr.empty() || c.adamw_lr.empty()) {
+    std::fprintf(stderr, "--muon-lr and --adamw-lr: at least one rate each\n");
+    return 2;
+  }
+  try {
+    const Text text = read_text(c);
+    std::printf("text: %lld training and %lld validation bytes; model: width %d, %d layers, %d heads, "
+                "context %d, batch %d, %d steps\n",
+                static_cast<long long>(text.train.size(0)), static_cast<long long>(text.validation.size(0)),
+                c.width, c.layers, c.heads, c.context, c.batch, c.steps);
+    {
+      Gpt model = fresh_model(c);
+      std::printf("%s\n", muon_routing(model, c, c.muon_lr[0]).table().c_str());
+    }
+    std::vector<Run> runs;
+    for (double lr : c.adamw_lr) runs.push_back(train_adamw(c, text, lr));
+    for (double lr : c.muon_lr) runs.push_back(train_muon(c, text, lr));
+    if (!c.csv.empty()) write_csv(c.csv, runs);
+
+    std::printf("optimizer  peak lr   final validation loss   train s   in step() s   SVD entropy\n");
+    for (const Run& r : runs)
+      std::printf("%-9s  %-8.3g  %21.4f   %7.1f   %11.1f   %11.3f\n", r.optimizer.c_str(), r.lr,
+                  r.final_loss(), r.seconds.back(), r.step_seconds, r.entropy);
+    const Run& adamw = best_of(runs, "AdamW");
+    const Run& muon = best_of(runs, "Muon");
+    const double target = adamw.final_loss();
+    const int at = first_below(muon, target);
+    std::printf("\nAdamW's best final validation loss: %.4f (lr %.3g, %d steps)\n", target, adamw.lr, c.steps);
+    if (at < 0) {
+      std::printf("steps to AdamW's loss: Muon (lr %.3g) does not reach it in %d steps (its final loss %.4f)\n",
+                  muon.lr, c.steps, muon.final_loss());
+    } else {
+      std::printf("steps to AdamW's loss: Muon (lr %.3g) %d (%.0f%% of AdamW's), wall time %.1f s "
+                  "against %.1f s\n",
+                  muon.lr, muon.steps[at], 100.0 * muon.steps[at] / c.steps, muon.seconds[at],
+                  adamw.seconds.back());
+    }
+    std::printf("SVD entropy of the hidden matrices at the end (mean): Muon %.3f, AdamW %.3f\n",
+                muon.entropy, adamw.entropy);
+    if (c.check_resume) {
+      const bool same = resume_is_exact(c, text, c.muon_lr[0]);
+      std::printf("\nMuon resumed from a torch::save checkpoint at step %d: %s\n", c.steps / 2,
+                  same ? "the same weights, bit for bit" : "DIFFERENT weights");
+      if (!same) return 1;
+    }
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "gpt_muon_vs_adamw: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}
