@@ -162,7 +162,9 @@ struct GptImpl : torch::nn::Module {
   torch::nn::ModuleList blocks;
   RMSNorm norm{nullptr};
   torch::nn::Linear head{nullptr};
-  explicit GptImpl(const Config& c) {
+  torch::Tensor future;  // the causal mask: true above the diagonal, made once
+  explicit GptImpl(const Config& c)
+      : future(torch::ones({c.context, c.context}, torch::kBool).triu(1)) {
     token_embed = register_module("token_embed", torch::nn::Embedding(256, c.width));
     position_embed = register_module("position_embed", torch::nn::Embedding(c.context, c.width));
     blocks = register_module("blocks", torch::nn::ModuleList());
@@ -172,9 +174,9 @@ struct GptImpl : torch::nn::Module {
   }
   torch::Tensor forward(const torch::Tensor& tokens) {
     const int64_t t = tokens.size(1);
-    const torch::Tensor future = torch::ones({t, t}, torch::kBool).triu(1);
+    const torch::Tensor mask = future.slice(0, 0, t).slice(1, 0, t);
     torch::Tensor x = token_embed(tokens) + position_embed(torch::arange(t));
-    for (const auto& block : *blocks) x = block->as<Block>()->forward(x, future);
+    for (const auto& block : *blocks) x = block->as<Block>()->forward(x, mask);
     return head(norm(x));
   }
 };
@@ -189,14 +191,13 @@ torch::Tensor loss_of(Gpt& model, const std::pair<torch::Tensor, torch::Tensor>&
 double validation_loss(Gpt& model, const Text& t, const Config& c) {
   torch::NoGradGuard no_grad;
   const int64_t last = t.validation.size(0) - c.context - 1;
+  const torch::Tensor starts =
+      torch::linspace(0, last, c.batch * c.eval_batches, torch::kFloat64).to(torch::kInt64);
   double sum = 0;
-  for (int b = 0; b < c.eval_batches; ++b) {
-    const torch::Tensor starts =
-        torch::linspace(0, last, c.batch * c.eval_batches, torch::kFloat64)
-            .slice(0, b * c.batch, (b + 1) * c.batch)
-            .to(torch::kInt64);
-    sum += loss_of(model, windows(t.validation, starts, c.context)).item<double>();
-  }
+  for (int b = 0; b < c.eval_batches; ++b)
+    sum += loss_of(model, windows(t.validation, starts.slice(0, b * c.batch, (b + 1) * c.batch),
+                                  c.context))
+               .item<double>();
   return sum / c.eval_batches;
 }
 
