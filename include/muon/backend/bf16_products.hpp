@@ -269,8 +269,7 @@ void for_each_task(std::size_t n, F& f) {
     for (std::size_t i = 0; i < n; ++i) f(i, 0);
     return;
   }
-  worker_pool().run(
-      n, [](void* ctx, std::size_t i, int worker) { (*static_cast<F*>(ctx))(i, worker); }, &f);
+  worker_pool().run(n, f);
 }
 
 /// The part of C += (pc > 0) / = (pc == 0) A[rows, pc:pc+kc] B[pc:pc+kc, jc:jc+nc] that lies in
@@ -285,7 +284,8 @@ inline void row_block(Operand a, index_t ic, index_t mc, index_t pc, index_t kc,
   // Not when its rows lie a multiple of 4 KB apart: the 12 rows then share one set of the L1
   // cache and evict each other (measured at 2048 x 2048: 12% slower than packing; at
   // 1024 x 1024 reading in place is ~10% faster).
-  const bool direct = a.cs == 1 && kc % 2 == 0 && a.rs % 2048 != 0;
+  const bool direct =
+      a.cs == 1 && kc % 2 == 0 && (a.rs * static_cast<index_t>(sizeof(Bits))) % 4096 != 0;
   const index_t full_rows = direct ? mc / kMR * kMR : 0;
   if (full_rows < mc) pack_a(a, ic + full_rows, mc - full_rows, pc, kc, packed_a);
   for (index_t jr = 0; jr < nc; jr += kNR)

@@ -248,10 +248,7 @@ class EigenBackend {
   /// Calls f(i, worker) for every i < n on the workers (the BLAS on one thread meanwhile).
   template <class F>
   void side_by_side(std::size_t n, F&& f) const {
-    using Fn = std::remove_reference_t<F>;
-    cpu::worker_pool().run(
-        n, [](void* c, std::size_t i, int w) { (*static_cast<Fn*>(c))(i, w); },
-        const_cast<void*>(static_cast<const void*>(&f)));
+    cpu::worker_pool().run(n, f);
   }
 
   // ---- elementwise -----------------------------------------------------------------------

@@ -16,6 +16,7 @@
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -134,6 +135,15 @@ class WorkerPool {
     std::unique_lock lock(mutex_);
     done_.wait(lock, [&] { return pending_ == 0; });
     if (error_) std::rethrow_exception(std::exchange(error_, nullptr));
+  }
+
+  /// run() for any callable f(i, worker), which must outlive the call.
+  template <class F>
+  void run(std::size_t n, F&& f) {
+    using Fn = std::remove_reference_t<F>;
+    run(
+        n, [](void* c, std::size_t i, int worker) { (*static_cast<Fn*>(c))(i, worker); },
+        const_cast<void*>(static_cast<const void*>(&f)));
   }
 
  private:

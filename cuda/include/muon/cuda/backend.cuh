@@ -173,12 +173,12 @@ void CudaBackend::adamw(MatrixView<T, DeviceSpace> w, MatrixView<const T, Device
 
 template <class T>
 std::optional<MatrixView<T, DeviceSpace>> CudaBackend::try_newton_schulz(
-      NewtonSchulzScratch<T>& scratch, MatrixView<T, DeviceSpace> x, MatrixView<T, DeviceSpace> y,
+      NewtonSchulzScratch<T>&, MatrixView<T, DeviceSpace> x, MatrixView<T, DeviceSpace> y,
       MatrixView<T, DeviceSpace>, MatrixView<T, DeviceSpace>,
       std::span<const Coefficients> schedule, double norm_scale, double eps,
       NewtonSchulzMethod method) const {
   if constexpr (std::is_same_v<T, float>) {
-    if (reserve_newton_schulz<T>(scratch, x.rows(), x.cols(), method)) {
+    if (reduced_precision_newton_schulz()) {
       newton_schulz_batched(MatrixView<const float, DeviceSpace>(x), 0, y, 0, 1, schedule,
                             norm_scale, eps, options_.newton_schulz, method);
       return y;

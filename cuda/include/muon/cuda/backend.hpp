@@ -256,10 +256,14 @@ class CudaBackend {
   template <class T>
   using NewtonSchulzScratch = std::tuple<>;
   /// Whether float matrices run in bf16 or fp16 (CudaOptions::newton_schulz).
+  [[nodiscard]] bool reduced_precision_newton_schulz() const {
+    return options_.newton_schulz == Precision::bf16 || options_.newton_schulz == Precision::fp16;
+  }
+  /// Nothing to size (the buffers are the backend's); says whether this backend runs the
+  /// iteration of a T matrix itself.
   template <class T>
   bool reserve_newton_schulz(NewtonSchulzScratch<T>&, index_t, index_t, NewtonSchulzMethod) const {
-    return std::is_same_v<T, float> &&
-           (options_.newton_schulz == Precision::bf16 || options_.newton_schulz == Precision::fp16);
+    return std::is_same_v<T, float> && reduced_precision_newton_schulz();
   }
   /// Runs the whole iteration in reduced precision on a k x n (k <= n) float matrix when
   /// CudaOptions::newton_schulz asks for bf16 or fp16, and returns the view holding the
