@@ -6,3 +6,18 @@
 #include "muon/diagnostics.hpp"
 #include "muon/muon.hpp"
 #include "muon/reference.hpp"
+
+// The compiled mode (CMake target muon::compiled, which defines MUON_COMPILED): the CPU
+// optimizer's step for float and double is compiled once, in that library, and a program
+// that includes this header compiles only what it calls besides (about a quarter of the
+// header-only time; docs/building.md). Same headers and flags, so the same code runs.
+#if defined(MUON_COMPILED) && MUON_COMPILED
+namespace muon {
+extern template class detail::OptimizerCore<Optimizer<EigenBackend, float>, EigenBackend, float,
+                                            detail::WholeMatrix>;
+extern template class detail::OptimizerCore<Optimizer<EigenBackend, double>, EigenBackend, double,
+                                            detail::WholeMatrix>;
+extern template class Optimizer<EigenBackend, float>;
+extern template class Optimizer<EigenBackend, double>;
+}  // namespace muon
+#endif

@@ -17,12 +17,16 @@ Eigen::MatrixXd to_double(MatrixView<const T> x) {
   return out;
 }
 
-inline Eigen::VectorXd singular_values(const Eigen::MatrixXd& x) {
+// Templates, not inline functions, so that a program which includes this header without
+// calling them does not compile Eigen's SVD (about 20 s of g++ per translation unit).
+template <int = 0>
+Eigen::VectorXd singular_values(const Eigen::MatrixXd& x) {
   return Eigen::BDCSVD<Eigen::MatrixXd>(x).singularValues();
 }
 
 /// msign(X) = U V^T of the thin SVD X = U S V^T (zero singular values give zero directions).
-inline Eigen::MatrixXd msign(const Eigen::MatrixXd& x) {
+template <int = 0>
+Eigen::MatrixXd msign(const Eigen::MatrixXd& x) {
   if (x.size() == 0) return x;
   Eigen::BDCSVD<Eigen::MatrixXd> svd(x, Eigen::ComputeThinU | Eigen::ComputeThinV);
   const Eigen::VectorXd& s = svd.singularValues();

@@ -1,7 +1,7 @@
 #pragma once
 // The byte-level pieces of muon's optimizer-state format: little-endian integers and scalars,
 // length-prefixed strings, and a trailing FNV-1a 64-bit checksum of everything before it
-// (any single changed byte changes it). The layout itself is documented in optimizer.hpp.
+// (any single changed byte changes it). The layout itself is documented in core/state_file.hpp.
 #include <algorithm>
 #include <bit>
 #include <cmath>

@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """Writes the fuzzers' seed corpora (tests/fuzz/corpus/{npy,state,api}/).
 
-The state files are written here from the layout documented in include/muon/optimizer.hpp,
+The state files are written here from the layout documented in include/muon/core/state_file.hpp,
 independently of the C++ writer, for the model in fuzz_state.cpp (muon 'w' 3x2, adamw 'b' 1x4,
-double). tests/test_state.cpp loads corpus/state/valid.bin and checks the values below.
+double). tests/test_state.cpp loads corpus/state/valid.bin and checks the values below;
+tests/test_sharded.cpp loads corpus/state/valid_sharded.bin, the same state in the sharded
+layout (rank 0 of 1).
 
 Regenerate: /usr/bin/python3 tests/fuzz/make_corpus.py tests/fuzz/corpus
 """
@@ -15,6 +17,7 @@ import sys
 import numpy as np
 
 MAGIC = b"\x89MUON\r\n\x1a"
+SHARDED_MAGIC = b"\x89MUONDP\x1a"
 
 
 def fnv1a64(data: bytes) -> int:
@@ -37,8 +40,20 @@ def state_body(steps=1):
     return out
 
 
-def framed(body: bytes) -> bytes:
-    head = MAGIC + struct.pack("<I", 1) + body
+def sharded_state_body(steps):
+    """The sharded layout, after the version field, without the checksum: rank 0 of 1,
+    owner_compute, each parameter's slice whole."""
+    out = struct.pack("<IIIBQQ", 8, 1, 0, 0, steps, 2)
+    out += struct.pack("<BQ", 0, 1) + b"w" + struct.pack("<6QQ", 3, 2, 0, 0, 3, 2, 0)
+    out += struct.pack("<6d", *[0.1 * (i + 1) for i in range(6)])
+    out += struct.pack("<BQ", 1, 1) + b"b" + struct.pack("<6QQ", 1, 4, 0, 0, 1, 4, 7)
+    out += struct.pack("<4d", *[-(i + 1.0) for i in range(4)])
+    out += struct.pack("<4d", *[0.5 * (i + 1) for i in range(4)])
+    return out
+
+
+def framed(body: bytes, magic=MAGIC) -> bytes:
+    head = magic + struct.pack("<I", 1) + body
     return head + struct.pack("<Q", fnv1a64(head))
 
 
@@ -54,6 +69,7 @@ def main(root):
     os.makedirs(os.path.join(root, "api"), exist_ok=True)
     seeds = {
         "state/valid.bin": framed(state_body(steps=5)),
+        "state/valid_sharded.bin": framed(sharded_state_body(steps=5), SHARDED_MAGIC),
         "state/framed_body": b"F" + state_body(steps=5),
         "state/wrong_scalar": b"F" + struct.pack("<I", 4) + state_body()[4:],
         "state/no_params": b"F" + struct.pack("<IQQ", 8, 0, 0),

@@ -24,12 +24,15 @@
 // and, when exchanges (zero1 moves the Newton-Schulz inputs instead of the updated matrices):
 //   bool orthogonalizes_after_exchange()     View exchange_input(Param&)   View saved_piece(Param&)
 //   void gathered_input(Param&, const Part&, View)   void restore_momentum(Param&, const Part&)
+// and the state file's hooks (core/state_file.hpp).
 #include <algorithm>
 #include <array>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <istream>
 #include <limits>
+#include <ostream>
 #include <string>
 #include <utility>
 #include <vector>
@@ -210,55 +213,15 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
   // ---- the step --------------------------------------------------------------------------
   /// One optimizer step over every parameter that has a gradient. Gradients are checked for
   /// NaN/Inf first; if one is found nothing is modified (see NonFinitePolicy).
-  StepReport step() {
-    const auto entered = enter("step");
-    check_watched_storage();
-    Derived& d = self();
-    d.prepare_step();
-    const Param* bad = first_nonfinite_grad();
-    if (d.refused_together(bad)) return d.refuse(bad);
-    d.reduce_gradients();
-    std::size_t updated = 0;
-    chunks_.clear();
-    for (std::size_t i = 0; i < params_.size(); ++i) {
-      Param& p = params_[i];
-      if (!p.takes_part()) continue;
-      ++updated;
-      if (!rules::All::orthogonalizes(p.rule)) {
-        queue_elementwise(i);
-        continue;
-      }
-      if constexpr (Derived::exchanges) {  // zero1: this rank's slice of U goes to the others
-        const Piece mine = d.piece(p);
-        if (!d.orthogonalizes_after_exchange() || mine.empty()) continue;
-        rules::All::visit(p.rule, [&](auto rule) {
-          using R = decltype(rule);
-          if constexpr (R::orthogonalizes) {
-            const View m = state_views(p, mine)[0];
-            if (checked()) backend_.copy(ConstView(m), d.saved_piece(p));
-            R::accumulate(backend_, m, d.gradient(p), d.exchange_input(p),
-                          R::options(groups_[p.group].options));
-          }
-        });
-      }
-    }
-    // The elementwise pieces, and the matrices whose inputs are here (not zero1's), together.
-    const bool after = after_exchange();
-    run_tasks(!after);
-    for (Param& p : params_)
-      if (p.takes_part() && !rules::All::orthogonalizes(p.rule)) {
-        ++p.updates;
-        d.publish(p, nullptr);
-      }
-    Tally tally = d.exchange(after ? Tally{} : local_tally());
-    if (after) {
-      chunks_.clear();
-      run_tasks(true);
-      tally = local_tally();
-    }
-    ++steps_;
-    return finish(updated, tally);
-  }
+  StepReport step();  // defined below the class: see there
+
+  // ---- state files (core/state_file.hpp: the layout) -----------------------------------
+  /// Writes the state: the step counts and each rule's buffers over the part of every
+  /// parameter held here (ShardedOptimizer: collective, one file per rank).
+  void save_state(std::ostream& out);
+  /// Restores a state saved by an optimizer with the same parameters (names, rules, shapes, in
+  /// registration order), Scalar and placement. On any error nothing changes (on any rank).
+  void load_state(std::istream& in);
 
  protected:
   using Buffer = typename B::template Buffer<T>;
@@ -320,6 +283,15 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
                        ") holds NaN or Inf, which NonFinitePolicy::error and skip never write "
                        "(saved under unchecked?); nothing was changed");
   }
+  // State files (core/state_file.hpp).
+  struct LoadedRecord {
+    std::uint64_t updates;
+    const char* data;  // the parameter's buffers in the file's bytes
+  };
+  static constexpr std::size_t state_extent_count() { return Derived::slices_state ? 6 : 2; }
+  static std::array<std::uint64_t, 6> state_extents(const Param& p, const Piece& piece);
+  std::uint64_t parse_state(const std::string& bytes, std::vector<LoadedRecord>& records);
+
   [[nodiscard]] bool after_exchange() {
     if constexpr (Derived::exchanges)
       return self().orthogonalizes_after_exchange();
@@ -774,5 +746,61 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
   Buffer batch_in_, batch_out_, batch_saved_;
 };
 
+// Out of the class body, so not implicitly inline: where a translation unit declares the
+// optimizer's instantiation extern (MUON_COMPILED, muon/eigen.hpp), g++ then leaves step()
+// and everything it calls to the compiled library instead of compiling them again.
+template <class Derived, class B, class T, class ParamExtra>
+StepReport OptimizerCore<Derived, B, T, ParamExtra>::step() {
+  const auto entered = enter("step");
+  check_watched_storage();
+  Derived& d = self();
+  d.prepare_step();
+  const Param* bad = first_nonfinite_grad();
+  if (d.refused_together(bad)) return d.refuse(bad);
+  d.reduce_gradients();
+  std::size_t updated = 0;
+  chunks_.clear();
+  for (std::size_t i = 0; i < params_.size(); ++i) {
+    Param& p = params_[i];
+    if (!p.takes_part()) continue;
+    ++updated;
+    if (!rules::All::orthogonalizes(p.rule)) {
+      queue_elementwise(i);
+      continue;
+    }
+    if constexpr (Derived::exchanges) {  // zero1: this rank's slice of U goes to the others
+      const Piece mine = d.piece(p);
+      if (!d.orthogonalizes_after_exchange() || mine.empty()) continue;
+      rules::All::visit(p.rule, [&](auto rule) {
+        using R = decltype(rule);
+        if constexpr (R::orthogonalizes) {
+          const View m = state_views(p, mine)[0];
+          if (checked()) backend_.copy(ConstView(m), d.saved_piece(p));
+          R::accumulate(backend_, m, d.gradient(p), d.exchange_input(p),
+                        R::options(groups_[p.group].options));
+        }
+      });
+    }
+  }
+  // The elementwise pieces, and the matrices whose inputs are here (not zero1's), together.
+  const bool after = after_exchange();
+  run_tasks(!after);
+  for (Param& p : params_)
+    if (p.takes_part() && !rules::All::orthogonalizes(p.rule)) {
+      ++p.updates;
+      d.publish(p, nullptr);
+    }
+  Tally tally = d.exchange(after ? Tally{} : local_tally());
+  if (after) {
+    chunks_.clear();
+    run_tasks(true);
+    tally = local_tally();
+  }
+  ++steps_;
+  return finish(updated, tally);
+}
+
 }  // namespace detail
 }  // namespace muon
+
+#include "muon/core/state_file.hpp"  // save_state / load_state, defined there

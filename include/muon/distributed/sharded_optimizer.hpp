@@ -60,7 +60,6 @@
 #include "muon/core/optimizer_core.hpp"
 #include "muon/core/registration.hpp"
 #include "muon/distributed/communicator.hpp"
-#include "muon/optimizer.hpp"
 #include "muon/serialize.hpp"
 
 namespace muon {
@@ -181,76 +180,10 @@ class ShardedOptimizer
   }
 
   // ---- state (per rank) ------------------------------------------------------------------
-  /// Writes this rank's state. Collective: call on every rank.
-  void save_state(std::ostream& out) {
-    const auto entered = this->enter("save_state");
-    agree(false);
-    detail::StateWriter w;
-    w.put_raw(std::string_view(kMagic, sizeof kMagic));
-    w.put<std::uint32_t>(detail::kStateVersion);
-    w.put<std::uint32_t>(sizeof(T));
-    w.put<std::uint32_t>(static_cast<std::uint32_t>(comm_.size()));
-    w.put<std::uint32_t>(static_cast<std::uint32_t>(comm_.rank()));
-    w.put<std::uint8_t>(static_cast<std::uint8_t>(strategy_));
-    w.put<std::uint64_t>(steps_);
-    w.put<std::uint64_t>(params_.size());
-    std::vector<T> host;
-    for (Param& p : params_) {
-      const Piece& mine = p.pieces[comm_.rank()];
-      w.put<std::uint8_t>(static_cast<std::uint8_t>(p.rule));
-      w.put_string(p.name);
-      for (index_t e : {p.value.rows(), p.value.cols(), mine.row0, mine.col0, mine.rows, mine.cols})
-        w.put<std::uint64_t>(static_cast<std::uint64_t>(e));
-      w.put<std::uint64_t>(p.updates);
-      host.resize(static_cast<std::size_t>(mine.size()));
-      for (std::size_t b = 0; b < rules::All::buffers(p.rule); ++b) {
-        backend_.copy_to_host(ConstView(backend_.view(p.state[b], mine.rows, mine.cols)), host.data());
-        w.put_array(host.data(), host.size());
-      }
-    }
-    const std::string bytes = w.finish();
-    out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-    if (comm_.all_reduce_max(out ? 0 : 1) != 0)
-      throw StateError("muon: save_state: writing the optimizer state failed on " +
-                       std::string(out ? "another rank" : "this rank"));
-  }
-
-  /// Restores state saved at the same world size, strategy and registration. Collective: if
-  /// any rank's state is refused, every rank throws and no rank changes anything.
-  void load_state(std::istream& in) {
-    const auto entered = this->enter("load_state");
-    agree(false);
-    std::string error;
-    std::string bytes;
-    std::vector<const char*> data;
-    std::vector<std::uint64_t> updates;
-    std::uint64_t steps = 0;
-    try {
-      bytes = detail::read_all(in, "load_state");
-      steps = parse_state(bytes, data, updates);
-    } catch (const StateError& e) {
-      error = e.what();
-    }
-    if (comm_.all_reduce_max(error.empty() ? 0 : 1) != 0)
-      throw StateError(error.empty() ? "muon: load_state: the state was refused on another rank; "
-                                       "nothing was changed"
-                                     : error);
-    std::vector<T> host;
-    for (std::size_t i = 0; i < params_.size(); ++i) {  // nothing can fail from here on
-      Param& p = params_[i];
-      const Piece& mine = p.pieces[comm_.rank()];
-      const auto n = static_cast<std::size_t>(mine.size());
-      host.resize(n);
-      const char* src = data[i];
-      for (std::size_t b = 0; b < rules::All::buffers(p.rule); ++b) {
-        detail::from_little_endian(src, n, host.data());
-        backend_.copy_from_host(host.data(), backend_.view(p.state[b], mine.rows, mine.cols));
-        src += n * sizeof(T);
-      }
-      p.updates = updates[i];
-    }
-    steps_ = steps;
-  }
+  // save_state(std::ostream&) writes this rank's state; load_state(std::istream&) restores a
+  // state saved at the same world size, strategy and registration. Both are collective: if any
+  // rank's state is refused, every rank throws and no rank changes anything. The layout is in
+  // core/state_file.hpp.
 
  private:
   friend Core;
@@ -265,6 +198,40 @@ class ShardedOptimizer
   using Core::steps_;
   using Core::block;
   static constexpr char kMagic[8] = {'\x89', 'M', 'U', 'O', 'N', 'D', 'P', '\x1a'};
+
+  // ---- the state file's hooks (core/state_file.hpp) ---------------------------------------
+  static constexpr bool slices_state = true;
+  static std::string_view state_magic() { return {kMagic, sizeof kMagic}; }
+  static const char* state_kind() { return "sharded muon optimizer state"; }
+  void write_state_header(detail::StateWriter& w) const {
+    w.put<std::uint32_t>(static_cast<std::uint32_t>(comm_.size()));
+    w.put<std::uint32_t>(static_cast<std::uint32_t>(comm_.rank()));
+    w.put<std::uint8_t>(static_cast<std::uint8_t>(strategy_));
+  }
+  void read_state_header(detail::StateReader& r) const {
+    const auto world = r.get<std::uint32_t>("world size");
+    const auto rank = r.get<std::uint32_t>("rank");
+    const auto strategy = r.get<std::uint8_t>("strategy");
+    if (world != std::uint32_t(comm_.size()) || rank != std::uint32_t(comm_.rank()) ||
+        strategy != std::uint8_t(strategy_))
+      throw StateError("muon: load_state: the state was saved by rank " + std::to_string(rank) +
+                       " of " + std::to_string(world) + " (strategy " + std::to_string(strategy) +
+                       ") but this is rank " + std::to_string(comm_.rank()) + " of " +
+                       std::to_string(comm_.size()) + " (" + to_string(strategy_) +
+                       "); reload at the same world size and strategy");
+  }
+  void state_begin() { agree(false); }  // lays out, and checks the ranks agree
+  void state_verdict(const std::string& error) {
+    if (comm_.all_reduce_max(error.empty() ? 0 : 1) != 0)
+      throw StateError(error.empty() ? "muon: load_state: the state was refused on another rank; "
+                                       "nothing was changed"
+                                     : error);
+  }
+  void state_written(bool ok) {
+    if (comm_.all_reduce_max(ok ? 0 : 1) != 0)
+      throw StateError("muon: save_state: writing the optimizer state failed on " +
+                       std::string(ok ? "another rank" : "this rank"));
+  }
 
   // ---- the placement hooks of detail::OptimizerCore ----------------------------------------
   static constexpr bool exchanges = true;
@@ -518,60 +485,6 @@ class ShardedOptimizer
       c += static_cast<double>(std::min(q.rows, q.cols)) * static_cast<double>(q.rows) *
            static_cast<double>(q.cols);
     return c;
-  }
-
-  /// Pass 1 of load_state: checks everything, returns the step count and where data is.
-  std::uint64_t parse_state(const std::string& bytes, std::vector<const char*>& data,
-                            std::vector<std::uint64_t>& updates) {
-    const std::string_view all(bytes);
-    constexpr std::size_t kHead = sizeof kMagic + 4, kSum = 8;
-    if (all.size() < sizeof kMagic || all.substr(0, sizeof kMagic) != std::string_view(kMagic, sizeof kMagic))
-      throw StateError("muon: load_state: not a sharded muon optimizer state (bad magic bytes)");
-    if (all.size() < kHead + kSum ||
-        detail::fnv1a64(all.substr(0, all.size() - kSum)) !=
-            detail::StateReader(all.substr(all.size() - kSum)).get<std::uint64_t>("checksum"))
-      throw StateError("muon: load_state: checksum mismatch: the state is truncated or corrupted");
-    detail::StateReader head(all.substr(sizeof kMagic, 4));
-    if (head.get<std::uint32_t>("version") != detail::kStateVersion)
-      throw StateError("muon: load_state: unsupported state format version");
-    detail::StateReader r(all.substr(kHead, all.size() - kHead - kSum));
-    const auto scalar = r.get<std::uint32_t>("scalar size");
-    const auto world = r.get<std::uint32_t>("world size");
-    const auto rank = r.get<std::uint32_t>("rank");
-    const auto strategy = r.get<std::uint8_t>("strategy");
-    if (scalar != sizeof(T) || world != std::uint32_t(comm_.size()) ||
-        rank != std::uint32_t(comm_.rank()) || strategy != std::uint8_t(strategy_))
-      throw StateError("muon: load_state: the state was saved by rank " + std::to_string(rank) +
-                       " of " + std::to_string(world) + " (" + std::to_string(scalar) +
-                       "-byte scalars, strategy " + std::to_string(strategy) + ") but this is rank " +
-                       std::to_string(comm_.rank()) + " of " + std::to_string(comm_.size()) +
-                       " (" + std::to_string(sizeof(T)) + "-byte scalars, " + to_string(strategy_) +
-                       "); reload at the same world size and strategy");
-    const auto steps = r.get<std::uint64_t>("step count");
-    if (r.get<std::uint64_t>("parameter count") != params_.size())
-      throw StateError("muon: load_state: the state has a different number of parameters");
-    for (const Param& p : params_) {
-      const Piece& mine = p.pieces[comm_.rank()];
-      const auto rule = r.get<std::uint8_t>("rule");
-      const std::string name = r.get_string(1 << 20, "parameter name");
-      std::uint64_t e[6];
-      for (auto& x : e) x = r.get<std::uint64_t>("extent");
-      const std::uint64_t want[6] = {std::uint64_t(p.value.rows()), std::uint64_t(p.value.cols()),
-                                     std::uint64_t(mine.row0),      std::uint64_t(mine.col0),
-                                     std::uint64_t(mine.rows),      std::uint64_t(mine.cols)};
-      if (rule != std::uint8_t(p.rule) || name != p.name || !std::equal(e, e + 6, want))
-        throw StateError("muon: load_state: parameter '" + name + "' in the state does not match '" +
-                         p.name + "' (" + detail::shape_string(p.value.rows(), p.value.cols()) +
-                         ") here: name, rule, shape or slice differ");
-      updates.push_back(r.get<std::uint64_t>("parameter step count"));
-      const std::size_t n = static_cast<std::size_t>(mine.size()) * rules::All::buffers(p.rule);
-      data.push_back(r.take(n, sizeof(T), "state buffer"));
-      this->check_loaded_state(p, data.back(), n);
-    }
-    if (r.remaining() != 0)
-      throw StateError("muon: load_state: " + std::to_string(r.remaining()) +
-                       " unexpected bytes after the last parameter");
-    return steps;
   }
 
   // ---- views of pieces ---------------------------------------------------------------------
