@@ -26,6 +26,7 @@
 #include "muon/core/backend.hpp"
 #include "muon/core/optimizer_core.hpp"
 #include "muon/core/registration.hpp"
+#include "muon/core/state_file.hpp"
 #include "muon/serialize.hpp"
 
 namespace muon {

@@ -24,7 +24,8 @@
 // and, when exchanges (zero1 moves the Newton-Schulz inputs instead of the updated matrices):
 //   bool orthogonalizes_after_exchange()     View exchange_input(Param&)   View saved_piece(Param&)
 //   void gathered_input(Param&, const Part&, View)   void restore_momentum(Param&, const Part&)
-// and the state file's hooks (core/state_file.hpp).
+// and the state file's hooks (core/state_file.hpp, which defines save_state and load_state;
+// a placement's header includes it).
 #include <algorithm>
 #include <array>
 #include <atomic>
@@ -802,5 +803,3 @@ StepReport OptimizerCore<Derived, B, T, ParamExtra>::step() {
 
 }  // namespace detail
 }  // namespace muon
-
-#include "muon/core/state_file.hpp"  // save_state / load_state, defined there

@@ -1,6 +1,6 @@
 #pragma once
-// Internal header (core/optimizer_core.hpp includes it at its end): save_state and load_state
-// of detail::OptimizerCore, one codec for both placements. Little-endian throughout, each
+// Internal header (the placements' headers include it): save_state and load_state of
+// detail::OptimizerCore, one codec for both placements. Little-endian throughout, each
 // field as serialize.hpp writes it:
 //
 //   magic, 8 bytes           "\x89MUON\r\n\x1a" (muon::Optimizer) or "\x89MUONDP\x1a"
