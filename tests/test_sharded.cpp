@@ -3,8 +3,6 @@
 // The same checks run under MPI in tests/mpi/sharded_mpi.cpp.
 #include <algorithm>
 #include <catch2/catch.hpp>
-#include <fstream>
-#include <iterator>
 #include <limits>
 #include <random>
 #include <sstream>
@@ -519,9 +517,8 @@ TEST_CASE("a sharded state file written by an independent writer loads and saves
           "[sharded][state]") {
   // tests/fuzz/make_corpus.py writes valid_sharded.bin from the documented layout in Python:
   // rank 0 of 1, owner_compute, steps 5, muon 'w' 3x2 and adamw 'b' 1x4 (7 AdamW steps).
-  std::ifstream file(MUON_GOLDEN_DIR "/../fuzz/corpus/state/valid_sharded.bin", std::ios::binary);
-  REQUIRE(file);
-  const std::string bytes{std::istreambuf_iterator<char>(file), std::istreambuf_iterator<char>()};
+  const std::string bytes = read_bytes(golden_path("../fuzz/corpus/state/valid_sharded.bin"));
+  REQUIRE(!bytes.empty());
   std::string saved;
   std::uint64_t steps = 0;
   muon::ThreadGroup::run(1, [&](muon::ThreadCommunicator comm) {

@@ -199,9 +199,8 @@ TEST_CASE("a state file written by an independent writer loads with the values i
           "[state]") {
   // tests/fuzz/make_corpus.py writes valid.bin from the documented layout in Python: steps 5,
   // muon 'w' 3x2 with M[i] = 0.1 (i + 1), adamw 'b' 1x4 with m[i] = -(i + 1), v[i] = (i + 1)/2.
-  std::ifstream file(MUON_GOLDEN_DIR "/../fuzz/corpus/state/valid.bin", std::ios::binary);
-  REQUIRE(file);
-  const std::string bytes{std::istreambuf_iterator<char>(file), std::istreambuf_iterator<char>()};
+  const std::string bytes = read_bytes(golden_path("../fuzz/corpus/state/valid.bin"));
+  REQUIRE(!bytes.empty());
   Mat<double> w(3, 2), gw(3, 2), b(1, 4), gb(1, 4);
   w.setZero(); gw.setZero(); b.setZero(); gb.setZero();
   muon::Optimizer<muon::EigenBackend, double> opt;

@@ -6,6 +6,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <iterator>
 #include <map>
 #include <random>
 #include <sstream>
@@ -87,6 +88,11 @@ auto cview(const M& m) {
 }
 
 inline std::string golden_path(const std::string& file) { return std::string(MUON_GOLDEN_DIR) + "/" + file; }
+/// A file's bytes, or an empty string where it cannot be read.
+inline std::string read_bytes(const std::string& path) {
+  std::ifstream file(path, std::ios::binary);
+  return {std::istreambuf_iterator<char>(file), std::istreambuf_iterator<char>()};
+}
 
 /// One line of tests/golden/cases.txt: kind, name, shape and key=value options.
 struct GoldenCase {

@@ -8,9 +8,10 @@
 #include "muon/reference.hpp"
 
 // The compiled mode (CMake target muon::compiled, which defines MUON_COMPILED): the CPU
-// optimizer's step for float and double is compiled once, in that library, and a program
-// that includes this header compiles only what it calls besides (about a quarter of the
-// header-only time; docs/building.md). Same headers and flags, so the same code runs.
+// optimizer for float and double is compiled once, in that library; a program including this
+// header leaves step(), save_state() and load_state() (and all they call) to it and compiles
+// the rest (about a quarter of the header-only time; docs/building.md). Same headers and
+// flags, so the same code runs.
 #if defined(MUON_COMPILED) && MUON_COMPILED
 namespace muon {
 extern template class detail::OptimizerCore<Optimizer<EigenBackend, float>, EigenBackend, float,

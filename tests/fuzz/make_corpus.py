@@ -27,29 +27,31 @@ def fnv1a64(data: bytes) -> int:
     return h
 
 
+def records(sharded):
+    """The two parameters' records; sharded ones carry their piece (here the whole matrix)."""
+    def record(rule, name, rows, cols, updates, *buffers):
+        extents = (rows, cols) + ((0, 0, rows, cols) if sharded else ())
+        out = struct.pack("<BQ", rule, len(name)) + name
+        out += struct.pack(f"<{len(extents) + 1}Q", *extents, updates)
+        for values in buffers:
+            out += struct.pack(f"<{len(values)}d", *values)
+        return out
+    # muon 'w' 3x2: momentum M[i] = 0.1 * (i + 1)
+    out = record(0, b"w", 3, 2, 0, [0.1 * (i + 1) for i in range(6)])
+    # adamw 'b' 1x4, 7 AdamW steps: m[i] = -(i + 1), v[i] = 0.5 * (i + 1)
+    out += record(1, b"b", 1, 4, 7, [-(i + 1.0) for i in range(4)], [0.5 * (i + 1) for i in range(4)])
+    return out
+
+
 def state_body(steps=1):
     """Everything after the version field, without the checksum."""
-    out = struct.pack("<IQQ", 8, steps, 2)
-    # muon 'w' 3x2: momentum M[i] = 0.1 * (i + 1)
-    out += struct.pack("<BQ", 0, 1) + b"w" + struct.pack("<QQQ", 3, 2, 0)
-    out += struct.pack("<6d", *[0.1 * (i + 1) for i in range(6)])
-    # adamw 'b' 1x4, 7 AdamW steps: m[i] = -(i + 1), v[i] = 0.5 * (i + 1)
-    out += struct.pack("<BQ", 1, 1) + b"b" + struct.pack("<QQQ", 1, 4, 7)
-    out += struct.pack("<4d", *[-(i + 1.0) for i in range(4)])
-    out += struct.pack("<4d", *[0.5 * (i + 1) for i in range(4)])
-    return out
+    return struct.pack("<IQQ", 8, steps, 2) + records(sharded=False)
 
 
 def sharded_state_body(steps):
     """The sharded layout, after the version field, without the checksum: rank 0 of 1,
-    owner_compute, each parameter's slice whole."""
-    out = struct.pack("<IIIBQQ", 8, 1, 0, 0, steps, 2)
-    out += struct.pack("<BQ", 0, 1) + b"w" + struct.pack("<6QQ", 3, 2, 0, 0, 3, 2, 0)
-    out += struct.pack("<6d", *[0.1 * (i + 1) for i in range(6)])
-    out += struct.pack("<BQ", 1, 1) + b"b" + struct.pack("<6QQ", 1, 4, 0, 0, 1, 4, 7)
-    out += struct.pack("<4d", *[-(i + 1.0) for i in range(4)])
-    out += struct.pack("<4d", *[0.5 * (i + 1) for i in range(4)])
-    return out
+    owner_compute."""
+    return struct.pack("<IIIBQQ", 8, 1, 0, 0, steps, 2) + records(sharded=True)
 
 
 def framed(body: bytes, magic=MAGIC) -> bytes:

@@ -289,8 +289,7 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
     std::uint64_t updates;
     const char* data;  // the parameter's buffers in the file's bytes
   };
-  static constexpr std::size_t state_extent_count() { return Derived::slices_state ? 6 : 2; }
-  static std::array<std::uint64_t, 6> state_extents(const Param& p, const Piece& piece);
+  static std::vector<std::uint64_t> state_extents(const Param& p, const Piece& piece);
   std::uint64_t parse_state(const std::string& bytes, std::vector<LoadedRecord>& records);
 
   [[nodiscard]] bool after_exchange() {

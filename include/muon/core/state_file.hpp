@@ -22,7 +22,6 @@
 // is here), and the collective points: state_begin() before anything, state_verdict(error)
 // once a load has been checked (throws where any process refused), state_written(ok) after a
 // save.
-#include <array>
 #include <cstdint>
 #include <istream>
 #include <ostream>
@@ -53,8 +52,7 @@ void OptimizerCore<Derived, B, T, ParamExtra>::save_state(std::ostream& out) {
     const Piece piece = d.piece(p);
     w.put<std::uint8_t>(static_cast<std::uint8_t>(p.rule));
     w.put_string(p.name);
-    const auto extents = state_extents(p, piece);
-    for (std::size_t e = 0; e < state_extent_count(); ++e) w.put<std::uint64_t>(extents[e]);
+    for (std::uint64_t e : state_extents(p, piece)) w.put<std::uint64_t>(e);
     w.put<std::uint64_t>(p.updates);
     host.resize(static_cast<std::size_t>(piece.size()));
     for (std::size_t b = 0; b < rules::All::buffers(p.rule); ++b) {
@@ -100,12 +98,16 @@ void OptimizerCore<Derived, B, T, ParamExtra>::load_state(std::istream& in) {
   steps_ = steps;
 }
 
+/// The extents a record carries: the parameter's rows and cols, then, where the placement
+/// slices, its piece's row0, col0, rows and cols.
 template <class Derived, class B, class T, class ParamExtra>
-std::array<std::uint64_t, 6> OptimizerCore<Derived, B, T, ParamExtra>::state_extents(
+std::vector<std::uint64_t> OptimizerCore<Derived, B, T, ParamExtra>::state_extents(
     const Param& p, const Piece& piece) {
   const auto u = [](index_t e) { return static_cast<std::uint64_t>(e); };
-  return {u(p.value.rows()), u(p.value.cols()), u(piece.row0), u(piece.col0), u(piece.rows),
-          u(piece.cols)};
+  std::vector<std::uint64_t> e{u(p.value.rows()), u(p.value.cols())};
+  if constexpr (Derived::slices_state)
+    e.insert(e.end(), {u(piece.row0), u(piece.col0), u(piece.rows), u(piece.cols)});
+  return e;
 }
 
 /// Checks a whole state file against the registered parameters without changing anything;
@@ -144,26 +146,23 @@ std::uint64_t OptimizerCore<Derived, B, T, ParamExtra>::parse_state(
   if (count != params_.size())
     throw StateError("muon: load_state: the state has " + std::to_string(count) +
                      " parameters but this optimizer has " + std::to_string(params_.size()));
-  const std::size_t extent_count = state_extent_count();
-  const auto describe = [&](std::uint8_t rule, const std::array<std::uint64_t, 6>& e) {
+  const auto describe = [](std::uint8_t rule, const std::vector<std::uint64_t>& e) {
     std::string s = rules::All::describe(rule) + ", " + std::to_string(e[0]) + "x" +
                     std::to_string(e[1]);
-    if (extent_count == 6)
+    if (e.size() == 6)
       s += ", its piece here " + std::to_string(e[4]) + "x" + std::to_string(e[5]) + " at (" +
            std::to_string(e[2]) + ", " + std::to_string(e[3]) + ")";
     return s;
   };
-  records.clear();
   for (std::size_t i = 0; i < params_.size(); ++i) {
     const Param& p = params_[i];
     const Piece piece = d.piece(p);
     const auto rule = r.get<std::uint8_t>("rule");
     const std::string name = r.get_string(1 << 20, "parameter name");
-    std::array<std::uint64_t, 6> extents{};
-    for (std::size_t e = 0; e < extent_count; ++e) extents[e] = r.get<std::uint64_t>("extent");
+    const std::vector<std::uint64_t> want = state_extents(p, piece);
+    std::vector<std::uint64_t> extents(want.size());
+    for (std::uint64_t& e : extents) e = r.get<std::uint64_t>("extent");
     const auto updates = r.get<std::uint64_t>("parameter step count");
-    auto want = state_extents(p, piece);
-    for (std::size_t e = extent_count; e < want.size(); ++e) want[e] = 0;
     if (rule != static_cast<std::uint8_t>(p.rule) || name != p.name || extents != want)
       throw StateError("muon: load_state: parameter " + std::to_string(i) + " is '" + name +
                        "' (" + describe(rule, extents) + ") in the state but '" + p.name + "' (" +
