@@ -37,6 +37,19 @@ std::vector<ShardedModel<T>> run_world(int world, muon::ShardingStrategy strateg
   return models;
 }
 
+// Both placements meet the driver's Placement concept through their private hooks, and a
+// placement whose hook has another signature does not.
+static_assert(muon::detail::Placement<muon::Optimizer<muon::EigenBackend, float>>);
+static_assert(muon::detail::Placement<Sharded<double>>);
+struct MisspeltPlacement : muon::Optimizer<muon::EigenBackend, float> {
+  friend muon::detail::PlacementAccess;
+  muon::detail::Piece piece(int) const { return {}; }  // hides the hook, (const Param&)
+};
+static_assert(!muon::detail::Placement<MisspeltPlacement>);
+struct SamePlacement : muon::Optimizer<muon::EigenBackend, float> {  // the control: no hiding
+  friend muon::detail::PlacementAccess;
+};
+static_assert(muon::detail::Placement<SamePlacement>);
 
 }  // namespace
 

@@ -1,7 +1,8 @@
-// muon::cuda's library: CudaBackend's member templates compiled for float and double, the
-// float <-> bf16/fp16 copies of MasterWeights, and its non-template members. Host C++ that
-// includes muon/cuda/backend.hpp links these.
+// muon::cuda's library: CudaBackend's member templates compiled for float and double, every
+// rule's elementwise stages, the float <-> bf16/fp16 copies of MasterWeights, and its
+// non-template members. Host C++ that includes muon/cuda/backend.hpp links these.
 #include "muon/cuda/backend.cuh"
+#include "muon/rules/rules.hpp"
 
 namespace muon::cuda {
 
@@ -60,9 +61,6 @@ void CudaBackend::newton_schulz_batched(MatrixView<const float, DeviceSpace> in,
   template void CudaBackend::flush_tiny<T>(MatrixView<T, DeviceSpace>, T) const; \
   template void CudaBackend::normalize<T>(MatrixView<T, DeviceSpace>, double, double) const; \
   template void CudaBackend::scan_finite<T>(MatrixView<const T, DeviceSpace>) const; \
-  template void CudaBackend::momentum<T>(MatrixView<T, DeviceSpace>, MatrixView<const T, DeviceSpace>, MatrixView<T, DeviceSpace>, const MomentumStep&) const; \
-  template void CudaBackend::apply_update<T>(MatrixView<T, DeviceSpace>, MatrixView<const T, DeviceSpace>, double, double) const; \
-  template void CudaBackend::adamw<T>(MatrixView<T, DeviceSpace>, MatrixView<const T, DeviceSpace>, MatrixView<T, DeviceSpace>, MatrixView<T, DeviceSpace>, const AdamWStep&) const; \
   template bool CudaBackend::all_finite<T>(MatrixView<const T, DeviceSpace>) const; \
   template std::optional<MatrixView<T, DeviceSpace>> CudaBackend::try_newton_schulz<T>( \
       NewtonSchulzScratch<T>&, MatrixView<T, DeviceSpace>, MatrixView<T, DeviceSpace>, \
@@ -80,5 +78,46 @@ MUON_CUDA_CONVERT(__nv_bfloat16, float)
 MUON_CUDA_CONVERT(float, __half)
 MUON_CUDA_CONVERT(__half, float)
 #undef MUON_CUDA_CONVERT
+
+// The rules' stages, for every rule in rules::All (a new rule needs nothing in this file). The
+// driver, compiled by the host compiler, calls CudaBackend::each with each rule's functors;
+// this library holds those instantiations. Running each rule's entry points on KeepStages,
+// which takes the address of each<F, Views...> for every call, makes the compiler emit them
+// out of line (a merely called instantiation may be inlined or cloned and leave none to link).
+namespace {
+struct KeepStages {
+  template <class F, class... Views>
+  void each(F, Views...) const {
+    using Each = void (CudaBackend::*)(F, Views...) const;
+    static constexpr Each kept = &CudaBackend::each<F, Views...>;
+    asm volatile("" : : "r"(&kept));
+  }
+};
+
+template <class Rule, class T>
+void keep_stages_of(KeepStages& b) {
+  const MatrixView<T, DeviceSpace> x;
+  const MatrixView<const T, DeviceSpace> cx;
+  const typename Rule::Options options{};
+  if constexpr (Rule::orthogonalizes) {
+    Rule::accumulate(b, x, cx, x, options);
+    Rule::apply(b, x, cx, options);
+  } else {
+    const MatrixView<T, DeviceSpace> state[Rule::buffers];
+    Rule::update(b, x, cx, state, options, 1);
+  }
+}
+template <class... Rule>
+void keep_stages(KeepStages& b, rules::RuleList<Rule...>) {
+  (keep_stages_of<Rule, float>(b), ...);
+  (keep_stages_of<Rule, double>(b), ...);
+}
+}  // namespace
+
+void keep_rule_stages();  // never called: what it compiles is the point
+void keep_rule_stages() {
+  KeepStages b;
+  keep_stages(b, rules::All{});
+}
 
 }  // namespace muon::cuda

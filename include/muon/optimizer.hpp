@@ -1,7 +1,7 @@
 #pragma once
 // muon::Optimizer<Backend, Scalar>: Muon for hidden weight matrices and AdamW for everything
 // else, behind one step(), every parameter placed whole on this process. The step itself is
-// the driver in core/optimizer_core.hpp, shared with the sharded placement; the update rules
+// the driver in driver/optimizer_core.hpp, shared with the sharded placement; the update rules
 // are rules/muon.hpp and rules/adamw.hpp.
 //
 // Routing is explicit: add_muon() for 2-D (or flattened N-D) hidden weights, expert stacks and
@@ -10,7 +10,7 @@
 // adapts Eigen and user types); the optimizer reads gradients, never writes them, and owns
 // only its state.
 //
-// State files (save_state / load_state): the layout is in core/state_file.hpp.
+// State files (save_state / load_state): the layout is in driver/state_file.hpp.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -24,10 +24,10 @@
 #include "muon/algorithm/shape_scale.hpp"
 #include "muon/core/adapter.hpp"
 #include "muon/core/backend.hpp"
-#include "muon/core/optimizer_core.hpp"
 #include "muon/core/registration.hpp"
-#include "muon/core/state_file.hpp"
-#include "muon/serialize.hpp"
+#include "muon/core/serialize.hpp"
+#include "muon/driver/optimizer_core.hpp"
+#include "muon/driver/state_file.hpp"
 
 namespace muon {
 
@@ -51,7 +51,7 @@ class Optimizer : public detail::OptimizerCore<Optimizer<B, T>, B, T, detail::Wh
       : Core(std::move(backend), options, defaults) {}
 
   // Groups, add_muon / add_adamw, set_grad / clear_grad and introspection: see
-  // detail::OptimizerCore (muon/core/optimizer_core.hpp) and detail::Registrar.
+  // detail::OptimizerCore (muon/driver/optimizer_core.hpp) and detail::Registrar.
 
   // step(): see detail::OptimizerCore.
 
@@ -79,6 +79,7 @@ class Optimizer : public detail::OptimizerCore<Optimizer<B, T>, B, T, detail::Wh
 
  private:
   friend Core;
+  friend detail::PlacementAccess;
   using typename Core::Group;
   using typename Core::Param;
   using Piece = detail::Piece;
@@ -106,7 +107,7 @@ class Optimizer : public detail::OptimizerCore<Optimizer<B, T>, B, T, detail::Wh
   static void publish(const Param&, const detail::Part*) {}
   static detail::Tally exchange(detail::Tally t) { return t; }
 
-  // ---- the state file's hooks (core/state_file.hpp): no header fields, no collectives ----
+  // ---- the state file's hooks (driver/state_file.hpp): no header fields, no collectives ----
   static constexpr bool slices_state = false;
   static std::string_view state_magic() { return {detail::kStateMagic, sizeof detail::kStateMagic}; }
   static const char* state_kind() { return "muon optimizer state"; }

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Writes the fuzzers' seed corpora (tests/fuzz/corpus/{npy,state,api}/).
 
-The state files are written here from the layout documented in include/muon/core/state_file.hpp,
+The state files are written here from the layout documented in include/muon/driver/state_file.hpp,
 independently of the C++ writer, for the model in fuzz_state.cpp (muon 'w' 3x2, adamw 'b' 1x4,
 double). tests/test_state.cpp loads corpus/state/valid.bin and checks the values below;
 tests/test_sharded.cpp loads corpus/state/valid_sharded.bin, the same state in the sharded

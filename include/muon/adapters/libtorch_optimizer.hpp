@@ -10,7 +10,7 @@
 //   torch::optim::StepLR schedule(opt, 100, 0.5);
 //   for (...) { opt.zero_grad(); loss(model).backward(); opt.step(); schedule.step(); }
 //
-// The update is muon::Optimizer's (core/optimizer_core.hpp) on views of the tensors' memory:
+// The update is muon::Optimizer's (driver/optimizer_core.hpp) on views of the tensors' memory:
 // nothing is copied. Gradients are looked at again in every step(): one that autograd set to
 // None (zero_grad with set_to_none, the default in LibTorch 2.x) skips its parameter as torch
 // does, one it reallocated is followed to its new storage, so no step reads freed memory.
@@ -65,11 +65,9 @@ class Options : public torch::optim::OptimizerCloneableOptions<Options> {
   [[nodiscard]] const GroupOptions& options() const noexcept { return options_; }
 
   [[nodiscard]] double get_lr() const override {
-    return rule_ == UpdateRule::muon ? options_.muon.lr : options_.adamw.lr;
+    return rules::All::lr(rule_, options_);
   }
-  void set_lr(const double lr) override {
-    (rule_ == UpdateRule::muon ? options_.muon.lr : options_.adamw.lr) = lr;
-  }
+  void set_lr(const double lr) override { rules::All::lr(rule_, options_) = lr; }
 
   void serialize(torch::serialize::OutputArchive& archive) const override {
     fields(*this, [&](const char* key, const auto& value) {
@@ -157,7 +155,9 @@ class Options : public torch::optim::OptimizerCloneableOptions<Options> {
 
  private:
   static void check_rule(UpdateRule rule, const std::string& where) {
-    detail::require_enum(rule, where, "rule", UpdateRule::muon, UpdateRule::adamw);
+    if (!rules::All::known(rule))
+      throw InvalidArgument("muon: " + where + ".rule = " + std::to_string(int(rule)) +
+                            " is not the id of a rule in muon::rules::All");
   }
   static c10::IValue read(torch::serialize::InputArchive& archive, const std::string& key) {
     c10::IValue v;

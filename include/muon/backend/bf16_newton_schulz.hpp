@@ -1,4 +1,5 @@
 #pragma once
+// Internal: included by the library's own headers, not by programs.
 // Newton–Schulz with bfloat16 operands on the CPU (bf16_products.hpp): the normalized X, the
 // Gram matrix A and the polynomial B are stored in bf16 and multiplied with float32
 // accumulation; A, A^2 and B are formed in float32 and each product's float32 result is

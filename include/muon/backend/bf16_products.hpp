@@ -1,4 +1,5 @@
 #pragma once
+// Internal: included by the library's own headers, not by programs.
 // bfloat16 matrix products for the CPU backend's Newton–Schulz: bf16 operands, float32
 // accumulation and float32 results, on the VDPBF16PS instruction of AVX512-BF16 (AMD Zen 4 and
 // later, Intel Cooper Lake and Sapphire Rapids and later). One instruction multiplies 16 pairs

@@ -24,7 +24,6 @@
 #include <cblas.h>
 #endif
 
-#include "muon/adapters/eigen.hpp"
 #include "muon/backend/bf16_newton_schulz.hpp"
 #include "muon/backend/cpu_dispatch.hpp"
 #include "muon/backend/worker_pool.hpp"
@@ -314,57 +313,12 @@ class EigenBackend {
     return ok;
   }
 
-  /// M <- lerp(M, G, 1 - mu) (ema) or mu M + G (sum); U <- Nesterov look-ahead or M.
-  /// lerp is torch's (a + w (b - a) for w < 0.5, else b - (1 - w)(b - a)) so float runs track
-  /// torch.optim.Muon rounding for rounding.
-  template <class T>
-  void momentum(MatrixView<T> m, MatrixView<const T> g, MatrixView<T> u,
-                const MomentumStep& s) const {
-    const T mu = static_cast<T>(s.momentum);
-    const T w = static_cast<T>(1 - s.momentum);
-    chunked(
-        [&](auto M, auto G, auto U) {
-          if (s.form == MomentumForm::ema)
-            assign_lerp(M, M, G, w);
-          else
-            M = mu * M + G;
-          if (!s.nesterov)
-            U = M;
-          else if (s.form == MomentumForm::ema)
-            assign_lerp(U, G, M, mu);
-          else
-            U = G + mu * M;
-        },
-        m, g, u);
-  }
-
-  /// W <- decay W - alpha O
-  template <class T>
-  void apply_update(MatrixView<T> w, MatrixView<const T> o, double decay, double alpha) const {
-    const T d = static_cast<T>(decay), a = static_cast<T>(alpha);
-    elementwise([&](auto W, auto O) { W = W * d - a * O; }, w, o);
-  }
-
-  /// One AdamW step in torch's operation order (see AdamWStep).
-  template <class T>
-  void adamw(MatrixView<T> w, MatrixView<const T> g, MatrixView<T> m, MatrixView<T> v,
-             const AdamWStep& s) const {
-    const T decay = static_cast<T>(s.decay), w1 = static_cast<T>(1 - s.beta1);
-    const T b2 = static_cast<T>(s.beta2), w2 = static_cast<T>(1 - s.beta2);
-    const T eps = static_cast<T>(s.eps), step = static_cast<T>(s.step_size);
-    const T bias2 = static_cast<T>(s.sqrt_bias2);
-    chunked(
-        [&](auto W, auto G, auto M, auto V) {
-          W *= decay;
-          assign_lerp(M, M, G, w1);
-          V = V * b2 + w2 * G * G;
-          // std::sqrt, correctly rounded, rather than Eigen's float packet sqrt, which under
-          // EIGEN_FAST_MATH (the default) is an rsqrt estimate that can differ by an ulp from the
-          // scalar path. Results then do not depend on alignment or strides (slices of a
-          // sharded parameter), and match torch's sqrt.
-          W = W - step * (M / (V.unaryExpr([](T x) { return std::sqrt(x); }) / bias2 + eps));
-        },
-        w, g, m, v);
+  /// The generic elementwise primitive: f on corresponding elements of same-shape views,
+  /// handed over as array blocks of a few thousand elements (one vectorized pass per stage,
+  /// the blocks small enough that a stage of several statements reads memory once).
+  template <class F, class... T>
+  void each(F f, MatrixView<T>... views) const {
+    chunked(f, views...);
   }
 
  private:
@@ -455,15 +409,6 @@ class EigenBackend {
       for (index_t i = 0; i < x.rows(); ++i) run(x.data() + i * x.row_stride(), x.cols(), x.col_stride());
     }
     return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-  }
-
-  /// dst = lerp(a, b, weight), branching outside the expression so nothing is materialized.
-  template <class D, class A, class B, class T>
-  static void assign_lerp(D& dst, const A& a, const B& b, T weight) {
-    if (weight < T(0.5))
-      dst = a + weight * (b - a);
-    else
-      dst = b - (T(1) - weight) * (b - a);
   }
 
   /// C = alpha product(A, B) + beta C on Eigen's own kernels (C not read when beta == 0).

@@ -1,4 +1,5 @@
 #pragma once
+// Internal: included by the library's own headers, not by programs.
 // The CPU backend's workers: threads that run the tasks of one call side by side, the calling
 // thread being worker 0, each task's products on one BLAS thread. One pool per process,
 // made when the first CPU backend asks how many workers it has; its size is MUON_THREADS when

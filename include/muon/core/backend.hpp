@@ -4,6 +4,9 @@
 // buffers it is asked for (optimizer state and NS workspace). Backends: muon::EigenBackend
 // (CPU, <muon/backend/eigen.hpp>); your own by providing the members below.
 //
+// The update rules' mathematics is not here: each rule writes its elementwise stages once, as
+// functors (rules/), and every backend runs them through each().
+//
 // Views passed to gemm/syrk may have any layout; the others may be arbitrarily strided.
 // Buffers are dense; view(buf, rows, cols) gives a dense row-major view of one.
 #include <concepts>
@@ -15,26 +18,19 @@
 
 namespace muon {
 
-/// Coefficients of the fused momentum stage (one pass over M, G and U).
-struct MomentumStep {
-  double momentum = 0.95;
-  MomentumForm form = MomentumForm::ema;
-  bool nesterov = true;
+namespace detail {
+/// Stands for any stage in the concept below (a rule's functor; see core/stage.hpp).
+struct AnyStage {
+  template <class... E>
+  void operator()(E&&...) const {}
 };
-
-/// Coefficients of the fused AdamW stage, bias corrections already folded in (torch order):
-///   W *= decay; m = lerp(m, g, 1 - beta1); v = beta2 v + (1 - beta2) g^2;
-///   W -= step_size * m / (sqrt(v) / sqrt_bias2 + eps)
-struct AdamWStep {
-  double decay = 1, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, step_size = 0, sqrt_bias2 = 1;
-};
+}  // namespace detail
 
 template <class B, class T>
 concept Backend = requires(B& b, const B& cb, typename B::template Buffer<T>& buf,
                            MatrixView<T, typename B::memory_space> x,
                            MatrixView<const T, typename B::memory_space> cx, T s, double d,
-                           index_t n, T* host, const T* const_host, MomentumStep ms,
-                           AdamWStep as) {
+                           index_t n, T* host, const T* const_host) {
   typename B::memory_space;
   // storage
   b.resize(buf, n);
@@ -55,9 +51,9 @@ concept Backend = requires(B& b, const B& cb, typename B::template Buffer<T>& bu
   b.flush_tiny(x, s);    // entries with |x| < threshold become 0
   b.normalize(x, d, d);  // x /= max(scale * ||x||_F, eps), overflow-safe
   { b.all_finite(cx) } -> std::same_as<bool>;
-  b.momentum(x, cx, x, ms);       // M, G -> M, U
-  b.apply_update(x, cx, d, d);    // W <- decay W - alpha O
-  b.adamw(x, cx, x, x, as);       // W, G, m, v
+  // the generic elementwise primitive: a rule's stage f on corresponding elements of
+  // same-shape views (core/stage.hpp says what f may receive)
+  b.each(detail::AnyStage{}, x, cx, x);
 };
 
 /// Optional: several finiteness scans with one verdict (on a GPU one device flag and one host

@@ -7,8 +7,8 @@
 #include <string>
 #include <vector>
 
-#include "muon/algorithm/schedule.hpp"
 #include "muon/core/error.hpp"
+#include "muon/core/schedule.hpp"
 
 namespace muon {
 

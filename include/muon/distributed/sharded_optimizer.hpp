@@ -57,11 +57,11 @@
 #include "muon/algorithm/newton_schulz.hpp"
 #include "muon/core/adapter.hpp"
 #include "muon/core/backend.hpp"
-#include "muon/core/optimizer_core.hpp"
 #include "muon/core/registration.hpp"
-#include "muon/core/state_file.hpp"
+#include "muon/core/serialize.hpp"
 #include "muon/distributed/communicator.hpp"
-#include "muon/serialize.hpp"
+#include "muon/driver/optimizer_core.hpp"
+#include "muon/driver/state_file.hpp"
 
 namespace muon {
 
@@ -127,7 +127,7 @@ class ShardedOptimizer
   }
 
   // Groups, add_muon / add_adamw and introspection: see detail::OptimizerCore
-  // (muon/core/optimizer_core.hpp) and detail::Registrar. What changes what the ranks must
+  // (muon/driver/optimizer_core.hpp) and detail::Registrar. What changes what the ranks must
   // agree on is checked again, collectively, at the next step.
 
   /// Replaces a group's options (e.g. a learning-rate schedule); call it on every rank.
@@ -184,10 +184,11 @@ class ShardedOptimizer
   // save_state(std::ostream&) writes this rank's state; load_state(std::istream&) restores a
   // state saved at the same world size, strategy and registration. Both are collective: if any
   // rank's state is refused, every rank throws and no rank changes anything. The layout is in
-  // core/state_file.hpp.
+  // driver/state_file.hpp.
 
  private:
   friend Core;
+  friend detail::PlacementAccess;
   using Piece = detail::Piece;
   using Part = detail::Part;
   using typename Core::Buffer;
@@ -200,7 +201,7 @@ class ShardedOptimizer
   using Core::block;
   static constexpr char kMagic[8] = {'\x89', 'M', 'U', 'O', 'N', 'D', 'P', '\x1a'};
 
-  // ---- the state file's hooks (core/state_file.hpp) ---------------------------------------
+  // ---- the state file's hooks (driver/state_file.hpp) ---------------------------------------
   static constexpr bool slices_state = true;
   static std::string_view state_magic() { return {kMagic, sizeof kMagic}; }
   static const char* state_kind() { return "sharded muon optimizer state"; }

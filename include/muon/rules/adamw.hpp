@@ -9,6 +9,7 @@
 #include "muon/core/backend.hpp"
 #include "muon/core/options.hpp"
 #include "muon/core/registration.hpp"
+#include "muon/core/stage.hpp"
 
 namespace muon::rules {
 
@@ -19,20 +20,40 @@ struct AdamW {
   static constexpr std::size_t buffers = 2;  // first and second moments m, v
   static constexpr bool orthogonalizes = false;
   static const Options& options(const GroupOptions& g) { return g.adamw; }
+  static Options& options(GroupOptions& g) { return g.adamw; }
 
-  /// The fused stage's coefficients for the `step`-th update (1-based), bias corrections
-  /// folded in.
-  static AdamWStep step(const Options& o, std::uint64_t step) {
-    const auto t = static_cast<double>(step);
-    const double bias1 = 1 - std::pow(o.beta1, t), bias2 = 1 - std::pow(o.beta2, t);
-    return {1 - o.lr * o.weight_decay, o.beta1, o.beta2, o.eps, o.lr / bias1, std::sqrt(bias2)};
-  }
+  /// The stage on (W, G, m, v) for the `step`-th update (1-based), in torch's operation order
+  /// with the bias corrections folded into its coefficients:
+  ///   W *= 1 - lr wd; m = lerp(m, G, 1 - beta1); v = beta2 v + (1 - beta2) G^2;
+  ///   W -= lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+  template <class T>
+  struct Update {
+    T decay, w1, beta2, w2, eps, step_size, sqrt_bias2;
+    Update(const Options& o, std::uint64_t step) {
+      const auto t = static_cast<double>(step);
+      const double bias1 = 1 - std::pow(o.beta1, t), bias2 = 1 - std::pow(o.beta2, t);
+      decay = static_cast<T>(1 - o.lr * o.weight_decay);
+      w1 = static_cast<T>(1 - o.beta1);
+      beta2 = static_cast<T>(o.beta2);
+      w2 = static_cast<T>(1 - o.beta2);
+      eps = static_cast<T>(o.eps);
+      step_size = static_cast<T>(o.lr / bias1);
+      sqrt_bias2 = static_cast<T>(std::sqrt(bias2));
+    }
+    template <class W, class G, class M, class V>
+    MUON_HOST_DEVICE void operator()(W&& w, const G& g, M&& m, V&& v) const {
+      w *= decay;
+      stage::assign_lerp(m, m, g, w1);
+      v = v * beta2 + w2 * g * g;
+      w = w - step_size * (m / (stage::sqrt(v) / sqrt_bias2 + eps));
+    }
+  };
 
   /// The parameter's `step`-th update (1-based) on a piece of it: `state` holds m and v.
   template <class B, class T, class S>
   static void update(B& backend, MatrixView<T, S> w, MatrixView<const T, S> g,
                      const MatrixView<T, S>* state, const Options& o, std::uint64_t step) {
-    backend.adamw(w, g, state[0], state[1], AdamW::step(o, step));
+    backend.each(Update<T>(o, step), w, g, state[0], state[1]);
   }
 };
 

@@ -4,6 +4,8 @@
 // double (cuda/src/backend.cu); host C++ includes backend.hpp alone.
 #include <cuda_runtime.h>
 
+#include <tuple>
+
 #include "muon/cuda/backend.hpp"
 #include "muon/cuda/kernels.cuh"
 
@@ -102,7 +104,7 @@ void CudaBackend::symmetrize(MatrixView<T, DeviceSpace> c) const {
 
 template <class S, class D>
 void CudaBackend::copy(MatrixView<const S, DeviceSpace> src, MatrixView<D, DeviceSpace> dst) const {
-  each(dst, detail::Copy{}, dst, src);
+  each(detail::Copy{}, dst, src);
 }
 
 template <class T>
@@ -116,12 +118,12 @@ void CudaBackend::add_diagonal(MatrixView<T, DeviceSpace> x, T value) const {
 
 template <class T>
 void CudaBackend::scale(MatrixView<T, DeviceSpace> x, T factor) const {
-  each(x, detail::Scale<T>{factor}, x);
+  each(detail::Scale<T>{factor}, x);
 }
 
 template <class T>
 void CudaBackend::flush_tiny(MatrixView<T, DeviceSpace> x, T threshold) const {
-  each(x, detail::FlushTiny<T>{threshold}, x);
+  each(detail::FlushTiny<T>{threshold}, x);
 }
 
 template <class T>
@@ -146,32 +148,6 @@ void CudaBackend::scan_finite(MatrixView<const T, DeviceSpace> x) const {
 }
 
 template <class T>
-void CudaBackend::momentum(MatrixView<T, DeviceSpace> m, MatrixView<const T, DeviceSpace> g,
-                MatrixView<T, DeviceSpace> u, const MomentumStep& s) const {
-  each(m,
-       detail::Momentum<T>{static_cast<T>(s.momentum), static_cast<T>(1 - s.momentum),
-                           s.form == MomentumForm::ema, s.nesterov},
-       m, g, u);
-}
-
-template <class T>
-void CudaBackend::apply_update(MatrixView<T, DeviceSpace> w, MatrixView<const T, DeviceSpace> o,
-                    double decay, double alpha) const {
-  each(w, detail::ApplyUpdate<T>{static_cast<T>(decay), static_cast<T>(alpha)}, w, o);
-}
-
-template <class T>
-void CudaBackend::adamw(MatrixView<T, DeviceSpace> w, MatrixView<const T, DeviceSpace> g,
-             MatrixView<T, DeviceSpace> m, MatrixView<T, DeviceSpace> v, const AdamWStep& s) const {
-  each(w,
-       detail::AdamW<T>{static_cast<T>(s.decay), static_cast<T>(1 - s.beta1),
-                        static_cast<T>(s.beta2), static_cast<T>(1 - s.beta2),
-                        static_cast<T>(s.eps), static_cast<T>(s.step_size),
-                        static_cast<T>(s.sqrt_bias2)},
-       w, g, m, v);
-}
-
-template <class T>
 std::optional<MatrixView<T, DeviceSpace>> CudaBackend::try_newton_schulz(
       NewtonSchulzScratch<T>&, MatrixView<T, DeviceSpace> x, MatrixView<T, DeviceSpace> y,
       MatrixView<T, DeviceSpace>, MatrixView<T, DeviceSpace>,
@@ -187,8 +163,9 @@ std::optional<MatrixView<T, DeviceSpace>> CudaBackend::try_newton_schulz(
   return std::nullopt;
 }
 
-template <class V, class F, class... Views>
-void CudaBackend::each(V shape, F f, Views... views) const {
+template <class F, class... Views>
+void CudaBackend::each(F f, Views... views) const {
+  const auto shape = std::get<0>(std::tuple<Views...>(views...));
   detail::for_each(ctx_->stream, shape.rows(), shape.cols(), detail::column_order(shape), 1, f,
                    detail::strided(views)...);
   launched("elementwise kernel");

@@ -38,10 +38,10 @@
 #include <utility>
 
 #include "muon/algorithm/newton_schulz.hpp"
-#include "muon/algorithm/schedule.hpp"
 #include "muon/core/backend.hpp"
 #include "muon/core/error.hpp"
 #include "muon/core/options.hpp"
+#include "muon/core/schedule.hpp"
 
 namespace muon::cuda {
 
@@ -240,15 +240,12 @@ class CudaBackend {
     synchronize();
     return *ctx_->host_flag == 0;
   }
-  template <class T>
-  void momentum(MatrixView<T, DeviceSpace> m, MatrixView<const T, DeviceSpace> g,
-                MatrixView<T, DeviceSpace> u, const MomentumStep& s) const;
-  template <class T>
-  void apply_update(MatrixView<T, DeviceSpace> w, MatrixView<const T, DeviceSpace> o,
-                    double decay, double alpha) const;
-  template <class T>
-  void adamw(MatrixView<T, DeviceSpace> w, MatrixView<const T, DeviceSpace> g,
-             MatrixView<T, DeviceSpace> m, MatrixView<T, DeviceSpace> v, const AdamWStep& s) const;
+  /// The generic elementwise primitive: f on corresponding elements of same-shape views, one
+  /// thread an element, in the order the first view stores them (loads coalesce). Defined in
+  /// backend.cuh: host C++ calls the instantiations muon::cuda's library holds, which are the
+  /// stages of every rule in rules::All (backend.cu).
+  template <class F, class... Views>
+  void each(F f, Views... views) const;
 
   // ---- Newton-Schulz in bf16 / fp16 ------------------------------------------------------
   // The hooks NewtonSchulzWorkspace calls (muon::detail::RunsOwnNewtonSchulz). The reduced
@@ -399,10 +396,6 @@ class CudaBackend {
                         &beta, c, ldc),
             "cublasDgemm");
   }
-
-  /// f over the elements of `shape`'s index space, in the order its layout stores them.
-  template <class V, class F, class... Views>
-  void each(V shape, F f, Views... views) const;
 
   template <class T>
   const T* dense_source(MatrixView<const T, DeviceSpace> src, Buffer<T>& scratch) const;

@@ -61,11 +61,6 @@ void for_each(cudaStream_t stream, index_t rows, index_t cols, bool col_order, i
 }
 
 // ---- functors ---------------------------------------------------------------------------
-template <class T>
-__device__ T lerp(T a, T b, T weight) {  // the same two-sided form as torch.lerp and Eigen's
-  return weight < T(0.5) ? a + weight * (b - a) : b - (T(1) - weight) * (b - a);
-}
-
 // Conversions between the scalar types (float, double, bf16, fp16); the 16-bit ones go
 // through float, their only exact partner.
 template <class S>
@@ -104,33 +99,6 @@ struct FlushTiny {
   T threshold;
   __device__ void operator()(T& x) const {
     if (fabs(x) < threshold) x = T(0);
-  }
-};
-
-template <class T>
-struct Momentum {
-  T mu, weight;  // weight = 1 - mu
-  bool ema, nesterov;
-  __device__ void operator()(T& m, const T& g, T& u) const {
-    m = ema ? lerp(m, g, weight) : mu * m + g;
-    u = !nesterov ? m : ema ? lerp(g, m, mu) : g + mu * m;
-  }
-};
-
-template <class T>
-struct ApplyUpdate {
-  T decay, alpha;
-  __device__ void operator()(T& w, const T& o) const { w = w * decay - alpha * o; }
-};
-
-template <class T>
-struct AdamW {
-  T decay, w1, beta2, w2, eps, step, sqrt_bias2;
-  __device__ void operator()(T& w, const T& g, T& m, T& v) const {
-    w *= decay;
-    m = lerp(m, g, w1);
-    v = v * beta2 + w2 * g * g;
-    w = w - step * (m / (sqrt(v) / sqrt_bias2 + eps));
   }
 };
 

@@ -30,8 +30,8 @@
 #include <vector>
 
 #include "muon/core/error.hpp"
-#include "muon/core/optimizer_core.hpp"
-#include "muon/serialize.hpp"
+#include "muon/core/serialize.hpp"
+#include "muon/driver/optimizer_core.hpp"
 
 namespace muon::detail {
 

@@ -1,4 +1,5 @@
 #pragma once
+// Internal: included by the library's own headers, not by programs.
 // The one driver of every placement of the optimizer. It holds the parameter groups and their
 // validated options, the registered parameters with their gradients and state buffers, and
 // step(): the non-finite check, the elementwise rules on this process's piece of every
@@ -7,25 +8,10 @@
 // parameter whole on this process; muon::ShardedOptimizer places pieces on the ranks of a
 // Communicator and adds the exchange. The update rules are policy objects (rules/rules.hpp).
 //
-// Derived (the placement) befriends this class and provides:
-//   static constexpr bool exchanges          whether there is an exchange between ranks
-//   void placed(Param&)                      a parameter was registered (size its state now,
-//                                            or at the next step)
-//   void prepare_step()                      lay out what was registered since
-//   StepReport refuse(const Param* bad)      the step is refused: throw, or the skip report;
-//                                            refused_together(bad) says whether to call it
-//   bool refused_together(const Param* bad)  whether any rank saw a NaN/Inf gradient
-//   void reduce_gradients()                  average the gradients over the ranks
-//   Piece piece(const Param&)                the block of the parameter this process updates
-//   ConstView gradient(Param&)               that block of the (averaged) gradient
-//   bool orthogonalizes_here(const Param&)   whether this process runs the parameter's matrices
-//   void publish(Param&, const Part*)        the piece (or one matrix) was updated here
-//   Tally exchange(Tally)                    the ranks' updates and tallies meet
-// and, when exchanges (zero1 moves the Newton-Schulz inputs instead of the updated matrices):
-//   bool orthogonalizes_after_exchange()     View exchange_input(Param&)   View saved_piece(Param&)
-//   void gathered_input(Param&, const Part&, View)   void restore_momentum(Param&, const Part&)
-// and the state file's hooks (core/state_file.hpp, which defines save_state and load_state;
-// a placement's header includes it).
+// Derived (the placement) befriends this class and detail::PlacementAccess, and provides the
+// hooks of the Placement concept (driver/placement.hpp, which lists them) and the state file's
+// (driver/state_file.hpp, which defines save_state and load_state; a placement's header
+// includes it).
 #include <algorithm>
 #include <array>
 #include <atomic>
@@ -44,8 +30,9 @@
 #include "muon/core/options.hpp"
 #include "muon/core/parts.hpp"
 #include "muon/core/registration.hpp"
+#include "muon/core/serialize.hpp"
+#include "muon/driver/placement.hpp"
 #include "muon/rules/rules.hpp"
-#include "muon/serialize.hpp"
 
 namespace muon {
 
@@ -74,20 +61,6 @@ namespace detail {
 
 /// The per-parameter placement data of an optimizer that updates every parameter whole: none.
 struct WholeMatrix {};
-
-/// A rows x cols block of a parameter's flattened matrix, stored densely at `offset` of a
-/// segment (the sharded placement's exchange buffers).
-struct Piece {
-  index_t row0 = 0, col0 = 0, rows = 0, cols = 0, offset = 0;
-  [[nodiscard]] index_t size() const { return rows * cols; }
-  [[nodiscard]] bool empty() const { return rows == 0 || cols == 0; }
-};
-
-/// The orthogonalizing rules' refusals of one step: how many parameters, and the first.
-struct Tally {
-  std::size_t refused = 0;
-  std::size_t first = std::numeric_limits<std::size_t>::max();
-};
 
 /// Catches a second thread entering a busy optimizer (optimizers are not thread-safe): enter()
 /// holds the flag for the call's duration, and a call that finds it held throws ConcurrentUse
@@ -216,7 +189,7 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
   /// NaN/Inf first; if one is found nothing is modified (see NonFinitePolicy).
   StepReport step();  // defined below the class: see there
 
-  // ---- state files (core/state_file.hpp: the layout) -----------------------------------
+  // ---- state files (driver/state_file.hpp: the layout) -----------------------------------
   /// Writes the state: the step counts and each rule's buffers over the part of every
   /// parameter held here (ShardedOptimizer: collective, one file per rank).
   void save_state(std::ostream& out);
@@ -284,7 +257,7 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
                        ") holds NaN or Inf, which NonFinitePolicy::error and skip never write "
                        "(saved under unchecked?); nothing was changed");
   }
-  // State files (core/state_file.hpp).
+  // State files (driver/state_file.hpp).
   struct LoadedRecord {
     std::uint64_t updates;
     const char* data;  // the parameter's buffers in the file's bytes
@@ -408,7 +381,12 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
     double update_rms = 0;
   };
 
-  Derived& self() { return static_cast<Derived&>(*this); }
+  Derived& self() {
+    static_assert(Placement<Derived>,
+                  "muon: this placement lacks a hook the driver calls, or has one of another "
+                  "signature: see the Placement concept in muon/driver/placement.hpp");
+    return static_cast<Derived&>(*this);
+  }
 
   ParamId add(std::string name, UpdateRule rule, std::vector<index_t> shape, View value,
               ConstView grad, GroupId group, const std::vector<Part>& parts) {

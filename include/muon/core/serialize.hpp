@@ -1,7 +1,8 @@
 #pragma once
+// Internal: included by the library's own headers, not by programs.
 // The byte-level pieces of muon's optimizer-state format: little-endian integers and scalars,
 // length-prefixed strings, and a trailing FNV-1a 64-bit checksum of everything before it
-// (any single changed byte changes it). The layout itself is documented in core/state_file.hpp.
+// (any single changed byte changes it). The layout itself is documented in driver/state_file.hpp.
 #include <algorithm>
 #include <bit>
 #include <cmath>

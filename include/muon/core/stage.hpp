@@ -1,0 +1,49 @@
+#pragma once
+// Elementwise stages: a rule's per-element mathematics written once, as a functor, and run by
+// every backend through its one generic primitive, backend.each(f, views...), which calls f on
+// corresponding elements of same-shape views. A backend chooses what f receives:
+//   - single elements (T& or const T&): CudaBackend, one thread per element;
+//   - blocks of elements as array expressions (Eigen::Map of an Array): EigenBackend, so that
+//     one stage is one vectorized pass.
+// So a stage's body uses only what both have: =, +=, *=, +, -, *, / with its scalar
+// coefficients, and the helpers below, never ?: between two values or a branch on an element.
+// Its coefficients are fixed in its constructor, in the element type, in the order the rule's
+// reference implementation rounds them.
+#include <cmath>
+#include <type_traits>
+
+#if defined(__CUDACC__)
+#define MUON_HOST_DEVICE __host__ __device__
+#else
+#define MUON_HOST_DEVICE
+#endif
+
+namespace muon::stage {
+
+/// dst = lerp(a, b, weight) in torch.lerp's two-sided form (a + w (b - a) for w < 0.5, else
+/// b - (1 - w)(b - a)), so float runs round as torch's optimizers do. dst may alias a or b.
+template <class D, class A, class B, class T>
+MUON_HOST_DEVICE void assign_lerp(D&& dst, const A& a, const B& b, T weight) {
+  if (weight < T(0.5))
+    dst = a + weight * (b - a);
+  else
+    dst = b - (T(1) - weight) * (b - a);
+}
+
+/// The correctly rounded square root of an element or of each element of a block: never a
+/// vectorized estimate (Eigen's fast-math packet sqrt can differ by an ulp), so a result does
+/// not depend on alignment, strides or the backend.
+template <class X>
+MUON_HOST_DEVICE auto sqrt(const X& x) {
+  if constexpr (std::is_floating_point_v<X>) {
+#if defined(__CUDA_ARCH__)
+    return ::sqrt(x);
+#else
+    return std::sqrt(x);
+#endif
+  } else {
+    return x.unaryExpr([](auto e) { return std::sqrt(e); });
+  }
+}
+
+}  // namespace muon::stage
