@@ -650,6 +650,51 @@ TEMPLATE_TEST_CASE("an expert stack steps as its experts registered one by one",
                     Contains("'bad' (4x60)") && Contains("experts of 7 rows do not divide"));
 }
 
+TEST_CASE("add(rule, ...) registers every form as the short forms add_muon / add_adamw do",
+          "[optimizer]") {
+  // A matrix, a split matrix, an expert stack and an N-D AdamW tensor, each registered twice:
+  // through the short forms and through the rule's policy object.
+  struct Model {
+    Mat<float> w = gaussian<float>(9, 7, 1), gw = gaussian<float>(9, 7, 2);
+    Mat<float> q = gaussian<float>(8, 6, 3), gq = gaussian<float>(8, 6, 4);
+    Mat<float> b = gaussian<float>(1, 5, 5), gb = gaussian<float>(1, 5, 6);
+    std::vector<float> stack = std::vector<float>(2 * 3 * 4, 0.5f), gstack = std::vector<float>(24, 0.25f);
+    std::vector<float> t = std::vector<float>(2 * 2 * 3, 1.0f), gt = std::vector<float>(12, -0.5f);
+  };
+  Model a, b;
+  Opt<float> short_forms(muon_options(0.02, 0.1)), by_rule(muon_options(0.02, 0.1));
+  short_forms.add_muon("w", a.w, a.gw);
+  short_forms.add_muon("q", a.q, a.gq, muon::Split{0, {4, 4}});
+  short_forms.add_muon("e", muon::TensorView<float>{a.stack.data(), {2, 3, 4}},
+                       muon::TensorView<const float>{a.gstack.data(), {2, 3, 4}}, muon::Experts{});
+  short_forms.add_adamw("b", a.b, a.gb);
+  short_forms.add_adamw("t", muon::TensorView<float>{a.t.data(), {2, 2, 3}},
+                        muon::TensorView<const float>{a.gt.data(), {2, 2, 3}});
+  by_rule.add(muon::rules::Muon{}, "w", b.w, b.gw);
+  by_rule.add(muon::rules::Muon{}, "q", b.q, b.gq, muon::Split{0, {4, 4}});
+  by_rule.add(muon::rules::Muon{}, "e", muon::TensorView<float>{b.stack.data(), {2, 3, 4}},
+              muon::TensorView<const float>{b.gstack.data(), {2, 3, 4}}, muon::Experts{});
+  by_rule.add(muon::rules::AdamW{}, "b", b.b, b.gb);
+  by_rule.add(muon::rules::AdamW{}, "t", muon::TensorView<float>{b.t.data(), {2, 2, 3}},
+              muon::TensorView<const float>{b.gt.data(), {2, 2, 3}});
+  REQUIRE(by_rule.num_matrices(muon::ParamId{1}) == 2);
+  REQUIRE(by_rule.num_matrices(muon::ParamId{2}) == 2);
+  for (int s = 0; s < 2; ++s) {
+    short_forms.step();
+    by_rule.step();
+  }
+  CHECK(same_bits(a.w, b.w));
+  CHECK(same_bits(a.q, b.q));
+  CHECK(same_bits(a.b, b.b));
+  CHECK(a.stack == b.stack);
+  CHECK(a.t == b.t);
+  CHECK(a.w != gaussian<float>(9, 7, 1));  // the weights moved
+  std::stringstream x, y;
+  short_forms.save_state(x);
+  by_rule.save_state(y);
+  CHECK(x.str() == y.str());
+}
+
 TEMPLATE_TEST_CASE("a split matrix steps as its blocks registered one by one",
                    "[optimizer][grouped]", float, double) {
   // A fused QKV weight (rows 8 + 8 + 4, grouped-query style) and per-head column blocks.

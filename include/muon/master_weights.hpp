@@ -25,6 +25,7 @@
 #include "muon/core/error.hpp"
 #include "muon/core/matrix_view.hpp"
 #include "muon/optimizer.hpp"
+#include "muon/rules/rules.hpp"
 
 namespace muon {
 
@@ -53,14 +54,24 @@ class MasterWeights {
   /// Parameters go to `optimizer` (its groups, options and state), which must outlive this.
   explicit MasterWeights(Opt& optimizer) : opt_(optimizer) {}
 
-  /// A 16-bit weight matrix updated by Muon through a T master (initialized from it).
+  /// A 16-bit parameter updated through a T master (initialized from it) by any rule of
+  /// muon::rules::All, as the optimizer's add(rule, ...) registers it.
+  template <class Rule>
+    requires requires { Rule::id; Rule::orthogonalizes; }
+  ParamId add(Rule rule, std::string name, NarrowView param, ConstNarrowView grad,
+              GroupId group = {}) {
+    return add_master(std::move(name), param, grad, [&](std::string n, auto master, auto g) {
+      return opt_.add(rule, std::move(n), master, g, group);
+    });
+  }
+  /// A 16-bit weight matrix updated by Muon through a T master.
   ParamId add_muon(std::string name, NarrowView param, ConstNarrowView grad, GroupId group = {}) {
-    return add(std::move(name), UpdateRule::muon, param, grad, group);
+    return add(rules::Muon{}, std::move(name), param, grad, group);
   }
   /// A 16-bit parameter updated by AdamW through a T master.
   ParamId add_adamw(std::string name, NarrowView param, ConstNarrowView grad,
                     GroupId group = {}) {
-    return add(std::move(name), UpdateRule::adamw, param, grad, group);
+    return add(rules::AdamW{}, std::move(name), param, grad, group);
   }
 
   /// Widens every gradient into its T copy, steps the optimizer on the masters, and rounds
@@ -115,8 +126,11 @@ class MasterWeights {
                           " was not registered through this MasterWeights");
   }
 
-  ParamId add(std::string name, UpdateRule rule, NarrowView param, ConstNarrowView grad,
-              GroupId group) {
+  /// The checks and the master; register(name, master, gradient copy) hands them to the
+  /// optimizer.
+  template <class Register>
+  ParamId add_master(std::string name, NarrowView param, ConstNarrowView grad,
+                     Register&& register_master) {
     const std::string what = "muon: MasterWeights: parameter '" + name + "' (" +
                              detail::shape_string(param.rows(), param.cols()) + ")";
     if (grad.rows() != param.rows() || grad.cols() != param.cols())
@@ -138,8 +152,7 @@ class MasterWeights {
     // The optimizer's own checks (name, group) run last, so a refusal leaves nothing behind.
     const MatrixView<T, Space> master = wide(e.master, e);
     const MatrixView<const T, Space> g = wide(e.grad_copy, e);
-    e.id = rule == UpdateRule::muon ? opt_.add_muon(std::move(name), master, g, group)
-                                    : opt_.add_adamw(std::move(name), master, g, group);
+    e.id = register_master(std::move(name), master, g);
     entries_.push_back(std::move(e));
     return entries_.back().id;
   }

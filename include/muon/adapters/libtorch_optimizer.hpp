@@ -425,15 +425,19 @@ class Muon : public torch::optim::Optimizer {
     const MatrixView<const T, Space> absent(&nothing, value.rows(), value.cols(), 0, 0);
     const auto layout = layouts_.find(name);
     ParamId id;
-    if (rule == UpdateRule::adamw)
-      id = engine_.add_adamw(name, value, absent, groups_[g]);
-    else if (layout != layouts_.end() && layout->second.split)
-      id = engine_.add_muon(name, value, absent, *layout->second.split, groups_[g]);
-    else if (layout != layouts_.end() && layout->second.experts)
-      id = engine_.add_muon(name, value, absent, Experts{expert_rows(*layout->second.experts, p)},
-                            groups_[g]);
-    else
-      id = engine_.add_muon(name, value, absent, groups_[g]);
+    rules::All::visit(rule, [&](auto r) {
+      if constexpr (decltype(r)::orthogonalizes) {
+        if (layout != layouts_.end() && layout->second.split)
+          id = engine_.add(r, name, value, absent, *layout->second.split, groups_[g]);
+        else if (layout != layouts_.end() && layout->second.experts)
+          id = engine_.add(r, name, value, absent,
+                           Experts{expert_rows(*layout->second.experts, p)}, groups_[g]);
+        else
+          id = engine_.add(r, name, value, absent, groups_[g]);
+      } else {
+        id = engine_.add(r, name, value, absent, groups_[g]);
+      }
+    });
     engine_.clear_grad(id);
     return {p, id, value.data(), nullptr, {}};
   }

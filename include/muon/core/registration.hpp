@@ -1,6 +1,6 @@
 #pragma once
-// Parameter registration shared by muon::Optimizer and muon::ShardedOptimizer: the ids, the
-// add_muon / add_adamw overloads (views, N-D tensors, adapted types, expert stacks and split
+// Parameter registration shared by muon::Optimizer and muon::ShardedOptimizer: the ids, add()
+// for any rule, its short forms add_muon / add_adamw (views, N-D tensors, adapted types, expert stacks and split
 // matrices) and the checks on a new parameter. `params` is the list registered so far; its elements have name, shape, value, grad
 // and has_grad members.
 #include <algorithm>
@@ -115,7 +115,7 @@ void check_new_param(const Params& params, const std::string& name,
 }
 
 /// The registration overloads of an optimizer; Derived provides
-///   ParamId add(std::string name, UpdateRule, std::vector<index_t> shape, View, ConstView,
+///   ParamId add_param(std::string name, UpdateRule, std::vector<index_t> shape, View, ConstView,
 ///               GroupId, std::vector<Part> matrices)
 /// (befriending this class) and does the common checks there with check_new_param.
 template <class Derived, class T, class Space>
@@ -130,53 +130,53 @@ class Registrar {
       ViewableMatrix<std::remove_reference_t<P>> && ViewableMatrix<std::remove_reference_t<G>> &&
       !(std::is_same_v<std::remove_cvref_t<P>, View> && std::is_same_v<std::remove_cvref_t<G>, ConstView>);
 
+  /// A parameter of any rule, by its policy object: opt.add(muon::rules::Muon{}, name, W, G),
+  /// or any other rule of muon::rules::All. An orthogonalizing rule takes what add_muon takes
+  /// (a matrix, an N-D weight, a Split or Experts after the gradient), an elementwise rule what
+  /// add_adamw takes; views, TensorViews and adapted types alike.
+  template <class Rule, class P, class G, class... Layout>
+    requires requires { Rule::id; Rule::orthogonalizes; }
+  ParamId add(Rule, std::string name, P&& param, G&& grad, Layout&&... layout_and_group) {
+    return add_as<Rule::id, Rule::orthogonalizes>(std::move(name), std::forward<P>(param),
+                                                  std::forward<G>(grad),
+                                                  std::forward<Layout>(layout_and_group)...);
+  }
+
+  // The short forms of the two rules every model uses.
   /// A weight matrix updated by Muon.
   ParamId add_muon(std::string name, View param, ConstView grad, GroupId group = {}) {
-    return self().add(std::move(name), UpdateRule::muon, {param.rows(), param.cols()}, param,
-                      grad, group, whole(param.rows(), param.cols()));
+    return matrix(UpdateRule::muon, std::move(name), param, grad, group);
   }
   /// A fused weight matrix (QKV rows, attention heads) whose blocks along split.axis Muon
   /// orthogonalizes and scales as matrices of their own.
   ParamId add_muon(std::string name, View param, ConstView grad, const Split& split,
                    GroupId group = {}) {
-    return self().add(name, UpdateRule::muon, {param.rows(), param.cols()}, param, grad, group,
-                      detail::split(param.rows(), param.cols(), split,
-                                    describe_param(name, {param.rows(), param.cols()})));
+    return matrix(UpdateRule::muon, std::move(name), param, grad, split, group);
   }
   /// A stack of experts (E x m x n seen flattened as E x (m n)): E matrices of m x n, one
   /// momentum buffer and one state record.
   ParamId add_muon(std::string name, View param, ConstView grad, Experts experts,
                    GroupId group = {}) {
-    return add_experts(std::move(name), {param.rows(), param.cols()}, param, grad, experts.rows,
-                       group);
+    return matrix(UpdateRule::muon, std::move(name), param, grad, experts, group);
   }
   /// An N-D weight (N >= 2, dense row-major, e.g. a conv kernel out x in x kh x kw), updated
   /// by Muon as the (shape[0], product of the rest) matrix.
   ParamId add_muon(std::string name, TensorView<T, Space> param, TensorView<const T, Space> grad,
                    GroupId group = {}) {
-    check_tensor(name, param, grad, 2);
-    const View flat = param.flattened();
-    return self().add(std::move(name), UpdateRule::muon, param.shape, flat, grad.flattened(),
-                      group, whole(flat.rows(), flat.cols()));
+    return matrix(UpdateRule::muon, std::move(name), param, grad, group);
   }
   /// An expert stack E x m x n (x ...): E matrices of m x (product of the rest).
   ParamId add_muon(std::string name, TensorView<T, Space> param, TensorView<const T, Space> grad,
                    Experts experts, GroupId group = {}) {
-    check_tensor(name, param, grad, 3);
-    if (experts.rows == 0) experts.rows = param.shape[1];
-    return add_experts(std::move(name), param.shape, param.flattened(), grad.flattened(),
-                       experts.rows, group);
+    return matrix(UpdateRule::muon, std::move(name), param, grad, experts, group);
   }
   /// A parameter updated by AdamW (any shape; vectors are 1 x n or n x 1 views).
   ParamId add_adamw(std::string name, View param, ConstView grad, GroupId group = {}) {
-    return self().add(std::move(name), UpdateRule::adamw, {param.rows(), param.cols()}, param,
-                      grad, group, {});
+    return elementwise(UpdateRule::adamw, std::move(name), param, grad, group);
   }
   ParamId add_adamw(std::string name, TensorView<T, Space> param,
                     TensorView<const T, Space> grad, GroupId group = {}) {
-    check_tensor(name, param, grad, 0);
-    return self().add(std::move(name), UpdateRule::adamw, param.shape, param.flattened(),
-                      grad.flattened(), group, {});
+    return elementwise(UpdateRule::adamw, std::move(name), param, grad, group);
   }
   /// Any adapted tensor types (Eigen objects, your own through muon::view), optionally with
   /// a Split or Experts. Named objects, or temporaries that only view memory owned elsewhere
@@ -184,23 +184,80 @@ class Registrar {
   template <class P, class G, class... Layout>
     requires Adapted<P, G>
   ParamId add_muon(std::string name, P&& param, G&& grad, Layout&&... layout_and_group) {
-    check_lifetimes<P, G>();
-    const ParamId id = add_muon(std::move(name), as_param<T, Space>(param), as_grad<T, Space>(grad),
-                                std::forward<Layout>(layout_and_group)...);
-    watch<P, G>(id, param, grad);
-    return id;
+    return add_as<UpdateRule::muon, true>(std::move(name), std::forward<P>(param),
+                                          std::forward<G>(grad),
+                                          std::forward<Layout>(layout_and_group)...);
   }
   template <class P, class G>
     requires Adapted<P, G>
   ParamId add_adamw(std::string name, P&& param, G&& grad, GroupId group = {}) {
-    check_lifetimes<P, G>();
-    const ParamId id = add_adamw(std::move(name), as_param<T, Space>(param), as_grad<T, Space>(grad), group);
-    watch<P, G>(id, param, grad);
-    return id;
+    return add_as<UpdateRule::adamw, false>(std::move(name), std::forward<P>(param),
+                                            std::forward<G>(grad), group);
   }
 
  private:
   Derived& self() { return static_cast<Derived&>(*this); }
+
+  // ---- one registration path per kind of rule, the rule's id given ------------------------
+  ParamId matrix(UpdateRule id, std::string name, View param, ConstView grad,
+                 GroupId group = {}) {
+    return self().add_param(std::move(name), id, {param.rows(), param.cols()}, param, grad,
+                            group, whole(param.rows(), param.cols()));
+  }
+  ParamId matrix(UpdateRule id, std::string name, View param, ConstView grad, const Split& split,
+                 GroupId group = {}) {
+    return self().add_param(name, id, {param.rows(), param.cols()}, param, grad, group,
+                            detail::split(param.rows(), param.cols(), split,
+                                          describe_param(name, {param.rows(), param.cols()})));
+  }
+  ParamId matrix(UpdateRule id, std::string name, View param, ConstView grad, Experts experts,
+                 GroupId group = {}) {
+    return add_experts(id, std::move(name), {param.rows(), param.cols()}, param, grad,
+                       experts.rows, group);
+  }
+  ParamId matrix(UpdateRule id, std::string name, TensorView<T, Space> param,
+                 TensorView<const T, Space> grad, GroupId group = {}) {
+    check_tensor(name, param, grad, 2);
+    const View flat = param.flattened();
+    return self().add_param(std::move(name), id, param.shape, flat, grad.flattened(), group,
+                            whole(flat.rows(), flat.cols()));
+  }
+  ParamId matrix(UpdateRule id, std::string name, TensorView<T, Space> param,
+                 TensorView<const T, Space> grad, Experts experts, GroupId group = {}) {
+    check_tensor(name, param, grad, 3);
+    if (experts.rows == 0) experts.rows = param.shape[1];
+    return add_experts(id, std::move(name), param.shape, param.flattened(), grad.flattened(),
+                       experts.rows, group);
+  }
+  ParamId elementwise(UpdateRule id, std::string name, View param, ConstView grad,
+                      GroupId group = {}) {
+    return self().add_param(std::move(name), id, {param.rows(), param.cols()}, param, grad,
+                            group, {});
+  }
+  ParamId elementwise(UpdateRule id, std::string name, TensorView<T, Space> param,
+                      TensorView<const T, Space> grad, GroupId group = {}) {
+    check_tensor(name, param, grad, 0);
+    return self().add_param(std::move(name), id, param.shape, param.flattened(),
+                            grad.flattened(), group, {});
+  }
+  /// Either kind, from views or adapted types (checked for lifetimes and watched).
+  template <UpdateRule Id, bool Orthogonalizes, class P, class G, class... Layout>
+  ParamId add_as(std::string name, P&& param, G&& grad, Layout&&... layout_and_group) {
+    const auto place = [&](auto&& p, auto&& g) {
+      if constexpr (Orthogonalizes)
+        return matrix(Id, std::move(name), p, g, std::forward<Layout>(layout_and_group)...);
+      else
+        return elementwise(Id, std::move(name), p, g, std::forward<Layout>(layout_and_group)...);
+    };
+    if constexpr (Adapted<P, G>) {
+      check_lifetimes<P, G>();
+      const ParamId id = place(as_param<T, Space>(param), as_grad<T, Space>(grad));
+      watch<P, G>(id, param, grad);
+      return id;
+    } else {
+      return place(std::forward<P>(param), std::forward<G>(grad));
+    }
+  }
   template <class P, class G>
   static constexpr void check_lifetimes() {
     static_assert(std::is_lvalue_reference_v<P> || is_view_type<std::remove_cvref_t<P>>,
@@ -238,12 +295,12 @@ class Registrar {
                                              "add_adamw()"
                                            : "an expert stack is experts x rows x cols"));
   }
-  ParamId add_experts(std::string name, std::vector<index_t> shape, View param, ConstView grad,
-                      index_t rows, GroupId group) {
+  ParamId add_experts(UpdateRule id, std::string name, std::vector<index_t> shape, View param,
+                      ConstView grad, index_t rows, GroupId group) {
     std::vector<Part> parts =
         experts(param.rows(), param.cols(), rows, describe_param(name, shape));
-    return self().add(std::move(name), UpdateRule::muon, std::move(shape), param, grad, group,
-                      std::move(parts));
+    return self().add_param(std::move(name), id, std::move(shape), param, grad, group,
+                            std::move(parts));
   }
 };
 

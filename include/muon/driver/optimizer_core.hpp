@@ -388,9 +388,9 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
     return static_cast<Derived&>(*this);
   }
 
-  ParamId add(std::string name, UpdateRule rule, std::vector<index_t> shape, View value,
-              ConstView grad, GroupId group, const std::vector<Part>& parts) {
-    const auto entered = enter("add_muon/add_adamw");
+  ParamId add_param(std::string name, UpdateRule rule, std::vector<index_t> shape, View value,
+                    ConstView grad, GroupId group, const std::vector<Part>& parts) {
+    const auto entered = enter("add");
     check_group(group);
     check_new_param(params_, name, shape, value, grad);
     Param p;
