@@ -56,13 +56,33 @@ class MasterWeights {
 
   /// A 16-bit parameter updated through a T master (initialized from it) by any rule of
   /// muon::rules::All, as the optimizer's add(rule, ...) registers it.
-  template <class Rule>
-    requires requires { Rule::id; Rule::orthogonalizes; }
+  template <RulePolicy Rule>
   ParamId add(Rule rule, std::string name, NarrowView param, ConstNarrowView grad,
               GroupId group = {}) {
-    return add_master(std::move(name), param, grad, [&](std::string n, auto master, auto g) {
-      return opt_.add(rule, std::move(n), master, g, group);
-    });
+    const std::string what = "muon: MasterWeights: parameter '" + name + "' (" +
+                             detail::shape_string(param.rows(), param.cols()) + ")";
+    if (grad.rows() != param.rows() || grad.cols() != param.cols())
+      throw InvalidArgument(what + ": gradient has shape " +
+                            detail::shape_string(grad.rows(), grad.cols()));
+    if (!param.empty() && (param.data() == nullptr || grad.data() == nullptr))
+      throw InvalidArgument(what + ": a data pointer is null");
+    for (const Entry& e : entries_)
+      if (detail::views_overlap(ConstNarrowView(param), ConstNarrowView(e.param)) ||
+          detail::views_overlap(ConstNarrowView(param), e.grad) ||
+          detail::views_overlap(grad, ConstNarrowView(e.param)))
+        throw InvalidArgument(what + ": shares memory with a parameter or gradient already "
+                                     "registered here");
+    B& b = opt_.backend();
+    Entry e{{}, param, grad, {}, {}};
+    b.resize(e.master, param.size());
+    b.resize(e.grad_copy, param.size());
+    b.copy(ConstNarrowView(param), wide(e.master, e));
+    // The optimizer's own checks (name, group) run last, so a refusal leaves nothing behind.
+    const MatrixView<T, Space> master = wide(e.master, e);
+    const MatrixView<const T, Space> g = wide(e.grad_copy, e);
+    e.id = opt_.add(rule, std::move(name), master, g, group);
+    entries_.push_back(std::move(e));
+    return entries_.back().id;
   }
   /// A 16-bit weight matrix updated by Muon through a T master.
   ParamId add_muon(std::string name, NarrowView param, ConstNarrowView grad, GroupId group = {}) {
@@ -124,37 +144,6 @@ class MasterWeights {
       if (e.id.value == id.value) return e;
     throw InvalidArgument("muon: MasterWeights: parameter id " + std::to_string(id.value) +
                           " was not registered through this MasterWeights");
-  }
-
-  /// The checks and the master; register(name, master, gradient copy) hands them to the
-  /// optimizer.
-  template <class Register>
-  ParamId add_master(std::string name, NarrowView param, ConstNarrowView grad,
-                     Register&& register_master) {
-    const std::string what = "muon: MasterWeights: parameter '" + name + "' (" +
-                             detail::shape_string(param.rows(), param.cols()) + ")";
-    if (grad.rows() != param.rows() || grad.cols() != param.cols())
-      throw InvalidArgument(what + ": gradient has shape " +
-                            detail::shape_string(grad.rows(), grad.cols()));
-    if (!param.empty() && (param.data() == nullptr || grad.data() == nullptr))
-      throw InvalidArgument(what + ": a data pointer is null");
-    for (const Entry& e : entries_)
-      if (detail::views_overlap(ConstNarrowView(param), ConstNarrowView(e.param)) ||
-          detail::views_overlap(ConstNarrowView(param), e.grad) ||
-          detail::views_overlap(grad, ConstNarrowView(e.param)))
-        throw InvalidArgument(what + ": shares memory with a parameter or gradient already "
-                                     "registered here");
-    B& b = opt_.backend();
-    Entry e{{}, param, grad, {}, {}};
-    b.resize(e.master, param.size());
-    b.resize(e.grad_copy, param.size());
-    b.copy(ConstNarrowView(param), wide(e.master, e));
-    // The optimizer's own checks (name, group) run last, so a refusal leaves nothing behind.
-    const MatrixView<T, Space> master = wide(e.master, e);
-    const MatrixView<const T, Space> g = wide(e.grad_copy, e);
-    e.id = register_master(std::move(name), master, g);
-    entries_.push_back(std::move(e));
-    return entries_.back().id;
   }
 
   Opt& opt_;

@@ -426,17 +426,18 @@ class Muon : public torch::optim::Optimizer {
     const auto layout = layouts_.find(name);
     ParamId id;
     rules::All::visit(rule, [&](auto r) {
-      if constexpr (decltype(r)::orthogonalizes) {
-        if (layout != layouts_.end() && layout->second.split)
+      if constexpr (decltype(r)::orthogonalizes) {  // a split or expert layout, if it has one
+        if (layout != layouts_.end() && layout->second.split) {
           id = engine_.add(r, name, value, absent, *layout->second.split, groups_[g]);
-        else if (layout != layouts_.end() && layout->second.experts)
+          return;
+        }
+        if (layout != layouts_.end() && layout->second.experts) {
           id = engine_.add(r, name, value, absent,
                            Experts{expert_rows(*layout->second.experts, p)}, groups_[g]);
-        else
-          id = engine_.add(r, name, value, absent, groups_[g]);
-      } else {
-        id = engine_.add(r, name, value, absent, groups_[g]);
+          return;
+        }
       }
+      id = engine_.add(r, name, value, absent, groups_[g]);
     });
     engine_.clear_grad(id);
     return {p, id, value.data(), nullptr, {}};

@@ -317,8 +317,22 @@ class EigenBackend {
   /// handed over as array blocks of a few thousand elements (one vectorized pass per stage,
   /// the blocks small enough that a stage of several statements reads memory once).
   template <class F, class... T>
-  void each(F f, MatrixView<T>... views) const {
-    chunked(f, views...);
+  void each(F f, MatrixView<T>... v) const {
+    constexpr index_t piece = 8192;  // elements: a few arrays of it stay in L1/L2
+    const auto first = std::get<0>(std::tuple<MatrixView<T>...>(v...));
+    if (same_dense_order(v...)) {
+      for (index_t at = 0; at < first.size(); at += piece) {
+        const index_t len = std::min(piece, first.size() - at);
+        f(Eigen::Map<MaybeConst<Eigen::Array<std::remove_const_t<T>, Eigen::Dynamic, 1>, T>>(
+            v.data() + at, len)...);
+      }
+    } else {
+      const index_t rows = std::max<index_t>(1, piece / std::max<index_t>(1, first.cols()));
+      for (index_t r = 0; r < first.rows(); r += rows) {
+        const index_t n = std::min(rows, first.rows() - r);
+        f(strided(v.block(r, 0, n, v.cols())).array()...);
+      }
+    }
   }
 
  private:
@@ -472,26 +486,6 @@ class EigenBackend {
            (v.transposed().is_row_major_contiguous() && ...);
   }
 
-  /// Like elementwise(), but calls f on cache-sized pieces in turn, so that a stage made of
-  /// several statements goes through memory once. Not for reductions.
-  template <class F, class... T>
-  static void chunked(F&& f, MatrixView<T>... v) {
-    constexpr index_t piece = 8192;  // elements: a few arrays of it stay in L1/L2
-    const auto first = std::get<0>(std::tuple<MatrixView<T>...>(v...));
-    if (same_dense_order(v...)) {
-      for (index_t at = 0; at < first.size(); at += piece) {
-        const index_t len = std::min(piece, first.size() - at);
-        f(Eigen::Map<MaybeConst<Eigen::Array<std::remove_const_t<T>, Eigen::Dynamic, 1>, T>>(
-            v.data() + at, len)...);
-      }
-    } else {
-      const index_t rows = std::max<index_t>(1, piece / std::max<index_t>(1, first.cols()));
-      for (index_t r = 0; r < first.rows(); r += rows) {
-        const index_t n = std::min(rows, first.rows() - r);
-        f(strided(v.block(r, 0, n, v.cols())).array()...);
-      }
-    }
-  }
 
   /// Calls f with array maps of same-shape views: flat 1-D arrays when every view is dense in
   /// the same order (vectorizes), else strided 2-D arrays.

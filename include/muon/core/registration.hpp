@@ -4,6 +4,7 @@
 // matrices) and the checks on a new parameter. `params` is the list registered so far; its elements have name, shape, value, grad
 // and has_grad members.
 #include <algorithm>
+#include <concepts>
 #include <type_traits>
 #include <utility>
 #include <cstdint>
@@ -24,6 +25,14 @@ struct ParamId {
   std::size_t value = 0;
 };
 enum class UpdateRule : std::uint8_t { muon = 0, adamw = 1 };
+
+/// A rule's policy object (muon::rules::Muon, ::AdamW, ...) as registration sees it: its id,
+/// and whether it orthogonalizes (which forms of parameter it takes).
+template <class R>
+concept RulePolicy = requires {
+  { R::id } -> std::convertible_to<UpdateRule>;
+  { R::orthogonalizes } -> std::convertible_to<bool>;
+};
 
 }  // namespace muon
 
@@ -134,8 +143,7 @@ class Registrar {
   /// or any other rule of muon::rules::All. An orthogonalizing rule takes what add_muon takes
   /// (a matrix, an N-D weight, a Split or Experts after the gradient), an elementwise rule what
   /// add_adamw takes; views, TensorViews and adapted types alike.
-  template <class Rule, class P, class G, class... Layout>
-    requires requires { Rule::id; Rule::orthogonalizes; }
+  template <RulePolicy Rule, class P, class G, class... Layout>
   ParamId add(Rule, std::string name, P&& param, G&& grad, Layout&&... layout_and_group) {
     return add_as<Rule::id, Rule::orthogonalizes>(std::move(name), std::forward<P>(param),
                                                   std::forward<G>(grad),
