@@ -550,3 +550,132 @@ TEST_CASE("a sharded state file written by an independent writer loads and saves
   CHECK(steps == 5);
   CHECK(saved == bytes);
 }
+
+// ---- every rule of muon::rules::All ------------------------------------------------------
+// The contract each rule, present and future, keeps with the driver, the placements, the state
+// files and MasterWeights: run here for every entry of the list (a new rule is tested by being
+// listed). Its own mathematics is checked against its reference in test_golden.cpp.
+namespace {
+
+/// Every rule's options away from their defaults where that moves the weights visibly.
+muon::GroupOptions every_rule_options() {
+  muon::GroupOptions g = sharded_options();
+  return g;
+}
+
+/// Registers the model's parameters that `Rule` takes: an orthogonalizing rule its matrices,
+/// an elementwise rule every shape.
+template <class Rule, class T, class Opt>
+void register_rule(ShardedModel<T>& model, Opt& opt) {
+  const auto& shapes = sharded_shapes();
+  for (std::size_t i = 0; i < shapes.size(); ++i)
+    if (shapes[i].muon || !Rule::orthogonalizes) opt.add(Rule{}, shapes[i].name, model.w[i], model.g[i]);
+}
+
+template <class Opt>
+std::string state_bytes(Opt& opt) {
+  std::ostringstream out;
+  opt.save_state(out);
+  return out.str();
+}
+
+}  // namespace
+
+TEMPLATE_LIST_TEST_CASE("every rule: sharded equals single-process bit for bit at 1-4 ranks",
+                        "[sharded][rules]", muon::rules::All::types) {
+  using Rule = TestType;
+  for (const auto strategy : {muon::ShardingStrategy::owner_compute, muon::ShardingStrategy::zero1})
+    for (int world = 1; world <= 4; ++world) {
+      INFO(Rule::name << ", " << muon::to_string(strategy) << " on " << world << " ranks");
+      ShardedModel<float> reference;
+      muon::Optimizer<muon::EigenBackend, float> single(every_rule_options());
+      register_rule<Rule>(reference, single);
+      for (int s = 0; s < 3; ++s) {
+        reference.mean_gradients(world, s);
+        single.step();
+      }
+      std::vector<ShardedModel<float>> ranks(static_cast<std::size_t>(world));
+      muon::ThreadGroup::run(world, [&](muon::ThreadCommunicator comm) {
+        ShardedModel<float>& model = ranks[static_cast<std::size_t>(comm.rank())];
+        Sharded<float> opt(comm, strategy, every_rule_options());
+        register_rule<Rule>(model, opt);
+        for (int s = 0; s < 3; ++s) {
+          model.local_gradients(comm.rank(), s);
+          opt.step();
+        }
+      });
+      for (const auto& model : ranks) CHECK(same_weights(model, reference));
+      CHECK(!same_weights(reference, ShardedModel<float>()));  // the weights moved
+    }
+}
+
+TEMPLATE_LIST_TEST_CASE("every rule: a saved state resumes bit for bit, a refused step changes "
+                        "nothing, MasterWeights equals its masters' optimizer",
+                        "[rules][state][master_weights]", muon::rules::All::types) {
+  using Rule = TestType;
+  const auto run = [](ShardedModel<float>& model, muon::Optimizer<muon::EigenBackend, float>& opt,
+                      int from, int to) {
+    for (int s = from; s < to; ++s) {
+      model.local_gradients(0, s);
+      opt.step();
+    }
+  };
+  // Resumed: steps 0-1, saved, loaded into a fresh optimizer over copies, steps 2-3 on both.
+  ShardedModel<float> a;
+  muon::Optimizer<muon::EigenBackend, float> opt_a(every_rule_options());
+  register_rule<Rule>(a, opt_a);
+  run(a, opt_a, 0, 2);
+  const std::string saved = state_bytes(opt_a);
+  ShardedModel<float> b;
+  for (std::size_t i = 0; i < a.w.size(); ++i) overwrite(b.w[i], a.w[i]);
+  muon::Optimizer<muon::EigenBackend, float> opt_b(every_rule_options());
+  register_rule<Rule>(b, opt_b);
+  std::istringstream in(saved);
+  opt_b.load_state(in);
+  CHECK(state_bytes(opt_b) == saved);
+  run(a, opt_a, 2, 4);
+  run(b, opt_b, 2, 4);
+  CHECK(same_weights(a, b));
+  CHECK(state_bytes(opt_a) == state_bytes(opt_b));
+
+  // Refused: a NaN in the last parameter's gradient; weights and state stay as they were.
+  const ShardedModel<float> before = a;
+  const std::string state_before = state_bytes(opt_a);
+  a.local_gradients(0, 4);
+  a.g.back()(0, 0) = std::numeric_limits<float>::quiet_NaN();
+  if (Rule::orthogonalizes) a.g[4](0, 0) = std::numeric_limits<float>::quiet_NaN();
+  CHECK_THROWS_AS(opt_a.step(), muon::NonFiniteGradient);
+  CHECK(same_weights(a, before));
+  CHECK(state_bytes(opt_a) == state_before);
+
+  // MasterWeights over bf16 parameters: the masters follow the float optimizer on the
+  // widened bf16 values and gradients, and the parameters are the masters rounded.
+  using bf16 = Eigen::bfloat16;
+  const auto& shapes = sharded_shapes();
+  std::vector<RowMat<bf16>> w16, g16;
+  ShardedModel<float> wide;
+  for (std::size_t i = 0; i < shapes.size(); ++i) {
+    w16.push_back(initial_weight<float>(shapes[i], i).cast<bf16>());
+    g16.push_back(RowMat<bf16>::Zero(shapes[i].rows, shapes[i].cols));
+    overwrite(wide.w[i], w16[i].cast<float>());
+  }
+  muon::Optimizer<muon::EigenBackend, float> masters(every_rule_options()), plain(every_rule_options());
+  muon::MasterWeights<muon::EigenBackend, float, bf16> mixed(masters);
+  for (std::size_t i = 0; i < shapes.size(); ++i)
+    if (shapes[i].muon || !Rule::orthogonalizes)
+      mixed.add(Rule{}, shapes[i].name, muon::view(w16[i]), muon::view(std::as_const(g16[i])));
+  register_rule<Rule>(wide, plain);
+  for (int s = 0; s < 3; ++s) {
+    for (std::size_t i = 0; i < shapes.size(); ++i) {
+      g16[i] = dyadic_gradient<float>(shapes[i], 0, s, i).cast<bf16>();
+      overwrite(wide.g[i], g16[i].cast<float>());
+    }
+    mixed.step();
+    plain.step();
+  }
+  for (std::size_t i = 0; i < shapes.size(); ++i) {
+    INFO(shapes[i].name);
+    CHECK(same_bits(w16[i], RowMat<bf16>(wide.w[i].cast<bf16>())));
+  }
+  CHECK(state_bytes(masters) == state_bytes(plain));
+}

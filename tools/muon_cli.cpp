@@ -353,17 +353,22 @@ void run_bench(const BenchArgs& a) {
 // ---- step -------------------------------------------------------------------------------
 template <class T>
 void step(const std::string& param_file, muon::npy::Array<double> file,
-          const std::vector<std::string>& grad_files, const std::string& out,
-          const muon::MuonOptions& options) {
+          const std::vector<std::string>& grad_files, const std::string& out, muon::UpdateRule rule,
+          const muon::GroupOptions& options) {
   auto param = in_precision<T>(std::move(file));
-  (void)matrix_shape(param.shape, param_file);
+  muon::rules::All::visit(rule, [&](auto r) {  // an orthogonalizing rule takes matrices only
+    if constexpr (decltype(r)::orthogonalizes)
+      (void)matrix_shape(param.shape, param_file);
+    else if (param.shape.empty())
+      throw UsageError(param_file + ": needs an array (1 or more dimensions), got a scalar");
+  });
   require_finite(param.data, param_file);
   std::vector<T> grad(param.data.size());
-  muon::GroupOptions group;
-  group.muon = options;
-  muon::Optimizer<muon::EigenBackend, T> opt(group);
-  opt.add_muon("param", muon::TensorView<T>{param.data.data(), param.shape},
-               muon::TensorView<const T>{grad.data(), param.shape});
+  muon::Optimizer<muon::EigenBackend, T> opt(options);
+  muon::rules::All::visit(rule, [&](auto r) {
+    opt.add(r, "param", muon::TensorView<T>{param.data.data(), param.shape},
+            muon::TensorView<const T>{grad.data(), param.shape});
+  });
   for (const auto& name : grad_files) {
     auto g = in_precision<T>(muon::npy::read<double>(name));
     if (g.shape != param.shape)
@@ -377,24 +382,133 @@ void step(const std::string& param_file, muon::npy::Array<double> file,
   muon::npy::write(out, param.shape, param.data.data());
 }
 
+/// An enum's names, from its to_string (which says "?" past the last enumerator; its
+/// enumerators are numbered from 0 without gaps).
+template <class E>
+std::vector<std::string> enum_names() {
+  std::vector<std::string> names;
+  for (int i = 0; i < 64 && std::string(to_string(static_cast<E>(i))) != "?"; ++i)
+    names.emplace_back(to_string(static_cast<E>(i)));
+  return names;
+}
+
+/// One flag of `step` for the option of that name of every rule that has one: --lr sets
+/// muon.lr or adamw.lr, the chosen rule's. Its type and the default --help shows are
+/// the first such rule's, its description lists each rule's; a flag not given leaves the
+/// chosen rule's default. Newton-Schulz fields drop their "ns." (--steps, --eps, --method).
+struct RuleFlag {
+  std::string sets;  // "muon.lr (0.001), adamw.lr (0.001)"
+  double number = 0;
+  int integer = 0;
+  std::string text;  // on/off, or an enumerator's name
+  CLI::Option* option = nullptr;
+};
+std::string flag_of(std::string field) {
+  if (field.rfind("ns.", 0) == 0) field = field.substr(3);
+  std::replace(field.begin(), field.end(), '_', '-');
+  return "--" + field;
+}
+
 struct StepArgs {
-  std::string param, out, nesterov = "on", scale = "original", momentum_form = "ema",
-                          schedule = "keller", dtype;
+  std::string param, out, rule = "muon", schedule = "keller", dtype;
   std::vector<std::string> grads;
-  muon::MuonOptions o;
+  std::map<std::string, RuleFlag> flags;
+  CLI::Option* schedule_flag = nullptr;
 };
 
+/// Every rule's options as flags of `cmd`.
+void add_rule_flags(CLI::App& cmd, StepArgs& a) {
+  muon::rules::All::for_each([&](auto rule) {
+    using R = decltype(rule);
+    typename R::Options defaults{};
+    R::fields(defaults, [&](const char* field, const auto& value) {
+      std::ostringstream shown;  // the rule's default, as the flag takes it
+      using V = std::decay_t<decltype(value)>;
+      if constexpr (std::is_same_v<V, bool>) shown << (value ? "on" : "off");
+      else if constexpr (std::is_enum_v<V>) shown << to_string(value);
+      else shown << value;
+      const std::string sets = std::string(R::name) + "." + field + " (" + shown.str() + ")";
+      const auto [it, added] = a.flags.try_emplace(flag_of(field));
+      if (!added) {
+        it->second.sets += ", " + sets;
+        return;
+      }
+      RuleFlag& f = it->second;
+      f.sets = sets;
+      if constexpr (std::is_same_v<V, double>) {
+        f.number = value;
+        f.option = cmd.add_option(it->first, f.number)->check(kNumber);
+      } else if constexpr (std::is_same_v<V, int>) {
+        f.integer = value;
+        f.option = cmd.add_option(it->first, f.integer)->check(kNumber);
+      } else if constexpr (std::is_same_v<V, bool>) {
+        f.text = value ? "on" : "off";
+        f.option = cmd.add_option(it->first, f.text)->check(CLI::IsMember({"on", "off"}));
+      } else {
+        f.text = to_string(value);
+        f.option = cmd.add_option(it->first, f.text)->check(CLI::IsMember(enum_names<V>()));
+      }
+    });
+  });
+  for (auto& [flag, f] : a.flags) f.option->description("sets " + f.sets);
+}
+
+/// Every rule's name, in the list's order: "muon, adamw".
+std::string rule_names() {
+  std::string names;
+  muon::rules::All::for_each([&](auto r) { names += (names.empty() ? "" : ", ") + std::string(decltype(r)::name); });
+  return names;
+}
+
+/// The chosen rule's options from the flags given; a flag of another rule is refused.
+muon::GroupOptions rule_options(StepArgs& a, muon::UpdateRule& id) {
+  if (!muon::rules::All::from_name(a.rule, id))
+    throw UsageError("--rule " + a.rule + " is not a rule (" + rule_names() + ")");
+  muon::GroupOptions group;
+  muon::rules::All::visit(id, [&](auto rule) {
+    using R = decltype(rule);
+    auto& o = R::options(group);
+    std::vector<std::string> mine;
+    R::fields(o, [&](const char* field, auto& value) {
+      const std::string flag = flag_of(field);
+      mine.push_back(flag);
+      const RuleFlag& f = a.flags.at(flag);
+      if (f.option->count() == 0) return;
+      using V = std::decay_t<decltype(value)>;
+      if constexpr (std::is_same_v<V, double>) value = f.number;
+      else if constexpr (std::is_same_v<V, int>) value = f.integer;
+      else if constexpr (std::is_same_v<V, bool>) value = f.text == "on";
+      else {
+        const auto names = enum_names<V>();
+        value = static_cast<V>(std::find(names.begin(), names.end(), f.text) - names.begin());
+      }
+    });
+    for (const auto& [flag, f] : a.flags)
+      if (f.option->count() != 0 && std::find(mine.begin(), mine.end(), flag) == mine.end()) {
+        std::string list;
+        for (const auto& m : mine) list += (list.empty() ? "" : " ") + m;
+        throw UsageError(flag + " is not an option of rule " + R::name + " (it takes " + list +
+                         (R::orthogonalizes ? " --schedule" : "") + ")");
+      }
+    if constexpr (R::orthogonalizes) {
+      const muon::NewtonSchulzOptions chosen = ns_options(a.schedule, o.newton_schulz.steps);
+      o.newton_schulz.schedule = chosen.schedule;
+    } else if (a.schedule_flag->count() != 0) {
+      throw UsageError(std::string("--schedule: rule ") + R::name + " does not orthogonalize");
+    }
+  });
+  muon::validate(group, "options");
+  return group;
+}
+
 void run_step(StepArgs& a) {
-  a.o.nesterov = a.nesterov == "on";
-  a.o.scale = muon::scale_mode_from_name(a.scale);
-  a.o.momentum_form = muon::momentum_form_from_name(a.momentum_form);
-  a.o.newton_schulz = ns_options(a.schedule, a.o.newton_schulz.steps);
-  muon::validate(a.o, "options");
+  muon::UpdateRule rule{};
+  const muon::GroupOptions group = rule_options(a, rule);
   auto file = muon::npy::read<double>(a.param);
   if (dtype_or(a.dtype, file) == "float32")
-    step<float>(a.param, std::move(file), a.grads, a.out, a.o);
+    step<float>(a.param, std::move(file), a.grads, a.out, rule, group);
   else
-    step<double>(a.param, std::move(file), a.grads, a.out, a.o);
+    step<double>(a.param, std::move(file), a.grads, a.out, rule, group);
 }
 
 /// The options every Newton-Schulz command shares.
@@ -457,21 +571,19 @@ int main(int argc, char** argv) {
 
   StepArgs st;
   CLI::App* step_cmd = app.add_subcommand(
-      "step", "Muon steps on one parameter, one step per --grad; writes the new parameter");
+      "step", "steps of one rule (Muon by default) on one parameter, one step per --grad; "
+              "writes the new parameter");
   step_cmd->add_option("--param", st.param, "parameter .npy (2-D, or N-D flattened)")->required();
   step_cmd->add_option("--grad", st.grads, "gradient .npy, repeatable: one step each")
       ->required();
   step_cmd->add_option("--out", st.out, "where the updated parameter is written")->required();
-  step_cmd->add_option("--lr", st.o.lr, "learning rate")->check(kNumber);
-  step_cmd->add_option("--momentum", st.o.momentum, "momentum coefficient mu")->check(kNumber);
-  step_cmd->add_option("--nesterov", st.nesterov, "Nesterov momentum")
-      ->check(CLI::IsMember({"on", "off"}));
-  step_cmd->add_option("--weight-decay", st.o.weight_decay, "decoupled weight decay")
-      ->check(kNumber);
-  step_cmd->add_option("--scale", st.scale,
-                       "update scale: original, match_rms_adamw, spectral or none");
-  step_cmd->add_option("--momentum-form", st.momentum_form, "ema or sum");
-  add_schedule_options(*step_cmd, st.schedule, st.o.newton_schulz.steps);
+  step_cmd->add_option("--rule", st.rule,
+                       "the update rule: " + rule_names() +
+                           "; each rule's options are the flags below that set it");
+  add_rule_flags(*step_cmd, st);
+  st.schedule_flag = step_cmd->add_option("--schedule", st.schedule,
+                       "Newton-Schulz coefficients (orthogonalizing rules): keller, you, "
+                       "polar_express or textbook");
   step_cmd->add_option("--dtype", st.dtype, "working and output precision (default: the "
                                             "parameter's)")
       ->check(dtype_check);

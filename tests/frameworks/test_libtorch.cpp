@@ -642,3 +642,83 @@ TEST_CASE("random call sequences keep muon::libtorch::Muon's promises",
     }
   }
 }
+
+TEMPLATE_LIST_TEST_CASE("every rule through muon::libtorch::Muon steps as muon::Optimizer and "
+                        "resumes from torch::save bit for bit",
+                        "[frameworks][libtorch][optim][rules]", muon::rules::All::types) {
+  using Rule = TestType;
+  torch::manual_seed(7);
+  const std::vector<std::vector<int64_t>> shapes =
+      Rule::orthogonalizes ? std::vector<std::vector<int64_t>>{{6, 4}, {3, 8}}
+                           : std::vector<std::vector<int64_t>>{{6, 4}, {5}};
+  muon::GroupOptions g;
+  g.muon.lr = 0.02;
+  std::vector<torch::Tensor> a, b, grads;  // a: through LibTorch, b: through muon::Optimizer
+  for (const auto& s : shapes) {
+    const torch::Tensor t = torch::randn(s);
+    a.push_back(t.clone().requires_grad_());
+    b.push_back(t.clone().requires_grad_());
+  }
+  muon::libtorch::Muon<float> wrapped({torch::optim::OptimizerParamGroup(a)},
+                                      muon::libtorch::Options(Rule::id, g));
+  muon::Optimizer<muon::EigenBackend, float> plain(g);
+  for (std::size_t i = 0; i < b.size(); ++i)
+    plain.add(Rule{}, "group.0." + std::to_string(i), muon::libtorch::param<float>(b[i]),
+              muon::libtorch::grad<float>(b[i]));
+  const auto step = [&](muon::libtorch::Muon<float>& opt, std::vector<torch::Tensor>& params) {
+    for (std::size_t i = 0; i < params.size(); ++i) params[i].mutable_grad() = grads[i].clone();
+    opt.step();
+  };
+  for (int s = 0; s < 3; ++s) {
+    grads.clear();
+    for (const auto& p : a) grads.push_back(torch::randn_like(p));
+    step(wrapped, a);
+    for (std::size_t i = 0; i < b.size(); ++i) b[i].grad().copy_(grads[i]);
+    plain.step();
+  }
+  for (std::size_t i = 0; i < a.size(); ++i) CHECK(torch::equal(a[i], b[i]));
+  // Saved, loaded into an optimizer over copies, one more step on both.
+  std::stringstream saved;
+  torch::save(wrapped, saved);
+  std::vector<torch::Tensor> c;
+  for (const auto& p : a) c.push_back(p.detach().clone().requires_grad_());
+  muon::libtorch::Muon<float> resumed({torch::optim::OptimizerParamGroup(c)},
+                                      muon::libtorch::Options(Rule::id));
+  torch::load(resumed, saved);
+  CHECK(resumed.param_groups()[0].options().get_lr() == wrapped.param_groups()[0].options().get_lr());
+  for (auto& x : grads) x = torch::randn_like(x);
+  step(wrapped, a);
+  step(resumed, c);
+  for (std::size_t i = 0; i < a.size(); ++i) CHECK(torch::equal(a[i], c[i]));
+}
+
+TEST_CASE("an archive written before rules named their Newton-Schulz fields still loads",
+          "[frameworks][libtorch][optim]") {
+  // The keys as they were: Muon's Newton-Schulz fields under "ns.".
+  torch::serialize::OutputArchive old;
+  old.write("rule", c10::IValue(int64_t{0}));
+  for (const char* key : {"muon.lr", "muon.weight_decay", "muon.momentum", "muon.rms_factor",
+                          "ns.eps", "adamw.lr", "adamw.beta1", "adamw.beta2",
+                          "adamw.eps", "adamw.weight_decay"})
+    old.write(key, c10::IValue(0.0625));
+  old.write("ns.tolerance", c10::IValue(0.0));
+  old.write("muon.nesterov", c10::IValue(false));
+  for (const char* key : {"muon.momentum_form", "muon.scale", "ns.method"})
+    old.write(key, c10::IValue(int64_t{1}));
+  old.write("ns.steps", c10::IValue(int64_t{7}));
+  old.write("ns.max_extra_steps", c10::IValue(int64_t{3}));
+  old.write("ns.schedule", c10::IValue(std::string("you")));
+  old.write("ns.norm_scale", c10::IValue(1.0));
+  old.write("ns.coefficients", c10::IValue(std::vector<double>{}));
+  std::stringstream bytes;
+  old.save_to(bytes);
+  torch::serialize::InputArchive in;
+  in.load_from(bytes);
+  muon::libtorch::Options read;
+  read.serialize(in);
+  const muon::GroupOptions& g = read.options();
+  CHECK((g.muon.lr == 0.0625 && g.muon.newton_schulz.steps == 7 && g.muon.newton_schulz.eps == 0.0625));
+  CHECK((g.muon.newton_schulz.max_extra_steps == 3 && g.muon.newton_schulz.schedule.name() == "you"));
+  CHECK((g.muon.scale == muon::ScaleMode::match_rms_adamw && !g.muon.nesterov));
+  CHECK(g.adamw.beta2 == 0.0625);
+}

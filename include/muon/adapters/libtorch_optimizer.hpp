@@ -1,8 +1,9 @@
 #pragma once
 // muon::libtorch::Muon: the optimizer as a torch::optim::Optimizer, so a LibTorch program that
 // holds a `torch::optim::Optimizer&` (its training loop, torch's LR schedulers, torch::save and
-// torch::load) trains with Muon unchanged. Each param group is a Muon group or an AdamW group
-// (its Options say which), as torch.optim.Muon and Moonlight split a model:
+// torch::load) trains with Muon unchanged. Each param group follows one rule of
+// muon::rules::All (its Options say which): Muon for the hidden matrices and AdamW for the
+// rest, as torch.optim.Muon and Moonlight split a model:
 //
 //   auto routed = muon::libtorch::route(model->named_parameters());   // hidden matrices: Muon
 //   std::cout << routed.table();                                       // every parameter's rule
@@ -69,88 +70,109 @@ class Options : public torch::optim::OptimizerCloneableOptions<Options> {
   }
   void set_lr(const double lr) override { rules::All::lr(rule_, options_) = lr; }
 
+  /// Every rule's options under "<rule>.<field>" (muon.lr, adamw.beta2, muon.ns.steps) and each
+  /// orthogonalizing rule's schedule under "<rule>.ns.schedule", .norm_scale, .coefficients.
   void serialize(torch::serialize::OutputArchive& archive) const override {
-    fields(*this, [&](const char* key, const auto& value) {
+    fields(*this, [&](const std::string& key, const auto& value) {
       using V = std::decay_t<decltype(value)>;
       if constexpr (std::is_same_v<V, double> || std::is_same_v<V, bool>)
         archive.write(key, c10::IValue(value));
       else
         archive.write(key, c10::IValue(static_cast<int64_t>(value)));
     });
-    const NewtonSchulzOptions& ns = options_.muon.newton_schulz;
-    archive.write("ns.schedule", c10::IValue(ns.schedule.name()));
-    archive.write("ns.norm_scale", c10::IValue(ns.schedule.norm_scale()));
-    std::vector<double> c;
-    for (const Coefficients& k : ns.schedule.resolve(ns.steps)) c.insert(c.end(), {k.a, k.b, k.c});
-    archive.write("ns.coefficients", c10::IValue(c));
+    rules::All::for_each([&](auto rule) {
+      using R = decltype(rule);
+      if constexpr (R::orthogonalizes) {
+        const std::string at = std::string(R::name) + ".ns.";
+        const NewtonSchulzOptions& ns = R::options(options_).newton_schulz;
+        archive.write(at + "schedule", c10::IValue(ns.schedule.name()));
+        archive.write(at + "norm_scale", c10::IValue(ns.schedule.norm_scale()));
+        std::vector<double> c;
+        for (const Coefficients& k : ns.schedule.resolve(ns.steps)) c.insert(c.end(), {k.a, k.b, k.c});
+        archive.write(at + "coefficients", c10::IValue(c));
+      }
+    });
   }
+  /// Reads what serialize() wrote. A rule of which the archive holds no field (saved before
+  /// the rule existed) keeps its defaults; one with some fields must have all. Archives whose
+  /// Newton-Schulz fields have no rule prefix ("ns.steps": written before each rule named its
+  /// own) are read as Muon's.
   void serialize(torch::serialize::InputArchive& archive) override {
     Options o;
-    fields(o, [&](const char* key, auto& value) {
-      using V = std::remove_reference_t<decltype(value)>;
-      const c10::IValue v = read(archive, key);
-      if constexpr (std::is_same_v<V, double>) value = v.toDouble();
-      else if constexpr (std::is_same_v<V, bool>) value = v.toBool();
-      else value = static_cast<V>(v.toInt());
+    o.rule_ = static_cast<UpdateRule>(read(archive, "rule").toInt());
+    rules::All::for_each([&](auto rule) {
+      using R = decltype(rule);
+      const std::string prefix = std::string(R::name) + ".";
+      bool any = false;
+      R::fields(R::options(o.options_), [&](const char* field, auto&) {
+        any = any || find(archive, prefix, field).has_value();
+      });
+      if (!any) return;
+      R::fields(R::options(o.options_), [&](const char* field, auto& value) {
+        using V = std::remove_reference_t<decltype(value)>;
+        const auto v = find(archive, prefix, field);
+        if (!v)
+          throw StateError("muon::libtorch::Options: the archive has no '" + prefix + field + "'");
+        if constexpr (std::is_same_v<V, double>) value = v->toDouble();
+        else if constexpr (std::is_same_v<V, bool>) value = v->toBool();
+        else value = static_cast<V>(v->toInt());
+      });
+      if constexpr (R::orthogonalizes) {
+        NewtonSchulzOptions& ns = R::options(o.options_).newton_schulz;
+        const auto field = [&](const char* name) {
+          auto v = find(archive, prefix, std::string("ns.") + name);
+          if (!v)
+            throw StateError("muon::libtorch::Options: the archive has no '" + prefix + "ns." +
+                             name + "'");
+          return *v;
+        };
+        const std::string name = field("schedule").toStringRef();
+        if (name == "custom") {
+          const std::vector<double> c = field("coefficients").toDoubleVector();
+          std::vector<Coefficients> list;
+          for (std::size_t i = 0; i + 2 < c.size(); i += 3) list.push_back({c[i], c[i + 1], c[i + 2]});
+          ns.schedule = Schedule::custom(std::move(list), field("norm_scale").toDouble());
+        } else {
+          ns.schedule = Schedule::from_name(name);
+        }
+      }
     });
-    NewtonSchulzOptions& ns = o.options_.muon.newton_schulz;
-    const std::string name = read(archive, "ns.schedule").toStringRef();
-    if (name == "custom") {
-      const std::vector<double> c = read(archive, "ns.coefficients").toDoubleVector();
-      std::vector<Coefficients> list;
-      for (std::size_t i = 0; i + 2 < c.size(); i += 3) list.push_back({c[i], c[i + 1], c[i + 2]});
-      ns.schedule = Schedule::custom(std::move(list), read(archive, "ns.norm_scale").toDouble());
-    } else {
-      ns.schedule = Schedule::from_name(name);
-    }
     check_rule(o.rule_, "muon::libtorch::Options (from an archive)");
     validate(o.options_, "muon::libtorch::Options (from an archive)");
     *this = std::move(o);
   }
 
-  /// Every option but the schedule, by key, to f(key, field): how serialize() and the
-  /// optimizer's change detection see them.
+  /// Every option but the schedules, by key ("rule", then "<rule>.<field>"), to f(key, field):
+  /// how serialize() and the optimizer's change detection see them.
   template <class O, class F>
   static void fields(O& o, F&& f) {
-    auto& m = o.options_.muon;
-    auto& ns = m.newton_schulz;
-    auto& a = o.options_.adamw;
-    f("rule", o.rule_);
-    f("muon.lr", m.lr);
-    f("muon.weight_decay", m.weight_decay);
-    f("muon.momentum", m.momentum);
-    f("muon.nesterov", m.nesterov);
-    f("muon.momentum_form", m.momentum_form);
-    f("muon.scale", m.scale);
-    f("muon.rms_factor", m.rms_factor);
-    f("ns.steps", ns.steps);
-    f("ns.eps", ns.eps);
-    f("ns.method", ns.method);
-    f("ns.tolerance", ns.tolerance);
-    f("ns.max_extra_steps", ns.max_extra_steps);
-    f("adamw.lr", a.lr);
-    f("adamw.beta1", a.beta1);
-    f("adamw.beta2", a.beta2);
-    f("adamw.eps", a.eps);
-    f("adamw.weight_decay", a.weight_decay);
+    f(std::string("rule"), o.rule_);
+    rules::All::for_each([&](auto rule) {
+      using R = decltype(rule);
+      R::fields(R::options(o.options_), [&](const char* field, auto& value) {
+        f(std::string(R::name) + "." + field, value);
+      });
+    });
   }
 
   /// Whether two options are the same in every field and schedule.
   friend bool operator==(const Options& a, const Options& b) {
     const auto values = [](const Options& o) {
-      std::array<double, 18> v{};
-      std::size_t i = 0;
-      fields(o, [&](const char*, const auto& x) { v[i++] = static_cast<double>(x); });
+      std::vector<double> v;
+      fields(o, [&](const std::string&, const auto& x) { v.push_back(static_cast<double>(x)); });
       return v;
     };
-    const Schedule &s = a.options_.muon.newton_schulz.schedule, &t = b.options_.muon.newton_schulz.schedule;
-    if (values(a) != values(b) || s.name() != t.name() || s.norm_scale() != t.norm_scale()) return false;
-    if (s.kind() != Schedule::Kind::custom) return true;
-    const int steps = a.options_.muon.newton_schulz.steps;
-    const auto x = s.resolve(steps), y = t.resolve(steps);
-    return std::equal(x.begin(), x.end(), y.begin(), y.end(), [](const Coefficients& p, const Coefficients& q) {
-      return p.a == q.a && p.b == q.b && p.c == q.c;
+    if (values(a) != values(b)) return false;
+    bool same = true;
+    rules::All::for_each([&](auto rule) {
+      using R = decltype(rule);
+      if constexpr (R::orthogonalizes) {
+        const NewtonSchulzOptions& x = R::options(a.options_).newton_schulz;
+        const NewtonSchulzOptions& y = R::options(b.options_).newton_schulz;
+        same = same && same_schedule(x.schedule, y.schedule, x.steps);
+      }
     });
+    return same;
   }
 
  private:
@@ -159,6 +181,25 @@ class Options : public torch::optim::OptimizerCloneableOptions<Options> {
       throw InvalidArgument("muon: " + where + ".rule = " + std::to_string(int(rule)) +
                             " is not the id of a rule in muon::rules::All");
   }
+  static bool same_schedule(const Schedule& s, const Schedule& t, int steps) {
+    if (s.name() != t.name() || s.norm_scale() != t.norm_scale()) return false;
+    if (s.kind() != Schedule::Kind::custom) return true;
+    const auto x = s.resolve(steps), y = t.resolve(steps);
+    return std::equal(x.begin(), x.end(), y.begin(), y.end(), [](const Coefficients& p, const Coefficients& q) {
+      return p.a == q.a && p.b == q.b && p.c == q.c;
+    });
+  }
+  /// A rule's field under "<rule>.<field>", or (Muon's Newton-Schulz fields in archives
+  /// written when only Muon orthogonalized) under "<field>" alone.
+  static std::optional<c10::IValue> find(torch::serialize::InputArchive& archive,
+                                         const std::string& prefix, const std::string& field) {
+    c10::IValue v;
+    if (archive.try_read(prefix + field, v)) return v;
+    if (field.rfind("ns.", 0) == 0 && prefix == std::string(rules::Muon::name) + "." &&
+        archive.try_read(field, v))
+      return v;
+    return std::nullopt;
+  }
   static c10::IValue read(torch::serialize::InputArchive& archive, const std::string& key) {
     c10::IValue v;
     if (!archive.try_read(key, v))
@@ -166,7 +207,7 @@ class Options : public torch::optim::OptimizerCloneableOptions<Options> {
     return v;
   }
 
-  UpdateRule rule_ = UpdateRule::muon;
+  UpdateRule rule_ = rules::Muon::id;
   GroupOptions options_{};
 };
 
@@ -186,12 +227,12 @@ inline index_t expert_rows(const Experts& experts, const torch::Tensor& p) {
 struct Route {
   std::string name;
   std::vector<int64_t> shape;
-  UpdateRule rule = UpdateRule::muon;
+  UpdateRule rule = rules::Muon::id;
   double lr = 0;            ///< the group's learning rate
-  double effective_lr = 0;  ///< Muon: lr times the shape scale of its (first) matrix
+  double effective_lr = 0;  ///< orthogonalizing rules: lr times the update scale of its (first) matrix
 };
 
-/// What route() decided: the param groups (Muon first, then AdamW), the names, the layouts
+/// What route() decided: the param groups (the matrices' first, then the others'), the names, the layouts
 /// and the table that says where every parameter went.
 struct Routing {
   std::vector<torch::optim::OptimizerParamGroup> groups;
@@ -216,41 +257,52 @@ struct Routing {
   }
 };
 
-/// Which parameters route() gives to Muon, and with what options.
+/// Which parameters route() gives to which rule, and with what options.
 struct RoutingOptions {
-  GroupOptions options{};  ///< both groups' hyper-parameters (each uses its rule's part)
-  /// Parameters of 2 or more dimensions go to Muon unless their name matches this (embeddings
-  /// and output heads belong to AdamW: Moonlight, arXiv:2502.16982). Vectors (biases, norm
-  /// gains) always go to AdamW.
+  GroupOptions options{};  ///< every rule's hyper-parameters (each group uses its rule's)
+  /// The rule of the hidden matrices, and of everything else.
+  UpdateRule matrices = rules::Muon::id;
+  UpdateRule others = rules::AdamW::id;
+  /// Parameters of 2 or more dimensions are matrices unless their name matches this
+  /// (embeddings and output heads go with the others: Moonlight, arXiv:2502.16982). Vectors
+  /// (biases, norm gains) always do.
   std::string adamw_names = R"((^|[._])(embed\w*|wte|wpe|tok_embeddings|lm_head|head|output|classifier)([._]|$))";
   std::map<std::string, Layout> layouts;  ///< fused matrices and expert stacks, by name
 };
 
-/// Routes named parameters (model->named_parameters()) into a Muon and an AdamW group.
+/// Routes named parameters (model->named_parameters()) into a group of the matrices' rule and
+/// one of the others' (each left out when empty).
 inline Routing route(const torch::OrderedDict<std::string, torch::Tensor>& named,
                      const RoutingOptions& r = {}) {
-  const std::regex adamw(r.adamw_names);
-  std::vector<torch::Tensor> muon_params, adamw_params;
+  for (UpdateRule rule : {r.matrices, r.others})
+    if (!rules::All::known(rule))
+      throw InvalidArgument("muon::libtorch::route: rule id " + std::to_string(int(rule)) +
+                            " is not the id of a rule in muon::rules::All");
+  const std::regex others(r.adamw_names);
+  std::vector<torch::Tensor> matrix_params, other_params;
   Routing out;
   for (const auto& item : named) {
     const torch::Tensor& p = item.value();
-    const bool muon = p.dim() >= 2 && !std::regex_search(item.key(), adamw);
-    (muon ? muon_params : adamw_params).push_back(p);
+    const bool matrix = p.dim() >= 2 && !std::regex_search(item.key(), others);
+    (matrix ? matrix_params : other_params).push_back(p);
     out.names[p.unsafeGetTensorImpl()] = item.key();
-    Route row{item.key(), p.sizes().vec(), muon ? UpdateRule::muon : UpdateRule::adamw,
-              muon ? r.options.muon.lr : r.options.adamw.lr, 0};
+    const UpdateRule rule = matrix ? r.matrices : r.others;
+    Route row{item.key(), p.sizes().vec(), rule, rules::All::lr(rule, r.options), 0};
     row.effective_lr = row.lr;
-    if (muon) {
-      index_t rows = p.size(0), cols = p.numel() / std::max<int64_t>(1, p.size(0));
-      const auto layout = r.layouts.find(item.key());
-      if (layout != r.layouts.end() && layout->second.experts) {
-        rows = expert_rows(*layout->second.experts, p);
-        cols = p.size(0) == 0 || rows == 0 ? 0 : cols / rows;
+    rules::All::visit(rule, [&](auto ruler) {
+      using R = decltype(ruler);
+      if constexpr (R::orthogonalizes) {
+        index_t rows = p.size(0), cols = p.numel() / std::max<int64_t>(1, p.size(0));
+        const auto layout = r.layouts.find(item.key());
+        if (layout != r.layouts.end() && layout->second.experts) {
+          rows = expert_rows(*layout->second.experts, p);
+          cols = p.size(0) == 0 || rows == 0 ? 0 : cols / rows;
+        }
+        else if (layout != r.layouts.end() && layout->second.split && !layout->second.split->sizes.empty())
+          (layout->second.split->axis == 0 ? rows : cols) = layout->second.split->sizes[0];
+        row.effective_lr *= R::update_scale(R::options(r.options), rows, cols);
       }
-      else if (layout != r.layouts.end() && layout->second.split && !layout->second.split->sizes.empty())
-        (layout->second.split->axis == 0 ? rows : cols) = layout->second.split->sizes[0];
-      row.effective_lr *= shape_scale(r.options.muon.scale, rows, cols, r.options.muon.rms_factor);
-    }
+    });
     out.routes.push_back(row);
   }
   for (const auto& [name, layout] : r.layouts)
@@ -258,16 +310,16 @@ inline Routing route(const torch::OrderedDict<std::string, torch::Tensor>& named
       throw InvalidArgument("muon::libtorch::route: a layout names '" + name +
                             "', which is not among the parameters");
   out.layouts = r.layouts;
-  if (!muon_params.empty())
-    out.groups.emplace_back(std::move(muon_params),
-                            std::make_unique<Options>(UpdateRule::muon, r.options));
-  if (!adamw_params.empty())
-    out.groups.emplace_back(std::move(adamw_params),
-                            std::make_unique<Options>(UpdateRule::adamw, r.options));
+  if (!matrix_params.empty())
+    out.groups.emplace_back(std::move(matrix_params),
+                            std::make_unique<Options>(r.matrices, r.options));
+  if (!other_params.empty())
+    out.groups.emplace_back(std::move(other_params),
+                            std::make_unique<Options>(r.others, r.options));
   return out;
 }
 
-/// Muon and AdamW as a torch::optim::Optimizer over tensors of element type T in backend B's
+/// The rules of muon::rules::All as a torch::optim::Optimizer over tensors of element type T in backend B's
 /// memory (EigenBackend: CPU tensors; cuda::CudaBackend: CUDA tensors, see CudaMuon).
 template <class T = float, class B = EigenBackend>
 class Muon : public torch::optim::Optimizer {

@@ -55,31 +55,6 @@ struct NewtonSchulzOptions {
   int max_extra_steps = 10;
 };
 
-struct MuonOptions {
-  double lr = 1e-3;
-  double weight_decay = 0.1;  ///< decoupled: W <- W (1 - lr * weight_decay), unscaled lr
-  double momentum = 0.95;
-  bool nesterov = true;
-  MomentumForm momentum_form = MomentumForm::ema;
-  ScaleMode scale = ScaleMode::original;
-  double rms_factor = 0.2;  ///< the target RMS of ScaleMode::match_rms_adamw
-  NewtonSchulzOptions newton_schulz{};
-};
-
-struct AdamWOptions {
-  double lr = 1e-3;
-  double beta1 = 0.9;
-  double beta2 = 0.999;
-  double eps = 1e-8;
-  double weight_decay = 0.01;
-};
-
-/// The options of one parameter group: Muon's for its matrices, AdamW's for the rest.
-struct GroupOptions {
-  MuonOptions muon{};
-  AdamWOptions adamw{};
-};
-
 struct OptimizerOptions {
   NonFinitePolicy non_finite = NonFinitePolicy::error;
   /// Each step() reports, per Muon matrix, how orthogonal its update was (StepReport::
@@ -102,13 +77,27 @@ struct OptimizerOptions {
   bool watch_storage = false;
 };
 
-inline const char* to_string(MomentumForm f) { return f == MomentumForm::ema ? "ema" : "sum"; }
+inline const char* to_string(MomentumForm f) {
+  switch (f) {
+    case MomentumForm::ema: return "ema";
+    case MomentumForm::sum: return "sum";
+  }
+  return "?";
+}
 inline const char* to_string(ScaleMode s) {
   switch (s) {
     case ScaleMode::original: return "original";
     case ScaleMode::match_rms_adamw: return "match_rms_adamw";
     case ScaleMode::spectral: return "spectral";
     case ScaleMode::none: return "none";
+  }
+  return "?";
+}
+inline const char* to_string(NewtonSchulzMethod m) {
+  switch (m) {
+    case NewtonSchulzMethod::standard: return "standard";
+    case NewtonSchulzMethod::gram: return "gram";
+    case NewtonSchulzMethod::automatic: return "automatic";
   }
   return "?";
 }
@@ -170,37 +159,6 @@ inline void validate(const NewtonSchulzOptions& o, const std::string& where) {
                           std::to_string(output) +
                           ", from where the added textbook steps diverge (they need < " +
                           std::to_string(kTextbookBasin) + ")");
-}
-
-inline void validate(const MuonOptions& o, const std::string& where = "MuonOptions") {
-  detail::require_enum(o.momentum_form, where, "momentum_form", MomentumForm::ema, MomentumForm::sum);
-  detail::require_enum(o.scale, where, "scale", ScaleMode::original, ScaleMode::match_rms_adamw,
-               ScaleMode::spectral, ScaleMode::none);
-  detail::require_enum(o.newton_schulz.method, where, "newton_schulz.method",
-               NewtonSchulzMethod::standard, NewtonSchulzMethod::gram,
-               NewtonSchulzMethod::automatic);
-  detail::require(std::isfinite(o.lr) && o.lr >= 0, where, "lr", o.lr, "finite and >= 0");
-  detail::require(std::isfinite(o.weight_decay) && o.weight_decay >= 0, where, "weight_decay",
-                  o.weight_decay, "finite and >= 0");
-  detail::require(o.momentum >= 0 && o.momentum < 1, where, "momentum", o.momentum,
-                  "in [0, 1)");
-  detail::require(std::isfinite(o.rms_factor) && o.rms_factor > 0, where, "rms_factor",
-                  o.rms_factor, "finite and > 0");
-  validate(o.newton_schulz, where);
-}
-
-inline void validate(const AdamWOptions& o, const std::string& where = "AdamWOptions") {
-  detail::require(std::isfinite(o.lr) && o.lr >= 0, where, "lr", o.lr, "finite and >= 0");
-  detail::require(std::isfinite(o.weight_decay) && o.weight_decay >= 0, where, "weight_decay",
-                  o.weight_decay, "finite and >= 0");
-  detail::require(o.beta1 >= 0 && o.beta1 < 1, where, "beta1", o.beta1, "in [0, 1)");
-  detail::require(o.beta2 >= 0 && o.beta2 < 1, where, "beta2", o.beta2, "in [0, 1)");
-  detail::require(std::isfinite(o.eps) && o.eps > 0, where, "eps", o.eps, "finite and > 0");
-}
-
-inline void validate(const GroupOptions& o, const std::string& where = "GroupOptions") {
-  validate(o.muon, where + ".muon");
-  validate(o.adamw, where + ".adamw");
 }
 
 inline void validate(const OptimizerOptions& o, const std::string& where = "OptimizerOptions") {

@@ -47,6 +47,7 @@
 // registration, gradients, state buffers and the checks; this class is the placement: the
 // layout of the pieces and the exchange.
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <istream>
 #include <numeric>
@@ -77,22 +78,23 @@ struct ShardedPieces {
   std::vector<Piece> pieces;
 };
 
-/// A hash of everything the ranks must agree on in a group: its options, with the schedule
-/// as resolved.
-inline std::uint64_t options_fingerprint(const GroupOptions& g,
-                                         const std::vector<Coefficients>& schedule) {
+/// A hash of everything the ranks must agree on in a group: every rule's options, with each
+/// orthogonalizing rule's schedule as resolved.
+inline std::uint64_t options_fingerprint(
+    const GroupOptions& g,
+    const std::array<std::vector<Coefficients>, rules::All::count>& schedules) {
   StateWriter w;
-  const MuonOptions& m = g.muon;
-  const NewtonSchulzOptions& ns = m.newton_schulz;
-  for (double x : {m.lr, m.weight_decay, m.momentum, m.rms_factor, ns.eps, ns.tolerance,
-                   ns.schedule.norm_scale(), g.adamw.lr, g.adamw.beta1, g.adamw.beta2,
-                   g.adamw.eps, g.adamw.weight_decay})
-    w.put<double>(x);
-  for (int x : {int(m.nesterov), int(m.momentum_form), int(m.scale), ns.steps, int(ns.method),
-                ns.max_extra_steps})
-    w.put<std::int32_t>(x);
-  for (const Coefficients& c : schedule)
-    for (double x : {c.a, c.b, c.c}) w.put<double>(x);
+  rules::All::for_each([&](auto rule) {
+    using R = decltype(rule);
+    R::fields(R::options(g), [&](const char*, const auto& value) {
+      w.put<double>(static_cast<double>(value));
+    });
+    if constexpr (R::orthogonalizes) {
+      w.put<double>(R::options(g).newton_schulz.schedule.norm_scale());
+      for (const Coefficients& c : schedules[rules::All::index(R::id)])
+        for (double x : {c.a, c.b, c.c}) w.put<double>(x);
+    }
+  });
   return fnv1a64(w.finish());
 }
 }  // namespace detail
@@ -375,7 +377,7 @@ class ShardedOptimizer
     detail::StateWriter w;
     w.put_string(to_string(strategy_));
     w.put<std::uint8_t>(static_cast<std::uint8_t>(options_.non_finite));
-    for (const auto& g : groups_) w.put<std::uint64_t>(detail::options_fingerprint(g.options, g.schedule));
+    for (const auto& g : groups_) w.put<std::uint64_t>(detail::options_fingerprint(g.options, g.schedules));
     for (const Param& p : params_) {
       w.put_string(p.name);
       for (index_t e : {p.value.rows(), p.value.cols()}) w.put<std::uint64_t>(static_cast<std::uint64_t>(e));

@@ -116,8 +116,13 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
     const auto entered = enter("set_group_options");
     check_group(id);
     Group group = make_group(options, id.value);
-    const bool replan = options.muon.newton_schulz.method !=
-                        groups_[id.value].options.muon.newton_schulz.method;
+    bool replan = false;
+    rules::All::for_each([&](auto rule) {
+      using R = decltype(rule);
+      if constexpr (R::orthogonalizes)
+        replan |= R::options(options).newton_schulz.method !=
+                  R::options(groups_[id.value].options).newton_schulz.method;
+    });
     std::swap(groups_[id.value], group);
     if (!replan) return;  // a learning-rate schedule's every-step call stops here
     try {
@@ -201,11 +206,13 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
   using Buffer = typename B::template Buffer<T>;
   struct Group {
     GroupOptions options;
-    std::vector<Coefficients> schedule;  // resolved once, so step() never allocates
+    /// Each orthogonalizing rule's schedule (by its place in rules::All), resolved once so
+    /// that step() never allocates.
+    std::array<std::vector<Coefficients>, rules::All::count> schedules;
   };
   struct Param : ParamExtra {
     std::string name;
-    UpdateRule rule = UpdateRule::muon;
+    UpdateRule rule{};  // set at registration
     std::size_t group = 0;
     std::vector<index_t> shape;  // as registered (N-D for flattened weights)
     View value;
@@ -239,9 +246,23 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
 
   static Group make_group(const GroupOptions& options, std::size_t index) {
     validate(options, "group " + std::to_string(index));
-    check_measurable<B, T>(options.muon.newton_schulz, "group " + std::to_string(index));
-    return {options,
-            options.muon.newton_schulz.schedule.resolve(options.muon.newton_schulz.steps)};
+    Group g{options, {}};
+    rules::All::for_each([&](auto rule) {
+      using R = decltype(rule);
+      if constexpr (R::orthogonalizes) {
+        const NewtonSchulzOptions& ns = R::options(options).newton_schulz;
+        check_measurable<B, T>(ns, "group " + std::to_string(index) + "." + R::name);
+        g.schedules[rules::All::index(R::id)] = ns.schedule.resolve(ns.steps);
+      }
+    });
+    return g;
+  }
+  /// The Newton-Schulz options and schedule of an orthogonalizing parameter.
+  const NewtonSchulzOptions& newton_schulz(const Param& p) const {
+    return *rules::All::newton_schulz(p.rule, groups_[p.group].options);
+  }
+  const std::vector<Coefficients>& schedule(const Param& p) const {
+    return groups_[p.group].schedules[rules::All::index(p.rule)];
   }
 
   [[nodiscard]] bool checked() const { return options_.non_finite != NonFinitePolicy::unchecked; }
@@ -322,7 +343,7 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
       const Param& p = params_[units[u].param];
       const Part& part = p.parts[units[u].part];
       if (!self().orthogonalizes_here(p) || part.empty() || batched_[u]) continue;
-      const NewtonSchulzMethod method = groups_[p.group].options.muon.newton_schulz.method;
+      const NewtonSchulzMethod method = newton_schulz(p).method;
       const std::size_t count = side_by_side(part) ? workers_.size() : 1;
       for (std::size_t w = 0; w < count; ++w) {
         workers_[w].ns.reserve(backend_, part.rows, part.cols, method);
@@ -452,12 +473,12 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
           const Param& p = params_[units[u].param];
           const Part& part = p.parts[units[u].part];
           if (!self().orthogonalizes_here(p) || part.empty() ||
-              groups_[p.group].options.muon.newton_schulz.tolerance > 0)
+              newton_schulz(p).tolerance > 0)
             continue;
           auto it = std::find_if(batches.begin(), batches.end(), [&](const Batch& b) {
-            return b.rows == part.rows && b.cols == part.cols && b.group == p.group;
+            return b.rows == part.rows && b.cols == part.cols && b.group == p.group && b.rule == p.rule;
           });
-          if (it == batches.end()) it = batches.insert(batches.end(), Batch{part.rows, part.cols, p.group, {}});
+          if (it == batches.end()) it = batches.insert(batches.end(), Batch{part.rows, part.cols, p.group, p.rule, {}});
           it->units.push_back(u);
         }
         std::erase_if(batches, [](const Batch& b) { return b.units.size() < 2; });
@@ -573,10 +594,10 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
     const View in = w.ns.input(backend_, part.rows, part.cols);
     const View saved = backend_.view(w.saved, part.rows, part.cols);
     prepare_input(u, in, saved);
-    const Group& g = groups_[params_[units_[u].param].group];
+    const Param& p = params_[units_[u].param];
     Outcome& out = outcomes_[u];
-    finish_matrix(u, w.ns.run(backend_, part.rows, part.cols, g.schedule,
-                              g.options.muon.newton_schulz, options_.telemetry ? &out.ns : nullptr),
+    finish_matrix(u, w.ns.run(backend_, part.rows, part.cols, schedule(p), newton_schulz(p),
+                              options_.telemetry ? &out.ns : nullptr),
                   saved);
   }
 
@@ -628,7 +649,7 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
         R::apply(backend_, part_view(p.value, part), o, options);
         if constexpr (measures_residual<B, T>)
           if (options_.telemetry)
-            out.update_rms = shape_scale(options.scale, part.rows, part.cols, options.rms_factor) *
+            out.update_rms = R::update_scale(options, part.rows, part.cols) *
                              backend_.frobenius_norm(o) /
                              std::sqrt(static_cast<double>(part.rows) * static_cast<double>(part.cols));
         d.publish(p, &part);
@@ -653,10 +674,10 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
         };
         for (std::size_t i = 0; i < present_.size(); ++i)
           prepare_input(present_[i], slot(batch_in_, i), slot(batch_saved_, i));
-        const Group& g = groups_[b.group];
-        const NewtonSchulzOptions& ns = g.options.muon.newton_schulz;
+        const Param& first = params_[units_[present_[0]].param];
+        const NewtonSchulzOptions& ns = newton_schulz(first);
         backend_.newton_schulz_stack(ConstView(slot(batch_in_, 0)), size, slot(batch_out_, 0), size,
-                                     static_cast<index_t>(present_.size()), g.schedule,
+                                     static_cast<index_t>(present_.size()), schedule(first),
                                      ns.schedule.norm_scale(), ns.eps, ns.method);
         // One verdict for the whole stack where the backend can give one (on a GPU, one host
         // read); matrices are checked one by one only when it finds a NaN or Inf.
@@ -716,6 +737,7 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
   struct Batch {
     index_t rows, cols;
     std::size_t group;
+    UpdateRule rule;  // the group's Newton-Schulz options are its rule's
     std::vector<std::size_t> units;
   };
   std::vector<Batch> batches_;

@@ -5,11 +5,33 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <string>
 
 #include "muon/core/backend.hpp"
 #include "muon/core/options.hpp"
 #include "muon/core/registration.hpp"
 #include "muon/core/stage.hpp"
+
+namespace muon {
+
+struct AdamWOptions {
+  double lr = 1e-3;
+  double beta1 = 0.9;
+  double beta2 = 0.999;
+  double eps = 1e-8;
+  double weight_decay = 0.01;
+};
+
+inline void validate(const AdamWOptions& o, const std::string& where = "AdamWOptions") {
+  detail::require(std::isfinite(o.lr) && o.lr >= 0, where, "lr", o.lr, "finite and >= 0");
+  detail::require(std::isfinite(o.weight_decay) && o.weight_decay >= 0, where, "weight_decay",
+                  o.weight_decay, "finite and >= 0");
+  detail::require(o.beta1 >= 0 && o.beta1 < 1, where, "beta1", o.beta1, "in [0, 1)");
+  detail::require(o.beta2 >= 0 && o.beta2 < 1, where, "beta2", o.beta2, "in [0, 1)");
+  detail::require(std::isfinite(o.eps) && o.eps > 0, where, "eps", o.eps, "finite and > 0");
+}
+
+}  // namespace muon
 
 namespace muon::rules {
 
@@ -19,8 +41,23 @@ struct AdamW {
   static constexpr const char* name = "adamw";
   static constexpr std::size_t buffers = 2;  // first and second moments m, v
   static constexpr bool orthogonalizes = false;
-  static const Options& options(const GroupOptions& g) { return g.adamw; }
-  static Options& options(GroupOptions& g) { return g.adamw; }
+  /// Its member of muon::GroupOptions.
+  struct Slot {
+    Options adamw{};
+  };
+  template <class Group>
+  static auto& options(Group& g) {
+    return g.adamw;
+  }
+  template <class O, class F>
+  static void fields(O& o, F&& f) {
+    f("lr", o.lr);
+    f("beta1", o.beta1);
+    f("beta2", o.beta2);
+    f("eps", o.eps);
+    f("weight_decay", o.weight_decay);
+  }
+  static void validate(const Options& o, const std::string& where) { muon::validate(o, where); }
 
   /// The stage on (W, G, m, v) for the `step`-th update (1-based), in torch's operation order
   /// with the bias corrections folded into its coefficients:

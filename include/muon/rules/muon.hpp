@@ -7,13 +7,47 @@
 //   W <- W (1 - lr wd) - lr s(rows, cols) O   (decoupled decay once, unscaled lr; ScaleMode)
 // The driver calls accumulate() on whatever piece of M and G this process holds, orthogonalizes
 // each matrix of U whole, and calls apply() on each matrix with its own shape.
+#include <cmath>
 #include <cstddef>
+#include <string>
 
 #include "muon/algorithm/shape_scale.hpp"
 #include "muon/core/backend.hpp"
 #include "muon/core/options.hpp"
 #include "muon/core/registration.hpp"
 #include "muon/core/stage.hpp"
+
+namespace muon {
+
+struct MuonOptions {
+  double lr = 1e-3;
+  double weight_decay = 0.1;  ///< decoupled: W <- W (1 - lr * weight_decay), unscaled lr
+  double momentum = 0.95;
+  bool nesterov = true;
+  MomentumForm momentum_form = MomentumForm::ema;
+  ScaleMode scale = ScaleMode::original;
+  double rms_factor = 0.2;  ///< the target RMS of ScaleMode::match_rms_adamw
+  NewtonSchulzOptions newton_schulz{};
+};
+
+inline void validate(const MuonOptions& o, const std::string& where = "MuonOptions") {
+  detail::require_enum(o.momentum_form, where, "momentum_form", MomentumForm::ema, MomentumForm::sum);
+  detail::require_enum(o.scale, where, "scale", ScaleMode::original, ScaleMode::match_rms_adamw,
+               ScaleMode::spectral, ScaleMode::none);
+  detail::require_enum(o.newton_schulz.method, where, "newton_schulz.method",
+               NewtonSchulzMethod::standard, NewtonSchulzMethod::gram,
+               NewtonSchulzMethod::automatic);
+  detail::require(std::isfinite(o.lr) && o.lr >= 0, where, "lr", o.lr, "finite and >= 0");
+  detail::require(std::isfinite(o.weight_decay) && o.weight_decay >= 0, where, "weight_decay",
+                  o.weight_decay, "finite and >= 0");
+  detail::require(o.momentum >= 0 && o.momentum < 1, where, "momentum", o.momentum,
+                  "in [0, 1)");
+  detail::require(std::isfinite(o.rms_factor) && o.rms_factor > 0, where, "rms_factor",
+                  o.rms_factor, "finite and > 0");
+  validate(o.newton_schulz, where);
+}
+
+}  // namespace muon
 
 namespace muon::rules {
 
@@ -23,8 +57,35 @@ struct Muon {
   static constexpr const char* name = "muon";
   static constexpr std::size_t buffers = 1;      // M
   static constexpr bool orthogonalizes = true;  // U goes through Newton-Schulz before apply()
-  static const Options& options(const GroupOptions& g) { return g.muon; }
-  static Options& options(GroupOptions& g) { return g.muon; }
+  /// Its member of muon::GroupOptions.
+  struct Slot {
+    Options muon{};
+  };
+  template <class Group>
+  static auto& options(Group& g) {
+    return g.muon;
+  }
+  /// Every option but the schedule, by name, to f(name, field).
+  template <class O, class F>
+  static void fields(O& o, F&& f) {
+    f("lr", o.lr);
+    f("weight_decay", o.weight_decay);
+    f("momentum", o.momentum);
+    f("nesterov", o.nesterov);
+    f("momentum_form", o.momentum_form);
+    f("scale", o.scale);
+    f("rms_factor", o.rms_factor);
+    f("ns.steps", o.newton_schulz.steps);
+    f("ns.eps", o.newton_schulz.eps);
+    f("ns.method", o.newton_schulz.method);
+    f("ns.tolerance", o.newton_schulz.tolerance);
+    f("ns.max_extra_steps", o.newton_schulz.max_extra_steps);
+  }
+  static void validate(const Options& o, const std::string& where) { muon::validate(o, where); }
+  /// The factor s of the update W <- W - lr s O of a rows x cols matrix.
+  static double update_scale(const Options& o, index_t rows, index_t cols) {
+    return shape_scale(o.scale, rows, cols, o.rms_factor);
+  }
 
   /// The momentum stage on (M, G, U): M <- lerp(M, G, 1 - mu) or mu M + G, then U <- the
   /// Nesterov look-ahead (lerp(G, M, mu) or G + mu M) or M.
@@ -64,7 +125,7 @@ struct Muon {
     double decay, alpha;
   };
   static Step step(const Options& o, index_t rows, index_t cols) {
-    return {1 - o.lr * o.weight_decay, o.lr * shape_scale(o.scale, rows, cols, o.rms_factor)};
+    return {1 - o.lr * o.weight_decay, o.lr * update_scale(o, rows, cols)};
   }
   /// The update stage on (W, O).
   template <class T>

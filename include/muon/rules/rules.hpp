@@ -1,8 +1,8 @@
 #pragma once
 // The update rules the optimizers know, as one list: the driver (driver/optimizer_core.hpp), the
-// state files and the sharded layout read a rule's properties from here, so a new rule is its
-// own file (see muon.hpp and adamw.hpp for the members a rule has), its id in UpdateRule, its
-// options in GroupOptions and one entry below.
+// state files, the sharded layout, the group options, LibTorch's optimizer and muon-cli read a
+// rule's properties from here, so a new rule is its own file (see muon.hpp and adamw.hpp for
+// the members a rule has) and one entry in All below.
 //
 // A rule is elementwise (orthogonalizes == false: update(backend, w, g, state, options, step)
 // on any piece of a parameter, several pieces of one parameter in one step possibly at once,
@@ -14,6 +14,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <tuple>
 #include <type_traits>
 
 #include "muon/core/error.hpp"
@@ -26,6 +27,17 @@ namespace muon::rules {
 
 template <class... R>
 struct RuleList {
+  /// The rules as a type list (a test over every rule: Catch2's TEMPLATE_LIST_TEST_CASE).
+  using types = std::tuple<R...>;
+  static constexpr std::size_t count = sizeof...(R);
+  /// The options of one parameter group: every rule's, each its rule's member (Slot).
+  struct Options : R::Slot... {};
+
+  /// Calls f(Rule{}) for every rule, in the list's order.
+  template <class F>
+  static void for_each(F&& f) {
+    (f(R{}), ...);
+  }
   /// The most state buffers any rule keeps (the size of a parameter's buffer array).
   static constexpr std::size_t max_buffers = std::max({R::buffers...});
 
@@ -40,6 +52,17 @@ struct RuleList {
     visit(id, [&](auto rule) { n = decltype(rule)::buffers; });
     return n;
   }
+  /// The rule's position in the list (a rule's ids are stored in state files; positions not).
+  static std::size_t index(UpdateRule id) {
+    std::size_t i = 0, at = count;
+    (void)((R::id == id ? (at = i, true) : (++i, false)) || ...);
+    if (at == count) throw InvalidArgument("muon: unknown update rule " + std::to_string(int(id)));
+    return at;
+  }
+  /// Sets `id` to the rule with this lower-case name (muon-cli's --rule); false if none has it.
+  static bool from_name(const std::string& name, UpdateRule& id) {
+    return ((name == R::name ? (id = R::id, true) : false) || ...);
+  }
   /// Whether a rule has this id (an id from a file or a cast integer may not).
   static bool known(UpdateRule id) { return ((R::id == id) || ...); }
   /// The learning rate of the rule with this id in a group's options (GroupOptions, const or
@@ -49,6 +72,18 @@ struct RuleList {
     std::conditional_t<std::is_const_v<Group>, const double*, double*> lr = nullptr;
     visit(id, [&](auto rule) { lr = &decltype(rule)::options(g).lr; });
     return *lr;
+  }
+  /// The Newton-Schulz options of an orthogonalizing rule in a group's options (its Options'
+  /// newton_schulz member); nullptr for an elementwise rule.
+  template <class Group>
+  static auto* newton_schulz(UpdateRule id, Group& g) {
+    std::conditional_t<std::is_const_v<Group>, const NewtonSchulzOptions*, NewtonSchulzOptions*>
+        ns = nullptr;
+    visit(id, [&](auto rule) {
+      using Rule = decltype(rule);
+      if constexpr (Rule::orthogonalizes) ns = &Rule::options(g).newton_schulz;
+    });
+    return ns;
   }
   static bool orthogonalizes(UpdateRule id) {
     bool o = false;
@@ -65,4 +100,34 @@ struct RuleList {
 
 using All = RuleList<Muon, AdamW>;
 
+namespace detail {
+template <class... R>
+constexpr bool distinct(const RuleList<R...>*) {
+  const UpdateRule ids[] = {R::id...};
+  for (std::size_t i = 0; i < sizeof...(R); ++i)
+    for (std::size_t j = 0; j < i; ++j)
+      if (ids[i] == ids[j]) return false;
+  return true;
+}
+}  // namespace detail
+static_assert(detail::distinct(static_cast<All*>(nullptr)),
+              "muon::rules::All: two rules have one id (ids are stored in state files: a new "
+              "rule takes a number no rule has had)");
+
 }  // namespace muon::rules
+
+namespace muon {
+
+/// The options of one parameter group: one member per rule, named as the rule (g.muon, g.adamw
+/// and so on), which the group's parameters of that rule use.
+struct GroupOptions : rules::All::Options {};
+
+/// Checks every rule's options; the error names the group, the rule and the field.
+inline void validate(const GroupOptions& g, const std::string& where = "GroupOptions") {
+  rules::All::for_each([&](auto rule) {
+    using R = decltype(rule);
+    R::validate(R::options(g), where + "." + R::name);
+  });
+}
+
+}  // namespace muon
