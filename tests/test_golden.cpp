@@ -1,6 +1,8 @@
 // Golden values from the independent NumPy float64 reference (tests/reference/
 // muon_reference.py generate tests/golden): Newton-Schulz outputs and whole Muon and AdamW
-// trajectories. Float runs start from the same float64 inputs rounded to float.
+// trajectories; and from the public implementations of the other rules, run by
+// tests/reference/peer_reference.py (peer_cases.txt: Lion against microsoft/dion). Float runs
+// start from the same float64 inputs rounded to float.
 #include <catch2/catch.hpp>
 
 #include "test_support.hpp"
@@ -95,5 +97,18 @@ TEMPLATE_TEST_CASE("AdamW trajectories match the NumPy reference", "[golden]", f
     g.adamw = {c.num("lr"), c.num("beta1"), c.num("beta2"), c.num("eps"), c.num("wd")};
     muon::Optimizer<muon::EigenBackend, TestType> opt(g);
     replay(c, stack, opt, [&](auto& o, auto w, auto grad) { o.add_adamw(c.name, w, grad); });
+  }
+}
+
+TEMPLATE_TEST_CASE("Lion trajectories match dion's lion_update", "[golden]", float, double) {
+  const auto cases = golden_cases("lion", "peer_cases.txt");
+  REQUIRE(cases.size() == 3);
+  for (const auto& c : cases) {
+    const auto stack = muon::npy::read<double>(golden_path("lion_" + c.name + ".npy"));
+    muon::GroupOptions g;
+    g.lion = {c.num("lr"), c.num("beta1"), c.num("beta2"), c.num("wd")};
+    muon::Optimizer<muon::EigenBackend, TestType> opt(g);
+    replay(c, stack, opt,
+           [&](auto& o, auto w, auto grad) { o.add(muon::rules::Lion{}, c.name, w, grad); });
   }
 }

@@ -560,6 +560,8 @@ namespace {
 /// Every rule's options away from their defaults where that moves the weights visibly.
 muon::GroupOptions every_rule_options() {
   muon::GroupOptions g = sharded_options();
+  g.lion.lr = 0.003;
+  g.lion.weight_decay = 0.1;
   return g;
 }
 

@@ -94,7 +94,8 @@ inline std::string read_bytes(const std::string& path) {
   return {std::istreambuf_iterator<char>(file), std::istreambuf_iterator<char>()};
 }
 
-/// One line of tests/golden/cases.txt: kind, name, shape and key=value options.
+/// One line of tests/golden/cases.txt (or peer_cases.txt): kind, name, shape and key=value
+/// options.
 struct GoldenCase {
   std::string kind, name;
   std::vector<muon::index_t> shape;
@@ -102,8 +103,9 @@ struct GoldenCase {
   double num(const std::string& k) const { return std::stod(opt.at(k)); }
 };
 
-inline std::vector<GoldenCase> golden_cases(const std::string& kind) {
-  std::ifstream in(golden_path("cases.txt"));
+inline std::vector<GoldenCase> golden_cases(const std::string& kind,
+                                            const std::string& file = "cases.txt") {
+  std::ifstream in(golden_path(file));
   std::vector<GoldenCase> out;
   std::string line;
   while (std::getline(in, line)) {

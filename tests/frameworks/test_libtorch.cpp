@@ -653,6 +653,8 @@ TEMPLATE_LIST_TEST_CASE("every rule through muon::libtorch::Muon steps as muon::
                            : std::vector<std::vector<int64_t>>{{6, 4}, {5}};
   muon::GroupOptions g;
   g.muon.lr = 0.02;
+  g.lion.lr = 0.003;
+  g.lion.weight_decay = 0.1;
   std::vector<torch::Tensor> a, b, grads;  // a: through LibTorch, b: through muon::Optimizer
   for (const auto& s : shapes) {
     const torch::Tensor t = torch::randn(s);
@@ -694,7 +696,7 @@ TEMPLATE_LIST_TEST_CASE("every rule through muon::libtorch::Muon steps as muon::
 
 TEST_CASE("an archive written before rules named their Newton-Schulz fields still loads",
           "[frameworks][libtorch][optim]") {
-  // The keys as they were: Muon's Newton-Schulz fields under "ns.".
+  // The keys as they were: Muon's Newton-Schulz fields under "ns.", and no Lion.
   torch::serialize::OutputArchive old;
   old.write("rule", c10::IValue(int64_t{0}));
   for (const char* key : {"muon.lr", "muon.weight_decay", "muon.momentum", "muon.rms_factor",
@@ -721,4 +723,5 @@ TEST_CASE("an archive written before rules named their Newton-Schulz fields stil
   CHECK((g.muon.newton_schulz.max_extra_steps == 3 && g.muon.newton_schulz.schedule.name() == "you"));
   CHECK((g.muon.scale == muon::ScaleMode::match_rms_adamw && !g.muon.nesterov));
   CHECK(g.adamw.beta2 == 0.0625);
+  CHECK(g.lion.lr == muon::LionOptions{}.lr);  // no Lion fields: its defaults
 }

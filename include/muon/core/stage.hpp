@@ -46,4 +46,18 @@ MUON_HOST_DEVICE auto sqrt(const X& x) {
   }
 }
 
+/// The sign of an element or of each element of a block: 1, -1, or the value itself for 0,
+/// -0 and NaN (torch.sign's results).
+template <class E>
+MUON_HOST_DEVICE E sign_of(E e) {
+  return e > E(0) ? E(1) : e < E(0) ? E(-1) : e;
+}
+template <class X>
+MUON_HOST_DEVICE auto sign(const X& x) {
+  if constexpr (std::is_floating_point_v<X>)
+    return sign_of(x);
+  else
+    return x.unaryExpr([](auto e) { return sign_of(e); });
+}
+
 }  // namespace muon::stage

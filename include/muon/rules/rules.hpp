@@ -21,6 +21,7 @@
 #include "muon/core/options.hpp"
 #include "muon/core/registration.hpp"
 #include "muon/rules/adamw.hpp"
+#include "muon/rules/lion.hpp"
 #include "muon/rules/muon.hpp"
 
 namespace muon::rules {
@@ -98,7 +99,7 @@ struct RuleList {
   }
 };
 
-using All = RuleList<Muon, AdamW>;
+using All = RuleList<Muon, AdamW, Lion>;
 
 namespace detail {
 template <class... R>
