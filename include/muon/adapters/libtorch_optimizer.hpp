@@ -40,6 +40,7 @@
 #include <optional>
 #include <regex>
 #include <sstream>
+#include <stdexcept>
 #include <string>
 #include <unordered_map>
 #include <utility>
@@ -155,36 +156,52 @@ class Options : public torch::optim::OptimizerCloneableOptions<Options> {
     });
   }
 
-  /// Whether two options are the same in every field and schedule.
+  /// Whether two options are the same in every field and schedule. Called at every step (a
+  /// scheduler's change shows here), so it compares in place: no key, no container.
   friend bool operator==(const Options& a, const Options& b) {
-    const auto values = [](const Options& o) {
-      std::vector<double> v;
-      fields(o, [&](const std::string&, const auto& x) { v.push_back(static_cast<double>(x)); });
-      return v;
-    };
-    if (values(a) != values(b)) return false;
-    bool same = true;
+    bool same = a.rule_ == b.rule_;
     rules::All::for_each([&](auto rule) {
       using R = decltype(rule);
+      if (same) same = same_fields<R>(R::options(a.options_), R::options(b.options_));
       if constexpr (R::orthogonalizes) {
         const NewtonSchulzOptions& x = R::options(a.options_).newton_schulz;
         const NewtonSchulzOptions& y = R::options(b.options_).newton_schulz;
-        same = same && same_schedule(x.schedule, y.schedule, x.steps);
+        same = same && same_schedule(x.schedule, y.schedule);
       }
     });
     return same;
   }
 
  private:
+  /// Walks a's fields, then b's, comparing the k-th value of b with the k-th of a (a rule's
+  /// field list has a fixed order and length).
+  template <class R>
+  static bool same_fields(const typename R::Options& a, const typename R::Options& b) {
+    constexpr std::size_t kMost = 64;
+    double values[kMost];
+    std::size_t n = 0, k = 0;
+    R::fields(a, [&](const char*, const auto& x) {
+      if (n < kMost) values[n] = static_cast<double>(x);
+      ++n;
+    });
+    if (n > kMost) throw std::logic_error("muon::libtorch::Options: a rule has over 64 fields");
+    bool same = true;
+    R::fields(b, [&](const char*, const auto& x) {
+      same = same && values[k++] == static_cast<double>(x);
+    });
+    return same;
+  }
   static void check_rule(UpdateRule rule, const std::string& where) {
     if (!rules::All::known(rule))
       throw InvalidArgument("muon: " + where + ".rule = " + std::to_string(int(rule)) +
                             " is not the id of a rule in muon::rules::All");
   }
-  static bool same_schedule(const Schedule& s, const Schedule& t, int steps) {
-    if (s.name() != t.name() || s.norm_scale() != t.norm_scale()) return false;
+  /// A custom schedule's list is compared as given (its steps, a field, are compared above).
+  static bool same_schedule(const Schedule& s, const Schedule& t) {
+    if (s.kind() != t.kind() || s.name() != t.name() || s.norm_scale() != t.norm_scale())
+      return false;
     if (s.kind() != Schedule::Kind::custom) return true;
-    const auto x = s.resolve(steps), y = t.resolve(steps);
+    const auto &x = s.listed(), &y = t.listed();
     return std::equal(x.begin(), x.end(), y.begin(), y.end(), [](const Coefficients& p, const Coefficients& q) {
       return p.a == q.a && p.b == q.b && p.c == q.c;
     });

@@ -26,6 +26,14 @@ struct LionOptions {
   double weight_decay = 0.0;
 };
 
+inline void validate(const LionOptions& o, const std::string& where = "LionOptions") {
+  detail::require(std::isfinite(o.lr) && o.lr >= 0, where, "lr", o.lr, "finite and >= 0");
+  detail::require(std::isfinite(o.weight_decay) && o.weight_decay >= 0, where, "weight_decay",
+                  o.weight_decay, "finite and >= 0");
+  detail::require(o.beta1 >= 0 && o.beta1 <= 1, where, "beta1", o.beta1, "in [0, 1]");
+  detail::require(o.beta2 >= 0 && o.beta2 < 1, where, "beta2", o.beta2, "in [0, 1)");
+}
+
 }  // namespace muon
 
 namespace muon::rules {
@@ -52,13 +60,7 @@ struct Lion {
     f("beta2", o.beta2);
     f("weight_decay", o.weight_decay);
   }
-  static void validate(const Options& o, const std::string& where) {
-    detail::require(std::isfinite(o.lr) && o.lr >= 0, where, "lr", o.lr, "finite and >= 0");
-    detail::require(std::isfinite(o.weight_decay) && o.weight_decay >= 0, where,
-                    "weight_decay", o.weight_decay, "finite and >= 0");
-    detail::require(o.beta1 >= 0 && o.beta1 <= 1, where, "beta1", o.beta1, "in [0, 1]");
-    detail::require(o.beta2 >= 0 && o.beta2 < 1, where, "beta2", o.beta2, "in [0, 1)");
-  }
+  static void validate(const Options& o, const std::string& where) { muon::validate(o, where); }
 
   /// The stage on (W, G, M). The sign of U is taken from torch's two-sided lerp (the branch
   /// is on the coefficient); lr U is exact, so W's new value is rounded once after the decay.

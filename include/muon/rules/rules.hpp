@@ -24,10 +24,25 @@
 #include "muon/rules/lion.hpp"
 #include "muon/rules/muon.hpp"
 
+namespace muon::detail {
+/// Whether no two of the ids are equal.
+template <UpdateRule... Id>
+constexpr bool distinct_ids() {
+  const UpdateRule ids[] = {Id...};
+  for (std::size_t i = 0; i < sizeof...(Id); ++i)
+    for (std::size_t j = 0; j < i; ++j)
+      if (ids[i] == ids[j]) return false;
+  return true;
+}
+}  // namespace muon::detail
+
 namespace muon::rules {
 
 template <class... R>
 struct RuleList {
+  static_assert(muon::detail::distinct_ids<R::id...>(),
+                "muon::rules::RuleList: two rules have one id (ids are stored in state files: a "
+                "new rule takes a number no rule has had)");
   /// The rules as a type list (a test over every rule: Catch2's TEMPLATE_LIST_TEST_CASE).
   using types = std::tuple<R...>;
   static constexpr std::size_t count = sizeof...(R);
@@ -100,20 +115,6 @@ struct RuleList {
 };
 
 using All = RuleList<Muon, AdamW, Lion>;
-
-namespace detail {
-template <class... R>
-constexpr bool distinct(const RuleList<R...>*) {
-  const UpdateRule ids[] = {R::id...};
-  for (std::size_t i = 0; i < sizeof...(R); ++i)
-    for (std::size_t j = 0; j < i; ++j)
-      if (ids[i] == ids[j]) return false;
-  return true;
-}
-}  // namespace detail
-static_assert(detail::distinct(static_cast<All*>(nullptr)),
-              "muon::rules::All: two rules have one id (ids are stored in state files: a new "
-              "rule takes a number no rule has had)");
 
 }  // namespace muon::rules
 
