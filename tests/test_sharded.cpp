@@ -565,13 +565,26 @@ muon::GroupOptions every_rule_options() {
   return g;
 }
 
-/// Registers the model's parameters that `Rule` takes: an orthogonalizing rule its matrices,
+/// Registers the model's parameters that `Rule` takes: an orthogonalizing rule its matrices
+/// (with `layouts`, "conv" as six experts of 3 x 4 and "square" split into column blocks of 3
+/// and 5, so that zero1 slices at matrix boundaries and state per row has several matrices),
 /// an elementwise rule every shape.
 template <class Rule, class T, class Opt>
-void register_rule(ShardedModel<T>& model, Opt& opt) {
+void register_rule(ShardedModel<T>& model, Opt& opt, bool layouts = true) {
   const auto& shapes = sharded_shapes();
-  for (std::size_t i = 0; i < shapes.size(); ++i)
-    if (shapes[i].muon || !Rule::orthogonalizes) opt.add(Rule{}, shapes[i].name, model.w[i], model.g[i]);
+  for (std::size_t i = 0; i < shapes.size(); ++i) {
+    const std::string& name = shapes[i].name;
+    if constexpr (Rule::orthogonalizes) {
+      if (layouts && name == "conv")
+        opt.add(Rule{}, name, model.w[i], model.g[i], muon::Experts{3});
+      else if (layouts && name == "square")
+        opt.add(Rule{}, name, model.w[i], model.g[i], muon::Split{1, {3, 5}});
+      else if (shapes[i].muon)
+        opt.add(Rule{}, name, model.w[i], model.g[i]);
+    } else {
+      opt.add(Rule{}, name, model.w[i], model.g[i]);
+    }
+  }
 }
 
 template <class Opt>
@@ -666,7 +679,7 @@ TEMPLATE_LIST_TEST_CASE("every rule: a saved state resumes bit for bit, a refuse
   for (std::size_t i = 0; i < shapes.size(); ++i)
     if (shapes[i].muon || !Rule::orthogonalizes)
       mixed.add(Rule{}, shapes[i].name, muon::view(w16[i]), muon::view(std::as_const(g16[i])));
-  register_rule<Rule>(wide, plain);
+  register_rule<Rule>(wide, plain, false);  // MasterWeights takes plain matrices
   for (int s = 0; s < 3; ++s) {
     for (std::size_t i = 0; i < shapes.size(); ++i) {
       g16[i] = dyadic_gradient<float>(shapes[i], 0, s, i).cast<bf16>();

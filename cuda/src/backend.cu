@@ -92,6 +92,14 @@ struct KeepStages {
     static constexpr Each kept = &CudaBackend::each<F, Views...>;
     asm volatile("" : : "r"(&kept));
   }
+  template <class F, class Out, class... Views>
+  void reduce_rows(F, Out, Views...) const {
+    using Reduce = void (CudaBackend::*)(F, Out, Views...) const;
+    static constexpr Reduce kept = &CudaBackend::reduce_rows<F, Out, Views...>;
+    asm volatile("" : : "r"(&kept));
+  }
+  template <class T>
+  void copy_to_host(MatrixView<const T, DeviceSpace>, T*) const {}
 };
 
 template <class Rule, class T>
@@ -101,7 +109,8 @@ void keep_stages_of(KeepStages& b) {
   const typename Rule::Options options{};
   if constexpr (Rule::orthogonalizes) {
     Rule::accumulate(b, x, cx, x, options);
-    Rule::apply(b, x, cx, options);
+    const MatrixView<T, DeviceSpace> rows[rules::All::max_row_buffers + 1];
+    Rule::apply(b, x, cx, rows, x, options);
   } else {
     const MatrixView<T, DeviceSpace> state[Rule::buffers];
     Rule::update(b, x, cx, state, options, 1);

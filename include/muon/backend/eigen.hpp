@@ -335,6 +335,18 @@ class EigenBackend {
     }
   }
 
+  /// The generic reduction: out(i, 0) = the sum over j of f(v(i, j)...), in double, term by
+  /// term in column order (no vectorized partial sums: the same bits wherever the views lie).
+  template <class F, class T, class... V>
+  void reduce_rows(F f, MatrixView<T> out, MatrixView<V>... v) const {
+    const auto first = std::get<0>(std::tuple<MatrixView<V>...>(v...));
+    for (index_t i = 0; i < first.rows(); ++i) {
+      double sum = 0;
+      for (index_t j = 0; j < first.cols(); ++j) sum += static_cast<double>(f(v(i, j)...));
+      out(i, 0) = static_cast<T>(sum);
+    }
+  }
+
  private:
 #if MUON_USE_CBLAS
   static bool on_blas() { return cpu::products() == cpu::Products::blas; }

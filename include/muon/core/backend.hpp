@@ -19,10 +19,17 @@
 namespace muon {
 
 namespace detail {
-/// Stands for any stage in the concept below (a rule's functor; see core/stage.hpp).
+/// Stand for any stage and any term of a row sum in the concept below (a rule's functors;
+/// see core/stage.hpp).
 struct AnyStage {
   template <class... E>
   void operator()(E&&...) const {}
+};
+struct AnyTerm {
+  template <class E>
+  E operator()(const E& e) const {
+    return e;
+  }
 };
 }  // namespace detail
 
@@ -54,6 +61,9 @@ concept Backend = requires(B& b, const B& cb, typename B::template Buffer<T>& bu
   // the generic elementwise primitive: a rule's stage f on corresponding elements of
   // same-shape views (core/stage.hpp says what f may receive)
   b.each(detail::AnyStage{}, x, cx, x);
+  // the generic reduction: out(i, 0) = sum over j of f(v(i, j)...) for a rows x 1 `out`,
+  // summed in double, in an order that depends on the shape only
+  b.reduce_rows(detail::AnyTerm{}, x, cx);
 };
 
 /// Optional: several finiteness scans with one verdict (on a GPU one device flag and one host

@@ -43,6 +43,11 @@
 // parameter to one rank; zero1 slices it along its split at matrix boundaries, so that every
 // matrix's slice of U is on one rank.
 //
+// A rule's state per matrix row (NorMuon's second moment) lives where the matrix is
+// orthogonalized: on its owner under owner_compute; on every rank under zero1, which keeps a
+// whole copy that every rank updates identically from the same Newton-Schulz result (one
+// value per row, 1/cols of the momentum's size, so it is not sliced).
+//
 // step() is detail::OptimizerCore's, the driver muon::Optimizer runs, and so are groups,
 // registration, gradients, state buffers and the checks; this class is the placement: the
 // layout of the pieces and the exchange.
@@ -157,12 +162,13 @@ class ShardedOptimizer
   // ---- introspection ---------------------------------------------------------------------
   [[nodiscard]] ShardingStrategy strategy() const noexcept { return strategy_; }
   [[nodiscard]] C& communicator() noexcept { return comm_; }
-  /// Bytes of optimizer state (momenta, AdamW moments) this rank holds.
+  /// Bytes of optimizer state (momenta, AdamW moments, state per matrix row) this rank holds.
   [[nodiscard]] std::size_t state_bytes() {
     lay_out();
     std::size_t n = 0;
     for (const Param& p : params_)
-      n += static_cast<std::size_t>(p.pieces[comm_.rank()].size()) * rules::All::buffers(p.rule);
+      n += static_cast<std::size_t>(p.pieces[comm_.rank()].size()) * rules::All::buffers(p.rule) +
+           static_cast<std::size_t>(this->state_rows(p)) * rules::All::row_buffers(p.rule);
     return n * sizeof(T);
   }
   /// Bytes of the communication buffers: the full-size gather buffer and two 1/N segments.

@@ -219,16 +219,27 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
     ConstView grad;
     bool has_grad = true;
     std::array<Buffer, rules::All::max_buffers> state;  // the rule's buffers, dense over the piece
+    /// The rule's buffers per matrix row (Part::state_row0 says where each matrix's rows start),
+    /// where its matrices are orthogonalized.
+    std::array<Buffer, rules::All::max_row_buffers> row_state;
     std::uint64_t updates = 0;  // steps taken by this parameter (AdamW's bias correction)
     std::vector<Part> parts;    // orthogonalizing rules: the matrices Newton-Schulz runs on
     /// Whether step() updates it: it has a gradient and at least one element.
     [[nodiscard]] bool takes_part() const { return has_grad && !value.empty(); }
+  };
+  /// Batching backends: stacks of same-shape matrices of one group, run in one call.
+  struct Batch {
+    index_t rows, cols;
+    std::size_t group;
+    UpdateRule rule;  // the group's Newton-Schulz options are its rule's
+    std::vector<std::size_t> units;
   };
   /// What a worker needs to carry one matrix through: Newton-Schulz workspace, and the
   /// matrix's momentum before its step while the step is checked.
   struct Worker {
     NewtonSchulzWorkspace<B, T> ns;
     Buffer saved;
+    Buffer scratch;  // the rule's apply() scratch
   };
 
   OptimizerCore(B backend, OptimizerOptions options, const GroupOptions& defaults)
@@ -257,12 +268,14 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
     });
     return g;
   }
-  /// The Newton-Schulz options and schedule of an orthogonalizing parameter.
+  /// The Newton-Schulz options of an orthogonalizing parameter (planning; a step resolves
+  /// the rule once per matrix and reads its options directly).
   const NewtonSchulzOptions& newton_schulz(const Param& p) const {
     return *rules::All::newton_schulz(p.rule, groups_[p.group].options);
   }
+  template <class R>
   const std::vector<Coefficients>& schedule(const Param& p) const {
-    return groups_[p.group].schedules[rules::All::index(p.rule)];
+    return groups_[p.group].schedules[rules::All::index_of<R>()];
   }
 
   [[nodiscard]] bool checked() const { return options_.non_finite != NonFinitePolicy::unchecked; }
@@ -282,6 +295,7 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
   struct LoadedRecord {
     std::uint64_t updates;
     const char* data;  // the parameter's buffers in the file's bytes
+    const char* rows;  // its buffers per row, if its rule has any
   };
   static std::vector<std::uint64_t> state_extents(const Param& p, const Piece& piece);
   std::uint64_t parse_state(const std::string& bytes, std::vector<LoadedRecord>& records);
@@ -316,10 +330,42 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
       v[i] = backend_.view(p.state[i], piece.rows, piece.cols);
     return v;
   }
-  /// Sizes a parameter's state buffers for its piece (zeros).
+  /// Sizes a parameter's state buffers for its piece, and its state per row where its
+  /// matrices are orthogonalized (zeros).
   void size_state(Param& p, index_t elements) {
     for (std::size_t i = 0; i < rules::All::buffers(p.rule); ++i)
       backend_.resize(p.state[i], elements);
+    const index_t rows = state_rows(p);
+    for (std::size_t i = 0; i < rules::All::row_buffers(p.rule); ++i) backend_.resize(p.row_state[i], rows);
+  }
+  /// The length of each of p's buffers per row held here: its matrices' rows where they are
+  /// orthogonalized, else 0.
+  index_t state_rows(const Param& p) {
+    if (rules::All::row_buffers(p.rule) == 0 || !self().orthogonalizes_here(p)) return 0;
+    index_t rows = 0;
+    for (const Part& part : p.parts) rows += part.rows;
+    return rows;
+  }
+  /// A matrix's rows of the rule's buffers per row, each rows x 1.
+  std::array<View, rules::All::max_row_buffers> row_views(Param& p, const Part& part) {
+    std::array<View, rules::All::max_row_buffers> v{};
+    for (std::size_t i = 0; i < rules::All::row_buffers(p.rule); ++i)
+      v[i] = View(backend_.view(p.row_state[i], 1, static_cast<index_t>(p.row_state[i].size())).data() +
+                      part.state_row0,
+                  part.rows, 1, 1, 1);
+    return v;
+  }
+  /// The rule's apply() scratch for a matrix, in a worker's buffer.
+  template <class R>
+  View scratch(Buffer& buf, const Part& part) {
+    return backend_.view(buf, 1, muon::detail::scratch_of<R>(part.rows, part.cols));
+  }
+  /// Grows a scratch buffer to what the rule of parameter p needs for `part`.
+  void reserve_scratch(Buffer& buf, const Param& p, const Part& part) {
+    rules::All::visit(p.rule, [&](auto rule) {
+      const index_t n = muon::detail::scratch_of<decltype(rule)>(part.rows, part.cols);
+      if (static_cast<index_t>(buf.size()) < n) backend_.resize(buf, n);
+    });
   }
   template <class X>
   static MatrixView<X, Space> block(MatrixView<X, Space> v, const Piece& p) {
@@ -342,13 +388,16 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
     for (std::size_t u = 0; u < units.size(); ++u) {
       const Param& p = params_[units[u].param];
       const Part& part = p.parts[units[u].part];
-      if (!self().orthogonalizes_here(p) || part.empty() || batched_[u]) continue;
+      if (!self().orthogonalizes_here(p) || part.empty()) continue;
+      reserve_scratch(workers_[0].scratch, p, part);  // batches use worker 0's
+      if (batched_[u]) continue;
       const NewtonSchulzMethod method = newton_schulz(p).method;
       const std::size_t count = side_by_side(part) ? workers_.size() : 1;
       for (std::size_t w = 0; w < count; ++w) {
         workers_[w].ns.reserve(backend_, part.rows, part.cols, method);
         if (static_cast<index_t>(workers_[w].saved.size()) < part.size())
           backend_.resize(workers_[w].saved, part.size());
+        reserve_scratch(workers_[w].scratch, p, part);
       }
     }
     outcomes_.assign(units.size(), Outcome{});
@@ -587,111 +636,115 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
     if (matrices) run_batches();
   }
 
-  /// One matrix through its rule: the Newton-Schulz input, Newton-Schulz, the finiteness
-  /// check, apply.
+  /// One matrix through its rule, resolved once here: the Newton-Schulz input, Newton-Schulz,
+  /// the finiteness check, apply.
   void run_matrix(std::size_t u, Worker& w) {
-    const Part& part = part_of(units_[u]);
-    const View in = w.ns.input(backend_, part.rows, part.cols);
-    const View saved = backend_.view(w.saved, part.rows, part.cols);
-    prepare_input(u, in, saved);
-    const Param& p = params_[units_[u].param];
-    Outcome& out = outcomes_[u];
-    finish_matrix(u, w.ns.run(backend_, part.rows, part.cols, schedule(p), newton_schulz(p),
-                              options_.telemetry ? &out.ns : nullptr),
-                  saved);
+    rules::All::visit(params_[units_[u].param].rule, [&](auto rule) {
+      using R = decltype(rule);
+      if constexpr (R::orthogonalizes) {
+        const Param& p = params_[units_[u].param];
+        const Part& part = part_of(units_[u]);
+        const View in = w.ns.input(backend_, part.rows, part.cols);
+        const View saved = backend_.view(w.saved, part.rows, part.cols);
+        prepare_input<R>(u, in, saved);
+        const ConstView o = w.ns.run(backend_, part.rows, part.cols, schedule<R>(p),
+                                     R::options(groups_[p.group].options).newton_schulz,
+                                     options_.telemetry ? &outcomes_[u].ns : nullptr);
+        finish_matrix<R>(u, o, saved, scratch<R>(w.scratch, part));
+      }
+    });
   }
 
   /// Writes matrix u's Newton-Schulz input into `in`: its momentum step here (its momentum
   /// kept in `saved` while the step is checked), or what the exchange gathered (zero1).
+  template <class R>
   void prepare_input(std::size_t u, View in, View saved) {
     Param& p = params_[units_[u].param];
     const Part& part = p.parts[units_[u].part];
-    rules::All::visit(p.rule, [&](auto rule) {
-      using R = decltype(rule);
-      if constexpr (R::orthogonalizes) {
-        Derived& d = self();
-        if (after_exchange()) {
-          if constexpr (Derived::exchanges) d.gathered_input(p, part, in);
-          return;
-        }
-        const Piece mine = d.piece(p);
-        const View m = part_view(state_views(p, mine)[0], part, mine.row0, mine.col0);
-        if (checked()) backend_.copy(ConstView(m), saved);
-        R::accumulate(backend_, m, part_view(d.gradient(p), part, mine.row0, mine.col0), in,
-                      R::options(groups_[p.group].options));
-      }
-    });
+    Derived& d = self();
+    if (after_exchange()) {
+      if constexpr (Derived::exchanges) d.gathered_input(p, part, in);
+      return;
+    }
+    const Piece mine = d.piece(p);
+    const View m = part_view(state_views(p, mine)[0], part, mine.row0, mine.col0);
+    if (checked()) backend_.copy(ConstView(m), saved);
+    R::accumulate(backend_, m, part_view(d.gradient(p), part, mine.row0, mine.col0), in,
+                  R::options(groups_[p.group].options));
   }
 
   /// Matrix u's Newton-Schulz result `o`: checked unless already `known_finite` (a non-finite
-  /// one leaves the matrix and its momentum, put back from `saved`, as they were), applied,
-  /// reported, published.
-  void finish_matrix(std::size_t u, ConstView o, View saved, bool known_finite = false) {
+  /// one leaves the matrix and its momentum, put back from `saved`, as they were), applied
+  /// (with the rule's state per row and its scratch), reported, published.
+  template <class R>
+  void finish_matrix(std::size_t u, ConstView o, View saved, View scratch, bool known_finite = false) {
     Param& p = params_[units_[u].param];
     const Part& part = p.parts[units_[u].part];
     Outcome& out = outcomes_[u];
     out.ran = true;
-    rules::All::visit(p.rule, [&](auto rule) {
-      using R = decltype(rule);
-      if constexpr (R::orthogonalizes) {
-        Derived& d = self();
-        const auto& options = R::options(groups_[p.group].options);
-        if (checked() && !known_finite && !backend_.all_finite(o)) {
-          out.refused = true;
-          if (after_exchange()) {
-            if constexpr (Derived::exchanges) d.restore_momentum(p, part);
-          } else {
-            const Piece mine = d.piece(p);
-            backend_.copy(ConstView(saved), part_view(state_views(p, mine)[0], part, mine.row0, mine.col0));
-          }
-          return;
-        }
-        R::apply(backend_, part_view(p.value, part), o, options);
-        if constexpr (measures_residual<B, T>)
-          if (options_.telemetry)
-            out.update_rms = R::update_scale(options, part.rows, part.cols) *
-                             backend_.frobenius_norm(o) /
-                             std::sqrt(static_cast<double>(part.rows) * static_cast<double>(part.cols));
-        d.publish(p, &part);
+    Derived& d = self();
+    const auto& options = R::options(groups_[p.group].options);
+    if (checked() && !known_finite && !backend_.all_finite(o)) {
+      out.refused = true;
+      if (after_exchange()) {
+        if constexpr (Derived::exchanges) d.restore_momentum(p, part);
+      } else {
+        const Piece mine = d.piece(p);
+        backend_.copy(ConstView(saved), part_view(state_views(p, mine)[0], part, mine.row0, mine.col0));
       }
-    });
+      return;
+    }
+    const auto rows = row_views(p, part);
+    R::apply(backend_, part_view(p.value, part), o, rows.data(), scratch, options);
+    if constexpr (measures_residual<B, T>)
+      if (options_.telemetry)
+        out.update_rms = R::update_scale(options, part.rows, part.cols) * backend_.frobenius_norm(o) /
+                         std::sqrt(static_cast<double>(part.rows) * static_cast<double>(part.cols));
+    d.publish(p, &part);
   }
 
-  /// Batching backends (RunsBatched): the same-shape matrices of one group, stacked in
-  /// batch_in_, go through Newton-Schulz in one call into batch_out_; then each is finished.
+  /// Batching backends (RunsBatched): the same-shape matrices of one group and rule, stacked
+  /// in batch_in_, go through Newton-Schulz in one call into batch_out_; then each is finished.
   void run_batches() {
     if constexpr (RunsBatched<B, T>) {
-      for (const Batch& b : batches_) {
-        present_.clear();
-        for (std::size_t u : b.units)
-          if (params_[units_[u].param].takes_part()) present_.push_back(u);
-        if (present_.empty()) continue;
-        const index_t size = b.rows * b.cols;
-        const auto slot = [&](Buffer& buf, std::size_t i) {
-          return View(backend_.view(buf, 1, size * static_cast<index_t>(b.units.size())).data() +
-                          static_cast<index_t>(i) * size,
-                      b.rows, b.cols, b.cols, 1);
-        };
-        for (std::size_t i = 0; i < present_.size(); ++i)
-          prepare_input(present_[i], slot(batch_in_, i), slot(batch_saved_, i));
-        const Param& first = params_[units_[present_[0]].param];
-        const NewtonSchulzOptions& ns = newton_schulz(first);
-        backend_.newton_schulz_stack(ConstView(slot(batch_in_, 0)), size, slot(batch_out_, 0), size,
-                                     static_cast<index_t>(present_.size()), schedule(first),
-                                     ns.schedule.norm_scale(), ns.eps, ns.method);
-        // One verdict for the whole stack where the backend can give one (on a GPU, one host
-        // read); matrices are checked one by one only when it finds a NaN or Inf.
-        bool all_finite = false;
-        if constexpr (ScansFiniteTogether<B, T>)
-          if (checked()) {
-            backend_.begin_finite_scan();
-            backend_.scan_finite(ConstView(backend_.view(batch_out_, 1, size * static_cast<index_t>(present_.size()))));
-            all_finite = backend_.end_finite_scan();
-          }
-        for (std::size_t i = 0; i < present_.size(); ++i)
-          finish_matrix(present_[i], ConstView(slot(batch_out_, i)), slot(batch_saved_, i), all_finite);
-      }
+      for (const Batch& b : batches_)
+        rules::All::visit(b.rule, [&](auto rule) {
+          if constexpr (decltype(rule)::orthogonalizes) run_batch<decltype(rule)>(b);
+        });
     }
+  }
+  template <class R>
+  void run_batch(const Batch& b) {
+    present_.clear();
+    for (std::size_t u : b.units)
+      if (params_[units_[u].param].takes_part()) present_.push_back(u);
+    if (present_.empty()) return;
+    const index_t size = b.rows * b.cols;
+    const auto slot = [&](Buffer& buf, std::size_t i) {
+      return View(backend_.view(buf, 1, size * static_cast<index_t>(b.units.size())).data() +
+                      static_cast<index_t>(i) * size,
+                  b.rows, b.cols, b.cols, 1);
+    };
+    for (std::size_t i = 0; i < present_.size(); ++i)
+      prepare_input<R>(present_[i], slot(batch_in_, i), slot(batch_saved_, i));
+    const Param& first = params_[units_[present_[0]].param];
+    const NewtonSchulzOptions& ns = R::options(groups_[first.group].options).newton_schulz;
+    backend_.newton_schulz_stack(ConstView(slot(batch_in_, 0)), size, slot(batch_out_, 0), size,
+                                 static_cast<index_t>(present_.size()), schedule<R>(first),
+                                 ns.schedule.norm_scale(), ns.eps, ns.method);
+    // One verdict for the whole stack where the backend can give one (on a GPU, one host
+    // read); matrices are checked one by one only when it finds a NaN or Inf.
+    bool all_finite = false;
+    if constexpr (ScansFiniteTogether<B, T>)
+      if (checked()) {
+        backend_.begin_finite_scan();
+        backend_.scan_finite(ConstView(backend_.view(batch_out_, 1, size * static_cast<index_t>(present_.size()))));
+        all_finite = backend_.end_finite_scan();
+      }
+    const View scratch = this->scratch<R>(workers_[0].scratch, part_of(units_[present_[0]]));
+    for (std::size_t i = 0; i < present_.size(); ++i)
+      finish_matrix<R>(present_[i], ConstView(slot(batch_out_, i)), slot(batch_saved_, i), scratch,
+                       all_finite);
   }
 
   /// The refusals of the matrices run here (units_ lists a parameter's matrices together).
@@ -733,13 +786,6 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
   std::vector<std::size_t> ready_;    // this step's units for worker 0 (capacity reserved)
   std::vector<std::size_t> spread_;   // this step's tasks side by side: units, then chunks_
   std::vector<Chunk> chunks_;         // this step's elementwise chunks (capacity reserved)
-  /// Batching backends: stacks of same-shape matrices of one group, run in one call.
-  struct Batch {
-    index_t rows, cols;
-    std::size_t group;
-    UpdateRule rule;  // the group's Newton-Schulz options are its rule's
-    std::vector<std::size_t> units;
-  };
   std::vector<Batch> batches_;
   std::vector<char> batched_;             // per unit: runs in a batch
   std::vector<std::size_t> present_;      // a batch's units taking part this step (reserved)

@@ -137,8 +137,10 @@ struct Muon {
       w = w * decay - alpha * o;
     }
   };
+  /// `rows` and `scratch` are for rules with state per row (none here).
   template <class B, class T, class S>
   static void apply(B& backend, MatrixView<T, S> w, MatrixView<const T, S> o,
+                    const MatrixView<T, S>* /*rows*/, MatrixView<T, S> /*scratch*/,
                     const Options& options) {
     backend.each(Apply<T>(step(options, w.rows(), w.cols())), w, o);
   }

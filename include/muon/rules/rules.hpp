@@ -34,6 +34,23 @@ constexpr bool distinct_ids() {
       if (ids[i] == ids[j]) return false;
   return true;
 }
+
+/// A rule's optional members, 0 when it has none: buffers per row of each of its matrices,
+/// and apply()'s scratch elements for a rows x cols matrix.
+template <class R>
+constexpr std::size_t row_buffers_of() {
+  if constexpr (requires { R::row_buffers; })
+    return R::row_buffers;
+  else
+    return 0;
+}
+template <class R>
+index_t scratch_of(index_t rows, index_t cols) {
+  if constexpr (requires { R::scratch_elements(rows, cols); })
+    return R::scratch_elements(rows, cols);
+  else
+    return 0;
+}
 }  // namespace muon::detail
 
 namespace muon::rules {
@@ -56,6 +73,8 @@ struct RuleList {
   }
   /// The most state buffers any rule keeps (the size of a parameter's buffer array).
   static constexpr std::size_t max_buffers = std::max({R::buffers...});
+  /// The most buffers per matrix row any rule keeps.
+  static constexpr std::size_t max_row_buffers = std::max({muon::detail::row_buffers_of<R>()...});
 
   /// Calls f(Rule{}) for the rule with this id.
   template <class F>
@@ -67,6 +86,19 @@ struct RuleList {
     std::size_t n = 0;
     visit(id, [&](auto rule) { n = decltype(rule)::buffers; });
     return n;
+  }
+  /// Buffers per matrix row of the rule with this id (0 for most rules).
+  static std::size_t row_buffers(UpdateRule id) {
+    std::size_t n = 0;
+    visit(id, [&](auto rule) { n = muon::detail::row_buffers_of<decltype(rule)>(); });
+    return n;
+  }
+  /// A listed rule's position in the list, at compile time.
+  template <class Rule>
+  static constexpr std::size_t index_of() {
+    std::size_t i = 0, at = count;
+    (void)((std::is_same_v<Rule, R> ? (at = i, true) : (++i, false)) || ...);
+    return at;
   }
   /// The rule's position in the list (a rule's ids are stored in state files; positions not).
   static std::size_t index(UpdateRule id) {

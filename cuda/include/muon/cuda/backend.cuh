@@ -171,6 +171,14 @@ void CudaBackend::each(F f, Views... views) const {
   launched("elementwise kernel");
 }
 
+template <class F, class Out, class... Views>
+void CudaBackend::reduce_rows(F f, Out out, Views... views) const {
+  const auto shape = std::get<0>(std::tuple<Views...>(views...));
+  detail::reduce_rows(ctx_->stream, shape.rows(), shape.cols(), f, detail::strided(out),
+                      detail::strided(views)...);
+  launched("row reduction kernel");
+}
+
 template <class T>
 const T* CudaBackend::dense_source(MatrixView<const T, DeviceSpace> src, Buffer<T>& scratch) const {
   if (src.is_row_major_contiguous()) return src.data();

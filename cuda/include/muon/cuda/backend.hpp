@@ -246,6 +246,10 @@ class CudaBackend {
   /// stages of every rule in rules::All (backend.cu).
   template <class F, class... Views>
   void each(F f, Views... views) const;
+  /// The generic reduction: out(i, 0) = the sum over j of f(v(i, j)...), in double, one
+  /// thread block a row (backend.cuh; instantiated for every rule in rules::All as each is).
+  template <class F, class Out, class... Views>
+  void reduce_rows(F f, Out out, Views... views) const;
 
   // ---- Newton-Schulz in bf16 / fp16 ------------------------------------------------------
   // The hooks NewtonSchulzWorkspace calls (muon::detail::RunsOwnNewtonSchulz). The reduced

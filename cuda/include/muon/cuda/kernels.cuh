@@ -60,6 +60,29 @@ void for_each(cudaStream_t stream, index_t rows, index_t cols, bool col_order, i
   for_each_kernel<<<grid, kThreads, 0, stream>>>(rows, cols, col_order, f, v...);
 }
 
+/// out(0, i, 0) = sum over j of f(v(0, i, j)...) in double: block i sums row i, each thread a
+/// stride of its columns, then a tree in shared memory.
+template <class F, class T, class... V>
+__global__ void reduce_rows_kernel(index_t cols, F f, Strided<T> out, V... v) {
+  __shared__ double partial[kThreads];
+  const index_t i = blockIdx.x;
+  double sum = 0;
+  for (index_t j = threadIdx.x; j < cols; j += blockDim.x) sum += static_cast<double>(f(v(0, i, j)...));
+  partial[threadIdx.x] = sum;
+  __syncthreads();
+  for (int half = kThreads / 2; half > 0; half /= 2) {
+    if (threadIdx.x < half) partial[threadIdx.x] += partial[threadIdx.x + half];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) out(0, i, 0) = static_cast<T>(partial[0]);
+}
+
+template <class F, class T, class... V>
+void reduce_rows(cudaStream_t stream, index_t rows, index_t cols, F f, Strided<T> out, V... v) {
+  if (rows == 0) return;
+  reduce_rows_kernel<<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(cols, f, out, v...);
+}
+
 // ---- functors ---------------------------------------------------------------------------
 // Conversions between the scalar types (float, double, bf16, fp16); the 16-bit ones go
 // through float, their only exact partner.
