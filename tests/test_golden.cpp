@@ -1,7 +1,7 @@
 // Golden values from the independent NumPy float64 reference (tests/reference/
 // muon_reference.py generate tests/golden): Newton-Schulz outputs and whole Muon and AdamW
 // trajectories; and from the public implementations of the other rules, run by
-// tests/reference/peer_reference.py (peer_cases.txt: Lion against microsoft/dion). Float runs
+// tests/reference/peer_reference.py (peer_cases.txt: Lion and NorMuon against microsoft/dion). Float runs
 // start from the same float64 inputs rounded to float.
 #include <catch2/catch.hpp>
 
@@ -110,5 +110,34 @@ TEMPLATE_TEST_CASE("Lion trajectories match dion's lion_update", "[golden]", flo
     muon::Optimizer<muon::EigenBackend, TestType> opt(g);
     replay(c, stack, opt,
            [&](auto& o, auto w, auto grad) { o.add(muon::rules::Lion{}, c.name, w, grad); });
+  }
+}
+
+TEMPLATE_TEST_CASE("NorMuon trajectories match dion's NorMuon", "[golden]", float, double) {
+  const auto cases = golden_cases("normuon", "peer_cases.txt");
+  REQUIRE(cases.size() == 4);
+  for (const auto& c : cases) {
+    const auto stack = muon::npy::read<double>(golden_path("normuon_" + c.name + ".npy"));
+    muon::GroupOptions g;
+    muon::NorMuonOptions& o = g.normuon;
+    o.lr = c.num("lr");
+    o.momentum = c.num("mu");
+    o.beta2 = c.num("beta2");
+    o.weight_decay = c.num("wd");
+    o.nesterov = c.num("nesterov") != 0;
+    const std::string adjust = c.opt.at("adjust");
+    o.scale = adjust == "spectral" ? muon::ScaleMode::spectral
+              : adjust == "rms"    ? muon::ScaleMode::match_rms_adamw
+                                   : muon::ScaleMode::none;
+    muon::Optimizer<muon::EigenBackend, TestType> opt(g);
+    replay(c, stack, opt, [&](auto& opt_, auto w, auto grad) {
+      const muon::rules::NorMuon rule;
+      if (c.opt.count("split") != 0)
+        opt_.add(rule, c.name, w.flattened(), grad.flattened(), muon::Split{0, {2, 4}});
+      else if (c.shape.size() == 3)
+        opt_.add(rule, c.name, w, grad, muon::Experts{});
+      else
+        opt_.add(rule, c.name, w, grad);
+    });
   }
 }

@@ -23,6 +23,7 @@
 #include "muon/rules/adamw.hpp"
 #include "muon/rules/lion.hpp"
 #include "muon/rules/muon.hpp"
+#include "muon/rules/normuon.hpp"
 
 namespace muon::detail {
 /// Whether no two of the ids are equal.
@@ -146,7 +147,7 @@ struct RuleList {
   }
 };
 
-using All = RuleList<Muon, AdamW, Lion>;
+using All = RuleList<Muon, AdamW, Lion, NorMuon>;
 
 }  // namespace muon::rules
 

@@ -1,0 +1,138 @@
+#pragma once
+// NorMuon (Z. Li et al. 2025, arXiv:2510.05491; microsoft/dion's dion/normuon.py semantics):
+// Muon whose orthogonalized update is normalized per row (per neuron) by a running second
+// moment, then rescaled to keep its Frobenius norm. Per matrix W (m x n) with gradient G:
+//   M, U, O as Muon's (momentum, Nesterov look-ahead, O <- NewtonSchulz(U))
+//   r_i <- sum_j O_ij^2                   (the row's sum of squares)
+//   V_i <- lerp(V_i, r_i / n, 1 - beta2)  (V: one value per row, zero at the start)
+//   d_i <- sqrt(V_i) + row_eps
+//   N   <- O_ij / d_i, times ||O||_F / max(||O / d||_F, 1e-8)
+//   W   <- W (1 - lr wd) - lr s(m, n) N   (ScaleMode, as Muon's)
+// Split blocks and experts are matrices of their own: each has its V rows and its rescale.
+// Its defaults are dion's NorMuon's (sum momentum, no Nesterov, spectral scale, lr 0.01).
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <string>
+
+#include "muon/core/backend.hpp"
+#include "muon/core/options.hpp"
+#include "muon/core/registration.hpp"
+#include "muon/core/stage.hpp"
+#include "muon/rules/muon.hpp"
+
+namespace muon {
+
+/// Muon's options (other defaults) and the row normalization's.
+struct NorMuonOptions : MuonOptions {
+  double beta2 = 0.95;  ///< the row second moment's decay
+  double row_eps = 1e-8;  ///< added to its square root
+  NorMuonOptions()
+      : MuonOptions{0.01, 0.01, 0.95, false, MomentumForm::sum, ScaleMode::spectral, 0.2, {}} {}
+};
+
+inline void validate(const NorMuonOptions& o, const std::string& where = "NorMuonOptions") {
+  validate(static_cast<const MuonOptions&>(o), where);
+  detail::require(o.beta2 >= 0 && o.beta2 < 1, where, "beta2", o.beta2, "in [0, 1)");
+  detail::require(std::isfinite(o.row_eps) && o.row_eps > 0, where, "row_eps", o.row_eps, "finite and > 0");
+}
+
+}  // namespace muon
+
+namespace muon::rules {
+
+struct NorMuon {
+  using Options = NorMuonOptions;
+  static constexpr UpdateRule id{3};
+  static constexpr const char* name = "normuon";
+  static constexpr std::size_t buffers = 1;      // M, per element
+  static constexpr std::size_t row_buffers = 1;  // V, per row of each matrix
+  static constexpr bool orthogonalizes = true;
+  struct Slot {
+    Options normuon{};
+  };
+  template <class Group>
+  static auto& options(Group& g) {
+    return g.normuon;
+  }
+  template <class O, class F>
+  static void fields(O& o, F&& f) {
+    Muon::fields(o, f);
+    f("beta2", o.beta2);
+    f("row_eps", o.row_eps);
+  }
+  static void validate(const Options& o, const std::string& where) { muon::validate(o, where); }
+  static double update_scale(const Options& o, index_t rows, index_t cols) {
+    return Muon::update_scale(o, rows, cols);
+  }
+  /// apply()'s scratch for a rows x cols matrix: r and d (a value per row), two sums.
+  static index_t scratch_elements(index_t rows, index_t) { return 2 * rows + 2; }
+
+  template <class B, class T, class S>
+  static void accumulate(B& backend, MatrixView<T, S> m, MatrixView<const T, S> g,
+                         MatrixView<T, S> u, const Options& o) {
+    Muon::accumulate(backend, m, g, u, o);
+  }
+
+  struct Square {
+    template <class X>
+    MUON_HOST_DEVICE auto operator()(const X& x) const {
+      return x * x;
+    }
+  };
+  struct Identity {
+    template <class X>
+    MUON_HOST_DEVICE auto operator()(const X& x) const {
+      return x;
+    }
+  };
+  /// The row stage on (V, r, d): V's new value and d from r; r becomes r / d^2, the row's
+  /// sum of squares after the division.
+  template <class T>
+  struct Rows {
+    T inverse_cols, weight, eps;  // weight = 1 - beta2
+    Rows(const Options& o, index_t cols)
+        : inverse_cols(T(1) / static_cast<T>(cols)),
+          weight(static_cast<T>(1 - o.beta2)),
+          eps(static_cast<T>(o.row_eps)) {}
+    template <class V, class R, class D>
+    MUON_HOST_DEVICE void operator()(V&& v, R&& r, D&& d) const {
+      stage::assign_lerp(v, v, r * inverse_cols, weight);
+      d = stage::sqrt(v) + eps;
+      r = r / (d * d);
+    }
+  };
+  /// The update stage on (W, O, d broadcast along the row).
+  template <class T>
+  struct Apply {
+    T decay, alpha, ratio;
+    Apply(Muon::Step s, double ratio)
+        : decay(static_cast<T>(s.decay)), alpha(static_cast<T>(s.alpha)), ratio(static_cast<T>(ratio)) {}
+    template <class W, class O, class D>
+    MUON_HOST_DEVICE void operator()(W&& w, const O& o, const D& d) const {
+      w = w * decay - alpha * ((o / d) * ratio);
+    }
+  };
+
+  /// W <- decay W - alpha N for one matrix; `rows` holds its V (rows x 1).
+  template <class B, class T, class S>
+  static void apply(B& backend, MatrixView<T, S> w, MatrixView<const T, S> o,
+                    const MatrixView<T, S>* rows, MatrixView<T, S> scratch, const Options& options) {
+    using View = MatrixView<T, S>;
+    using ConstView = MatrixView<const T, S>;
+    const index_t m = w.rows(), n = w.cols();
+    T* at = scratch.data();
+    const View r(at, m, 1, 1, 1), d(at + m, m, 1, 1, 1), sums(at + 2 * m, 1, 2, 2, 1);
+    backend.reduce_rows(Square{}, r, o);
+    backend.reduce_rows(Identity{}, sums.block(0, 0, 1, 1), ConstView(r).transposed());
+    backend.each(Rows<T>(options, n), rows[0], r, d);
+    backend.reduce_rows(Identity{}, sums.block(0, 1, 1, 1), ConstView(r).transposed());
+    T host[2] = {T(0), T(0)};  // written by copy_to_host
+    backend.copy_to_host(ConstView(sums), host);
+    const double ratio = std::sqrt(static_cast<double>(host[0])) /
+                         std::max(std::sqrt(static_cast<double>(host[1])), 1e-8);
+    backend.each(Apply<T>(Muon::step(options, m, n), ratio), w, o, ConstView(d.data(), m, n, 1, 0));
+  }
+};
+
+}  // namespace muon::rules
