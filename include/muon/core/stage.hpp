@@ -8,7 +8,8 @@
 // So a stage's body uses only what both have: =, +=, *=, +, -, *, / with its scalar
 // coefficients, and the helpers below, never ?: between two values or a branch on an element.
 // Its coefficients are fixed in its constructor, in the element type, in the order the rule's
-// reference implementation rounds them.
+// reference implementation rounds them; a coefficient that an earlier stage computes is read
+// through a pointer into the backend's memory (so a GPU step never waits on a host read).
 #include <cmath>
 #include <type_traits>
 
@@ -43,6 +44,18 @@ MUON_HOST_DEVICE auto sqrt(const X& x) {
 #endif
   } else {
     return x.unaryExpr([](auto e) { return std::sqrt(e); });
+  }
+}
+
+/// The larger of an element (or of each element of a block) and a bound, as the element
+/// type: max(x, bound) with a NaN x kept.
+template <class X>
+MUON_HOST_DEVICE auto max(const X& x, double bound) {
+  if constexpr (std::is_floating_point_v<X>) {
+    return x < static_cast<X>(bound) ? static_cast<X>(bound) : x;
+  } else {
+    using E = typename X::Scalar;
+    return x.unaryExpr([b = static_cast<E>(bound)](E e) { return e < b ? b : e; });
   }
 }
 

@@ -10,8 +10,6 @@
 //   W   <- W (1 - lr wd) - lr s(m, n) N   (ScaleMode, as Muon's)
 // Split blocks and experts are matrices of their own: each has its V rows and its rescale.
 // Its defaults are dion's NorMuon's (sum momentum, no Nesterov, spectral scale, lr 0.01).
-#include <algorithm>
-#include <cmath>
 #include <cstddef>
 #include <string>
 
@@ -28,7 +26,11 @@ struct NorMuonOptions : MuonOptions {
   double beta2 = 0.95;  ///< the row second moment's decay
   double row_eps = 1e-8;  ///< added to its square root
   NorMuonOptions()
-      : MuonOptions{0.01, 0.01, 0.95, false, MomentumForm::sum, ScaleMode::spectral, 0.2, {}} {}
+      : MuonOptions{.lr = 0.01,
+                    .weight_decay = 0.01,
+                    .nesterov = false,
+                    .momentum_form = MomentumForm::sum,
+                    .scale = ScaleMode::spectral} {}
 };
 
 inline void validate(const NorMuonOptions& o, const std::string& where = "NorMuonOptions") {
@@ -102,15 +104,25 @@ struct NorMuon {
       r = r / (d * d);
     }
   };
-  /// The update stage on (W, O, d broadcast along the row).
+  /// The stage on the two sums (1 x 1 each): the first becomes the rescale
+  /// ||O||_F / max(||O / d||_F, 1e-8), on the backend's side (no read by the host).
+  struct Rescale {
+    template <class A, class B>
+    MUON_HOST_DEVICE void operator()(A&& before, const B& after) const {
+      before = stage::sqrt(before) / stage::max(stage::sqrt(after), 1e-8);
+    }
+  };
+  /// The update stage on (W, O, d broadcast along the row); the rescale is read where
+  /// Rescale wrote it, in the backend's memory.
   template <class T>
   struct Apply {
-    T decay, alpha, ratio;
-    Apply(Muon::Step s, double ratio)
-        : decay(static_cast<T>(s.decay)), alpha(static_cast<T>(s.alpha)), ratio(static_cast<T>(ratio)) {}
+    T decay, alpha;
+    const T* rescale;
+    Apply(Muon::Step s, const T* rescale)
+        : decay(static_cast<T>(s.decay)), alpha(static_cast<T>(s.alpha)), rescale(rescale) {}
     template <class W, class O, class D>
     MUON_HOST_DEVICE void operator()(W&& w, const O& o, const D& d) const {
-      w = w * decay - alpha * ((o / d) * ratio);
+      w = w * decay - alpha * ((o / d) * *rescale);
     }
   };
 
@@ -122,16 +134,15 @@ struct NorMuon {
     using ConstView = MatrixView<const T, S>;
     const index_t m = w.rows(), n = w.cols();
     T* at = scratch.data();
-    const View r(at, m, 1, 1, 1), d(at + m, m, 1, 1, 1), sums(at + 2 * m, 1, 2, 2, 1);
+    const View r(at, m, 1, 1, 1), d(at + m, m, 1, 1, 1), before(at + 2 * m, 1, 1, 1, 1),
+        after(at + 2 * m + 1, 1, 1, 1, 1);
     backend.reduce_rows(Square{}, r, o);
-    backend.reduce_rows(Identity{}, sums.block(0, 0, 1, 1), ConstView(r).transposed());
+    backend.reduce_rows(Identity{}, before, ConstView(r).transposed());
     backend.each(Rows<T>(options, n), rows[0], r, d);
-    backend.reduce_rows(Identity{}, sums.block(0, 1, 1, 1), ConstView(r).transposed());
-    T host[2] = {T(0), T(0)};  // written by copy_to_host
-    backend.copy_to_host(ConstView(sums), host);
-    const double ratio = std::sqrt(static_cast<double>(host[0])) /
-                         std::max(std::sqrt(static_cast<double>(host[1])), 1e-8);
-    backend.each(Apply<T>(Muon::step(options, m, n), ratio), w, o, ConstView(d.data(), m, n, 1, 0));
+    backend.reduce_rows(Identity{}, after, ConstView(r).transposed());
+    backend.each(Rescale{}, before, ConstView(after));
+    backend.each(Apply<T>(Muon::step(options, m, n), before.data()), w, o,
+                 ConstView(d.data(), m, n, 1, 0));
   }
 };
 
