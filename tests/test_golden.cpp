@@ -47,6 +47,22 @@ void replay(const GoldenCase& c, const muon::npy::Array<double>& stack,
   }
 }
 
+/// Replays every `kind` case of `file` (there must be `count`): `configure(c, g)` sets the
+/// group's options from the case, `add(c, opt, w, grad)` registers its weight.
+template <class T, class Configure, class Add>
+void replay_cases(const std::string& kind, const std::string& file, std::size_t count,
+                  Configure configure, Add add) {
+  const auto cases = golden_cases(kind, file);
+  REQUIRE(cases.size() == count);
+  for (const auto& c : cases) {
+    const auto stack = muon::npy::read<double>(golden_path(kind + "_" + c.name + ".npy"));
+    muon::GroupOptions g;
+    configure(c, g);
+    muon::Optimizer<muon::EigenBackend, T> opt(g);
+    replay(c, stack, opt, [&](auto& o, auto w, auto grad) { add(c, o, w, grad); });
+  }
+}
+
 }  // namespace
 
 TEMPLATE_TEST_CASE("Newton-Schulz matches the NumPy reference", "[golden]", float, double) {
@@ -69,75 +85,64 @@ TEMPLATE_TEST_CASE("Newton-Schulz matches the NumPy reference", "[golden]", floa
 }
 
 TEMPLATE_TEST_CASE("Muon trajectories match the NumPy reference", "[golden]", float, double) {
-  const auto cases = golden_cases("muon");
-  REQUIRE(cases.size() == 6);
-  for (const auto& c : cases) {
-    const auto stack = muon::npy::read<double>(golden_path("muon_" + c.name + ".npy"));
-    muon::GroupOptions g;
-    g.muon.lr = c.num("lr");
-    g.muon.weight_decay = c.num("wd");
-    g.muon.momentum = c.num("momentum");
-    g.muon.nesterov = c.opt.at("nesterov") == "1";
-    g.muon.momentum_form = muon::momentum_form_from_name(c.opt.at("form"));
-    g.muon.scale = muon::scale_mode_from_name(c.opt.at("scale"));
-    g.muon.rms_factor = c.num("rms");
-    g.muon.newton_schulz.schedule = muon::Schedule::from_name(c.opt.at("sched"));
-    g.muon.newton_schulz.steps = std::stoi(c.opt.at("ns_steps"));
-    muon::Optimizer<muon::EigenBackend, TestType> opt(g);
-    replay(c, stack, opt, [&](auto& o, auto w, auto grad) { o.add_muon(c.name, w, grad); });
-  }
+  replay_cases<TestType>(
+      "muon", "cases.txt", 6,
+      [](const GoldenCase& c, muon::GroupOptions& g) {
+        g.muon.lr = c.num("lr");
+        g.muon.weight_decay = c.num("wd");
+        g.muon.momentum = c.num("momentum");
+        g.muon.nesterov = c.opt.at("nesterov") == "1";
+        g.muon.momentum_form = muon::momentum_form_from_name(c.opt.at("form"));
+        g.muon.scale = muon::scale_mode_from_name(c.opt.at("scale"));
+        g.muon.rms_factor = c.num("rms");
+        g.muon.newton_schulz.schedule = muon::Schedule::from_name(c.opt.at("sched"));
+        g.muon.newton_schulz.steps = std::stoi(c.opt.at("ns_steps"));
+      },
+      [](const GoldenCase& c, auto& opt, auto w, auto grad) { opt.add_muon(c.name, w, grad); });
 }
 
 TEMPLATE_TEST_CASE("AdamW trajectories match the NumPy reference", "[golden]", float, double) {
-  const auto cases = golden_cases("adamw");
-  REQUIRE(cases.size() == 2);
-  for (const auto& c : cases) {
-    const auto stack = muon::npy::read<double>(golden_path("adamw_" + c.name + ".npy"));
-    muon::GroupOptions g;
-    g.adamw = {c.num("lr"), c.num("beta1"), c.num("beta2"), c.num("eps"), c.num("wd")};
-    muon::Optimizer<muon::EigenBackend, TestType> opt(g);
-    replay(c, stack, opt, [&](auto& o, auto w, auto grad) { o.add_adamw(c.name, w, grad); });
-  }
+  replay_cases<TestType>(
+      "adamw", "cases.txt", 2,
+      [](const GoldenCase& c, muon::GroupOptions& g) {
+        g.adamw = {c.num("lr"), c.num("beta1"), c.num("beta2"), c.num("eps"), c.num("wd")};
+      },
+      [](const GoldenCase& c, auto& opt, auto w, auto grad) { opt.add_adamw(c.name, w, grad); });
 }
 
 TEMPLATE_TEST_CASE("Lion trajectories match dion's lion_update", "[golden]", float, double) {
-  const auto cases = golden_cases("lion", "peer_cases.txt");
-  REQUIRE(cases.size() == 3);
-  for (const auto& c : cases) {
-    const auto stack = muon::npy::read<double>(golden_path("lion_" + c.name + ".npy"));
-    muon::GroupOptions g;
-    g.lion = {c.num("lr"), c.num("beta1"), c.num("beta2"), c.num("wd")};
-    muon::Optimizer<muon::EigenBackend, TestType> opt(g);
-    replay(c, stack, opt,
-           [&](auto& o, auto w, auto grad) { o.add(muon::rules::Lion{}, c.name, w, grad); });
-  }
+  replay_cases<TestType>(
+      "lion", "peer_cases.txt", 3,
+      [](const GoldenCase& c, muon::GroupOptions& g) {
+        g.lion = {c.num("lr"), c.num("beta1"), c.num("beta2"), c.num("wd")};
+      },
+      [](const GoldenCase& c, auto& opt, auto w, auto grad) {
+        opt.add(muon::rules::Lion{}, c.name, w, grad);
+      });
 }
 
 TEMPLATE_TEST_CASE("NorMuon trajectories match dion's NorMuon", "[golden]", float, double) {
-  const auto cases = golden_cases("normuon", "peer_cases.txt");
-  REQUIRE(cases.size() == 4);
-  for (const auto& c : cases) {
-    const auto stack = muon::npy::read<double>(golden_path("normuon_" + c.name + ".npy"));
-    muon::GroupOptions g;
-    muon::NorMuonOptions& o = g.normuon;
-    o.lr = c.num("lr");
-    o.momentum = c.num("mu");
-    o.beta2 = c.num("beta2");
-    o.weight_decay = c.num("wd");
-    o.nesterov = c.num("nesterov") != 0;
-    const std::string adjust = c.opt.at("adjust");
-    o.scale = adjust == "spectral" ? muon::ScaleMode::spectral
-              : adjust == "rms"    ? muon::ScaleMode::match_rms_adamw
-                                   : muon::ScaleMode::none;
-    muon::Optimizer<muon::EigenBackend, TestType> opt(g);
-    replay(c, stack, opt, [&](auto& opt_, auto w, auto grad) {
-      const muon::rules::NorMuon rule;
-      if (c.opt.count("split") != 0)
-        opt_.add(rule, c.name, w.flattened(), grad.flattened(), muon::Split{0, {2, 4}});
-      else if (c.shape.size() == 3)
-        opt_.add(rule, c.name, w, grad, muon::Experts{});
-      else
-        opt_.add(rule, c.name, w, grad);
-    });
-  }
+  replay_cases<TestType>(
+      "normuon", "peer_cases.txt", 4,
+      [](const GoldenCase& c, muon::GroupOptions& g) {
+        muon::NorMuonOptions& o = g.normuon;
+        o.lr = c.num("lr");
+        o.momentum = c.num("mu");
+        o.beta2 = c.num("beta2");
+        o.weight_decay = c.num("wd");
+        o.nesterov = c.num("nesterov") != 0;
+        const std::string adjust = c.opt.at("adjust");
+        o.scale = adjust == "spectral" ? muon::ScaleMode::spectral
+                  : adjust == "rms"    ? muon::ScaleMode::match_rms_adamw
+                                       : muon::ScaleMode::none;
+      },
+      [](const GoldenCase& c, auto& opt, auto w, auto grad) {
+        const muon::rules::NorMuon rule;
+        if (c.opt.count("split") != 0)
+          opt.add(rule, c.name, w.flattened(), grad.flattened(), muon::Split{0, {2, 4}});
+        else if (c.shape.size() == 3)
+          opt.add(rule, c.name, w, grad, muon::Experts{});
+        else
+          opt.add(rule, c.name, w, grad);
+      });
 }

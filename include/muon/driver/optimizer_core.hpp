@@ -323,11 +323,11 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
     return nullptr;
   }
 
-  /// The rule's state buffers as dense views over a piece.
-  std::array<View, rules::All::max_buffers> state_views(Param& p, const Piece& piece) {
-    std::array<View, rules::All::max_buffers> v{};
-    for (std::size_t i = 0; i < rules::All::buffers(p.rule); ++i)
-      v[i] = backend_.view(p.state[i], piece.rows, piece.cols);
+  /// Rule R's state buffers of p as dense views over a piece.
+  template <class R>
+  std::array<View, R::buffers> state_views(Param& p, const Piece& piece) {
+    std::array<View, R::buffers> v{};
+    for (std::size_t i = 0; i < R::buffers; ++i) v[i] = backend_.view(p.state[i], piece.rows, piece.cols);
     return v;
   }
   /// Sizes a parameter's state buffers for its piece, and its state per row where its
@@ -346,10 +346,11 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
     for (const Part& part : p.parts) rows += part.rows;
     return rows;
   }
-  /// A matrix's rows of the rule's buffers per row, each rows x 1.
-  std::array<View, rules::All::max_row_buffers> row_views(Param& p, const Part& part) {
-    std::array<View, rules::All::max_row_buffers> v{};
-    for (std::size_t i = 0; i < rules::All::row_buffers(p.rule); ++i)
+  /// A matrix's rows of rule R's buffers per row, each rows x 1.
+  template <class R>
+  std::array<View, row_buffers_of<R>()> row_views(Param& p, const Part& part) {
+    std::array<View, row_buffers_of<R>()> v{};
+    for (std::size_t i = 0; i < v.size(); ++i)
       v[i] = View(backend_.view(p.row_state[i], 1, static_cast<index_t>(p.row_state[i].size())).data() +
                       part.state_row0,
                   part.rows, 1, 1, 1);
@@ -591,7 +592,7 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
       using R = decltype(rule);
       if constexpr (!R::orthogonalizes) {
         const Piece mine = self().piece(p);
-        auto state = state_views(p, mine);
+        auto state = state_views<R>(p, mine);
         for (View& v : state) v = v.block(c.row0, 0, c.rows, mine.cols);
         R::update(backend_, block(p.value, mine).block(c.row0, 0, c.rows, mine.cols),
                   self().gradient(p).block(c.row0, 0, c.rows, mine.cols), state.data(),
@@ -667,7 +668,7 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
       return;
     }
     const Piece mine = d.piece(p);
-    const View m = part_view(state_views(p, mine)[0], part, mine.row0, mine.col0);
+    const View m = part_view(state_views<R>(p, mine)[0], part, mine.row0, mine.col0);
     if (checked()) backend_.copy(ConstView(m), saved);
     R::accumulate(backend_, m, part_view(d.gradient(p), part, mine.row0, mine.col0), in,
                   R::options(groups_[p.group].options));
@@ -690,11 +691,11 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
         if constexpr (Derived::exchanges) d.restore_momentum(p, part);
       } else {
         const Piece mine = d.piece(p);
-        backend_.copy(ConstView(saved), part_view(state_views(p, mine)[0], part, mine.row0, mine.col0));
+        backend_.copy(ConstView(saved), part_view(state_views<R>(p, mine)[0], part, mine.row0, mine.col0));
       }
       return;
     }
-    const auto rows = row_views(p, part);
+    const auto rows = row_views<R>(p, part);
     R::apply(backend_, part_view(p.value, part), o, rows.data(), scratch, options);
     if constexpr (measures_residual<B, T>)
       if (options_.telemetry)
@@ -820,7 +821,7 @@ StepReport OptimizerCore<Derived, B, T, ParamExtra>::step() {
       rules::All::visit(p.rule, [&](auto rule) {
         using R = decltype(rule);
         if constexpr (R::orthogonalizes) {
-          const View m = state_views(p, mine)[0];
+          const View m = state_views<R>(p, mine)[0];
           if (checked()) backend_.copy(ConstView(m), d.saved_piece(p));
           R::accumulate(backend_, m, d.gradient(p), d.exchange_input(p),
                         R::options(groups_[p.group].options));
