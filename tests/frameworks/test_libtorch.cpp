@@ -11,6 +11,8 @@
 #include <muon/adapters/libtorch.hpp>
 #include <muon/adapters/libtorch_optimizer.hpp>
 #include <sstream>
+#include <muon/distributed/sharded_optimizer.hpp>
+#include <muon/distributed/thread_communicator.hpp>
 #include <muon/eigen.hpp>
 
 using Catch::Matchers::Contains;
@@ -724,4 +726,66 @@ TEST_CASE("an archive written before rules named their Newton-Schulz fields stil
   CHECK((g.muon.scale == muon::ScaleMode::match_rms_adamw && !g.muon.nesterov));
   CHECK(g.adamw.beta2 == 0.0625);
   CHECK(g.lion.lr == muon::LionOptions{}.lr);  // no Lion fields: its defaults
+}
+
+TEST_CASE("ShardedMuon on every rank steps as muon::libtorch::Muon and resumes from torch::save",
+          "[frameworks][libtorch][optim][sharded]") {
+  const auto strategy = GENERATE(muon::ShardingStrategy::owner_compute, muon::ShardingStrategy::zero1);
+  const int world = GENERATE(1, 2, 4);  // the same gradients on every rank: their mean is exact
+  INFO(muon::to_string(strategy) << " on " << world << " ranks");
+  torch::manual_seed(11);
+  std::vector<torch::Tensor> start;
+  for (const std::vector<int64_t>& s : {std::vector<int64_t>{6, 4}, {3, 8}, {5}})
+    start.push_back(torch::randn(s));
+  std::vector<std::vector<torch::Tensor>> grads(4);  // three steps, then one after the resume
+  for (auto& g : grads)
+    for (const auto& t : start) g.push_back(torch::randn_like(t));
+  // Two Muon matrices in one param group, an AdamW vector in another.
+  const auto groups = [&](std::vector<torch::Tensor>& params, const std::vector<torch::Tensor>& from) {
+    params.clear();
+    for (const auto& t : from) params.push_back(t.detach().clone().requires_grad_());
+    muon::GroupOptions g;
+    g.muon.lr = 0.02;
+    std::vector<torch::optim::OptimizerParamGroup> out;
+    out.emplace_back(std::vector<torch::Tensor>{params[0], params[1]},
+                     std::make_unique<muon::libtorch::Options>(muon::UpdateRule::muon, g));
+    out.emplace_back(std::vector<torch::Tensor>{params[2]},
+                     std::make_unique<muon::libtorch::Options>(muon::UpdateRule::adamw, g));
+    return out;
+  };
+  const auto step = [&](torch::optim::Optimizer& opt, std::vector<torch::Tensor>& params, int s) {
+    for (std::size_t i = 0; i < params.size(); ++i) params[i].mutable_grad() = grads[s][i].clone();
+    opt.step();
+  };
+  std::vector<torch::Tensor> want;
+  muon::libtorch::Muon<float> single(groups(want, start));
+  for (int s = 0; s < 4; ++s) step(single, want, s);
+
+  using Engine = muon::ShardedOptimizer<muon::EigenBackend, float, muon::ThreadCommunicator>;
+  std::vector<std::vector<torch::Tensor>> got(static_cast<std::size_t>(world)), resumed(got);
+  muon::ThreadGroup::run(world, [&](muon::ThreadCommunicator comm) {
+    const auto r = static_cast<std::size_t>(comm.rank());
+    muon::libtorch::ShardedMuon<muon::ThreadCommunicator> opt(groups(got[r], start), {}, {}, {},
+                                                            Engine(comm, strategy));
+    for (int s = 0; s < 3; ++s) step(opt, got[r], s);
+    std::stringstream saved;
+    torch::save(opt, saved);  // collective: every rank its own part
+    muon::libtorch::ShardedMuon<muon::ThreadCommunicator> again(groups(resumed[r], got[r]), {}, {},
+                                                              {}, Engine(comm, strategy));
+    torch::load(again, saved);
+    step(opt, got[r], 3);
+    step(again, resumed[r], 3);
+  });
+  for (std::size_t r = 0; r < got.size(); ++r) {
+    INFO("rank " << r);
+    CHECK(same_tensors(got[r], want));
+    CHECK(same_tensors(resumed[r], want));
+  }
+  // An engine handed over must hold no parameters yet.
+  muon::Optimizer<muon::EigenBackend, float> used;
+  torch::Tensor w = torch::zeros({5});
+  used.add_adamw("w", muon::libtorch::param<float>(w), muon::libtorch::grad<float>(w));
+  std::vector<torch::Tensor> params;
+  CHECK_THROWS_WITH(muon::libtorch::Muon<float>(groups(params, start), {}, {}, {}, std::move(used)),
+                    Contains("the engine handed over already holds 1 parameters"));
 }

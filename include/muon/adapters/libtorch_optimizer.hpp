@@ -21,7 +21,17 @@
 // creates a gradient. A param group that holds a tensor the optimizer refuses (another dtype or
 // device) registers none of its new parameters: the error names the tensor, and step() works
 // again once the group is mended. CPU tensors of float or double here;
-// CUDA tensors through muon::libtorch::CudaMuon (libtorch_cuda.hpp).
+// CUDA tensors through the CUDA backend (muon::libtorch::CudaMuon, libtorch_cuda.hpp).
+//
+// The engine underneath is any placement: muon::Optimizer by default, or a
+// muon::ShardedOptimizer for a data-parallel program, one process (or thread) per replica of
+// the model, each with its local gradients (muon::libtorch::ShardedMuon): step() averages them
+// over the ranks and every replica's parameters end each step alike. Hand the engine over
+// made, with its communicator and strategy:
+//
+//   muon::libtorch::ShardedMuon<muon::MpiCommunicator> opt(
+//       routed, muon::ShardedOptimizer<muon::EigenBackend, float, muon::MpiCommunicator>(
+//                   muon::MpiCommunicator(MPI_COMM_WORLD), muon::ShardingStrategy::zero1));
 // Needs LibTorch (Debian: libtorch-dev); muon itself does not depend on it.
 #include <torch/optim/optimizer.h>
 #include <torch/ordered_dict.h>
@@ -337,12 +347,15 @@ inline Routing route(const torch::OrderedDict<std::string, torch::Tensor>& named
 }
 
 /// The rules of muon::rules::All as a torch::optim::Optimizer over tensors of element type T in backend B's
-/// memory (EigenBackend: CPU tensors; cuda::CudaBackend: CUDA tensors, see CudaMuon).
-template <class T = float, class B = EigenBackend>
+/// memory (EigenBackend: CPU tensors; cuda::CudaBackend: CUDA tensors, see CudaMuon), updated
+/// by the placement E (muon::Optimizer<B, T>, or a muon::ShardedOptimizer<B, T, Comm>).
+template <class T = float, class B = EigenBackend, class E = muon::Optimizer<B, T>>
 class Muon : public torch::optim::Optimizer {
  public:
-  using Engine = muon::Optimizer<B, T>;
+  using Engine = E;
   using Space = typename B::memory_space;
+  static_assert(std::is_same_v<typename Engine::Space, Space>,
+                "muon::libtorch::Muon<T, B, Engine>: the engine must work in B's memory space");
 
   /// Param groups with their Options (a group without takes `defaults`, a Muon group by
   /// default); `names` and `layouts` from route() (parameters without a name are called
@@ -351,15 +364,29 @@ class Muon : public torch::optim::Optimizer {
                 std::unordered_map<const c10::TensorImpl*, std::string> names = {},
                 std::map<std::string, Layout> layouts = {}, OptimizerOptions engine = {},
                 B backend = B{})
+    requires std::is_same_v<Engine, muon::Optimizer<B, T>>
+      : Muon(std::move(groups), std::move(defaults), std::move(names), std::move(layouts),
+             Engine({}, engine, std::move(backend))) {}
+  explicit Muon(const Routing& routing, OptimizerOptions engine = {}, B backend = B{})
+    requires std::is_same_v<Engine, muon::Optimizer<B, T>>
+      : Muon(routing, Engine({}, engine, std::move(backend))) {}
+  /// Over an engine made by the caller (a sharded one: with its communicator and strategy),
+  /// holding no parameters yet; each param group's Options replace its group options.
+  Muon(std::vector<torch::optim::OptimizerParamGroup> groups, Options defaults,
+       std::unordered_map<const c10::TensorImpl*, std::string> names,
+       std::map<std::string, Layout> layouts, Engine engine)
       : torch::optim::Optimizer(std::move(groups), std::make_unique<Options>(defaults)),
         names_(std::move(names)),
         layouts_(std::move(layouts)),
-        engine_({}, engine, std::move(backend)) {
+        engine_(std::move(engine)) {
+    if (engine_.num_params() != 0)
+      throw InvalidArgument("muon::libtorch::Muon: the engine handed over already holds " +
+                            std::to_string(engine_.num_params()) +
+                            " parameters; hand over a new one");
     sync();
   }
-  explicit Muon(const Routing& routing, OptimizerOptions engine = {}, B backend = B{})
-      : Muon(routing.groups, Options{}, routing.names, routing.layouts, engine,
-             std::move(backend)) {}
+  Muon(const Routing& routing, Engine engine)
+      : Muon(routing.groups, Options{}, routing.names, routing.layouts, std::move(engine)) {}
 
   /// One step: the closure (if any) runs with gradients enabled and its loss is returned.
   torch::Tensor step(LossClosure closure = nullptr) override {
@@ -377,7 +404,7 @@ class Muon : public torch::optim::Optimizer {
 
   /// What the last step() did (parameters updated, refusals, telemetry).
   [[nodiscard]] const StepReport& last_report() const noexcept { return last_; }
-  /// The muon::Optimizer underneath (its state, backend and introspection).
+  /// The placement underneath (its state, backend and introspection).
   [[nodiscard]] Engine& engine() noexcept { return engine_; }
 
   /// The options (per group) and muon's state in one archive (torch::save / torch::load).
@@ -543,4 +570,16 @@ class Muon : public torch::optim::Optimizer {
   StepReport last_;
 };
 
+}  // namespace muon::libtorch
+
+namespace muon {
+template <class B, class T, class C>
+class ShardedOptimizer;  // muon/distributed/sharded_optimizer.hpp, which a sharded program includes
+}
+
+namespace muon::libtorch {
+/// muon::libtorch::Muon over the sharded placement on communicator Comm: a data-parallel
+/// LibTorch program's optimizer, one per rank.
+template <class Comm, class T = float, class B = EigenBackend>
+using ShardedMuon = Muon<T, B, ShardedOptimizer<B, T, Comm>>;
 }  // namespace muon::libtorch
