@@ -150,6 +150,69 @@ TEMPLATE_TEST_CASE("strided and column-major views are orthogonalized in place o
   CHECK(out(0, 0) == TestType(7));  // nothing outside the block touched
 }
 
+TEMPLATE_TEST_CASE("the CPU backend's products give their values on every layout, on both engines",
+                   "[ns][products]", float, double) {
+  // Dense row- and column-major operands go to the BLAS or Eigen's kernels, operands with no
+  // unit stride (every other column of a bigger matrix) to plain loops: each against the same
+  // products in double, computed here from the entries.
+  using T = TestType;
+  const Mat<T> a = gaussian<T>(7, 5, 1), b = gaussian<T>(5, 6, 2), s0 = gaussian<T>(7, 7, 3);
+  const Mat<T> s = (s0 + s0.transpose()).eval(), c0 = gaussian<T>(7, 6, 4);
+  const Eigen::MatrixXd ad = a.template cast<double>(), bd = b.template cast<double>(),
+                        sd = s.template cast<double>(), cd = c0.template cast<double>();
+  const Eigen::MatrixXd gemm = 0.5 * ad * bd - 2.0 * cd, symm = 0.5 * sd * sd.leftCols(6) - 2.0 * cd,
+                        syrk = 0.5 * ad * ad.transpose() - 2.0 * sd;
+  const double tol = std::is_same_v<T, float> ? 1e-5 : 1e-13;
+  const auto error = [](const auto& got, const Eigen::MatrixXd& want, bool lower) {
+    double e = 0;
+    for (Eigen::Index i = 0; i < want.rows(); ++i)
+      for (Eigen::Index j = 0; j < (lower ? i + 1 : want.cols()); ++j)
+        e = std::max(e, std::abs(double(got(i, j)) - want(i, j)) / std::max(1.0, std::abs(want(i, j))));
+    return e;
+  };
+  // A copy of m in the layout asked for, and the view of it.
+  struct Laid {
+    Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic> storage;
+    muon::MatrixView<T> view;
+  };
+  const auto lay = [](const Mat<T>& m, int layout) {
+    Laid l;
+    if (layout == 0) {  // row-major
+      l.storage = m.transpose();
+      l.view = muon::MatrixView<T>(l.storage.data(), m.rows(), m.cols(), m.cols(), 1);
+    } else if (layout == 1) {  // column-major
+      l.storage = m;
+      l.view = muon::MatrixView<T>(l.storage.data(), m.rows(), m.cols(), 1, m.rows());
+    } else {  // every other column of a column-major matrix twice as wide: no unit stride
+      l.storage = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>::Constant(m.rows() * 2, m.cols(), T(9));
+      for (Eigen::Index i = 0; i < m.rows(); ++i)
+        for (Eigen::Index j = 0; j < m.cols(); ++j) l.storage(2 * i, j) = m(i, j);
+      l.view = muon::MatrixView<T>(l.storage.data(), m.rows(), m.cols(), 2, 2 * m.rows());
+    }
+    return l;
+  };
+  const auto before = muon::cpu::products();
+  for (auto engine : {muon::cpu::Products::blas, muon::cpu::Products::eigen}) {
+    if (engine == muon::cpu::Products::blas && !muon::cpu::detail::blas_linked) continue;
+    muon::cpu::set_products(engine);
+    muon::EigenBackend backend;
+    for (int la = 0; la < 3; ++la)
+      for (int lc = 0; lc < 3; ++lc) {
+        INFO("engine " << int(engine) << ", layouts " << la << " " << lc);
+        Laid A = lay(a, la), B = lay(b, (la + 1) % 3), S = lay(s, la), C = lay(c0, lc), D = lay(s, lc);
+        backend.gemm(T(0.5), muon::MatrixView<const T>(A.view), muon::MatrixView<const T>(B.view), T(-2), C.view);
+        CHECK(error(C.view, gemm, false) < tol);
+        C = lay(c0, lc);
+        backend.symm(T(0.5), muon::MatrixView<const T>(S.view),
+                     muon::MatrixView<const T>(lay(s.leftCols(6), (lc + 1) % 3).view), T(-2), C.view);
+        CHECK(error(C.view, symm, false) < tol);
+        backend.syrk(T(0.5), muon::MatrixView<const T>(A.view), T(-2), D.view);
+        CHECK(error(D.view, syrk, true) < tol);
+      }
+  }
+  muon::cpu::set_products(before);
+}
+
 TEMPLATE_TEST_CASE("Gram Newton-Schulz equals the standard loop", "[ns][gram]", float, double) {
   using muon::NewtonSchulzMethod;
   for (auto [m, n] : {std::pair{16, 64}, std::pair{64, 16}, std::pair{1, 9}, std::pair{24, 30},

@@ -163,7 +163,8 @@ class EigenBackend {
       return;
     }
 #endif
-    eigen_product(alpha, a, b, beta, c, [](const auto& A, const auto& B) { return A * B; });
+    eigen_product(alpha, a, b, beta, c, Operand::general,
+                  [](const auto& A, const auto& B) { return A * B; });
   }
 
   /// Lower triangle of C = alpha A A^T + beta C (square C; the strict upper triangle is left
@@ -180,6 +181,8 @@ class EigenBackend {
       return;
     }
 #endif
+    if (!has_unit_stride(a) || !has_unit_stride(c))
+      return loop_product(alpha, a, a.transposed(), beta, c, Operand::general, true);
     with_dense(c, [&](auto C) {
       if (beta == T(0))
         C.template triangularView<Eigen::Lower>().setZero();
@@ -214,7 +217,7 @@ class EigenBackend {
       }
     }
 #endif
-    eigen_product(alpha, a, b, beta, c, [](const auto& A, const auto& B) {
+    eigen_product(alpha, a, b, beta, c, Operand::symmetric_lower, [](const auto& A, const auto& B) {
       return A.template selfadjointView<Eigen::Lower>() * B;
     });
   }
@@ -437,10 +440,18 @@ class EigenBackend {
     return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
   }
 
-  /// C = alpha product(A, B) + beta C on Eigen's own kernels (C not read when beta == 0).
+  /// How a product reads its left operand: whole, or as the symmetric matrix its lower
+  /// triangle describes.
+  enum class Operand { general, symmetric_lower };
+
+  /// C = alpha product(A, B) + beta C on Eigen's own kernels (C not read when beta == 0), for
+  /// views with a unit stride; the others (never Newton-Schulz's, whose workspaces are dense)
+  /// by loop_product, which keeps Eigen's product code to the few layouts that need it.
   template <class T, class Product>
   static void eigen_product(T alpha, MatrixView<const T> a, MatrixView<const T> b, T beta,
-                            MatrixView<T> c, Product product) {
+                            MatrixView<T> c, Operand left, Product product) {
+    if (!has_unit_stride(a) || !has_unit_stride(b) || !has_unit_stride(c))
+      return loop_product(alpha, a, b, beta, c, left, false);
     with_dense(c, [&](auto C) {
       if (beta == T(0))
         C.setZero();
@@ -471,8 +482,13 @@ class EigenBackend {
                Eigen::Stride<Eigen::Dynamic, Eigen::Dynamic>(v.row_stride(), v.col_stride()));
   }
 
-  /// Calls f with a unit-inner-stride map (row- or column-major) when the view has one, which
-  /// is what Eigen's GEMM kernels need to run without a temporary copy; else a strided map.
+  /// Whether a view is row- or column-major with a unit inner stride, as Eigen's GEMM kernels
+  /// need to run without a temporary copy.
+  template <class T>
+  static bool has_unit_stride(MatrixView<T> v) {
+    return v.col_stride() == 1 || v.cols() <= 1 || v.row_stride() == 1 || v.rows() <= 1;
+  }
+  /// Calls f with the unit-inner-stride map (row- or column-major) of a view that has one.
   template <class T, class F>
   static void with_dense(MatrixView<T> v, F&& f) {
     using Outer = Eigen::OuterStride<Eigen::Dynamic>;
@@ -480,14 +496,25 @@ class EigenBackend {
       Eigen::Map<MaybeConst<RowMajor<T>, T>, Eigen::Unaligned, Outer> m(
           v.data(), v.rows(), v.cols(), Outer(v.rows() <= 1 ? v.cols() : v.row_stride()));
       f(m);
-    } else if (v.row_stride() == 1 || v.rows() <= 1) {
+    } else {
       Eigen::Map<MaybeConst<ColMajor<T>, T>, Eigen::Unaligned, Outer> m(
           v.data(), v.rows(), v.cols(), Outer(v.cols() <= 1 ? v.rows() : v.col_stride()));
       f(m);
-    } else {
-      auto m = strided(v);
-      f(m);
     }
+  }
+  /// C = alpha op(A) B + beta C by plain loops, each entry summed in order (C not read when
+  /// beta == 0); op(A) is A, or the symmetric matrix of A's lower triangle. `lower_only`
+  /// writes C's lower triangle only (syrk).
+  template <class T>
+  static void loop_product(T alpha, MatrixView<const T> a, MatrixView<const T> b, T beta,
+                           MatrixView<T> c, Operand left, bool lower_only) {
+    for (index_t i = 0; i < c.rows(); ++i)
+      for (index_t j = 0; j < (lower_only ? i + 1 : c.cols()); ++j) {
+        T sum(0);
+        for (index_t k = 0; k < a.cols(); ++k)
+          sum += (left == Operand::symmetric_lower && k > i ? a(k, i) : a(i, k)) * b(k, j);
+        c(i, j) = beta == T(0) ? alpha * sum : alpha * sum + beta * c(i, j);
+      }
   }
 
   /// True when all views are dense with their elements in the same memory order (all
