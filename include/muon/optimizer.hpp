@@ -26,7 +26,7 @@
 #include "muon/core/backend.hpp"
 #include "muon/core/registration.hpp"
 #include "muon/core/serialize.hpp"
-#include "muon/driver/optimizer_core.hpp"
+#include "muon/driver/step.hpp"
 #include "muon/driver/state_file.hpp"
 
 namespace muon {

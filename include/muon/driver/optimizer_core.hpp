@@ -9,9 +9,12 @@
 // Communicator and adds the exchange. The update rules are policy objects (rules/rules.hpp).
 //
 // Derived (the placement) befriends this class and detail::PlacementAccess, and provides the
-// hooks of the Placement concept (driver/placement.hpp, which lists them) and the state file's
-// (driver/state_file.hpp, which defines save_state and load_state; a placement's header
-// includes it).
+// hooks of the Placement concept (driver/placement.hpp, which lists them). This header holds
+// the class, its bookkeeping (groups, registration, gradients, state buffers) and its
+// declarations; the rest is defined out of the class body, by concern: driver/planning.hpp
+// (the plan of a step's work), driver/batching.hpp (stacked Newton-Schulz), driver/step.hpp
+// (the step protocol; it includes the other two) and driver/state_file.hpp (save_state,
+// load_state). A placement's header includes step.hpp and state_file.hpp.
 #include <algorithm>
 #include <array>
 #include <atomic>
@@ -310,24 +313,14 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
   /// The first parameter taking part whose gradient holds a NaN or Inf; none when unchecked.
   /// One verdict for all gradients where the backend can (ScansFiniteTogether); the per-
   /// parameter scan then runs only to name the culprit.
-  [[nodiscard]] const Param* first_nonfinite_grad() {
-    if (!checked()) return nullptr;
-    if constexpr (ScansFiniteTogether<B, T>) {
-      backend_.begin_finite_scan();
-      for (const Param& p : params_)
-        if (p.takes_part()) backend_.scan_finite(p.grad);
-      if (backend_.end_finite_scan()) return nullptr;
-    }
-    for (const Param& p : params_)
-      if (p.takes_part() && !backend_.all_finite(p.grad)) return &p;
-    return nullptr;
-  }
+  [[nodiscard]] const Param* first_nonfinite_grad();
 
   /// Rule R's state buffers of p as dense views over a piece.
   template <class R>
   std::array<View, R::buffers> state_views(Param& p, const Piece& piece) {
     std::array<View, R::buffers> v{};
-    for (std::size_t i = 0; i < R::buffers; ++i) v[i] = backend_.view(p.state[i], piece.rows, piece.cols);
+    std::size_t i = 0;
+    for (View& buffer : v) buffer = backend_.view(p.state[i++], piece.rows, piece.cols);
     return v;
   }
   /// Sizes a parameter's state buffers for its piece, and its state per row where its
@@ -350,10 +343,13 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
   template <class R>
   std::array<View, row_buffers_of<R>()> row_views(Param& p, const Part& part) {
     std::array<View, row_buffers_of<R>()> v{};
-    for (std::size_t i = 0; i < v.size(); ++i)
-      v[i] = View(backend_.view(p.row_state[i], 1, static_cast<index_t>(p.row_state[i].size())).data() +
-                      part.state_row0,
-                  part.rows, 1, 1, 1);
+    std::size_t i = 0;  // (a range-for: no comparison with a size that may be 0)
+    for (View& row : v) {
+      row = View(backend_.view(p.row_state[i], 1, static_cast<index_t>(p.row_state[i].size())).data() +
+                     part.state_row0,
+                 part.rows, 1, 1, 1);
+      ++i;
+    }
     return v;
   }
   /// The rule's apply() scratch for a matrix, in a worker's buffer.
@@ -376,45 +372,7 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
   /// Lists every matrix the orthogonalizing rules will run, costliest first, and sizes the
   /// workers' workspaces for those this process runs: worker 0 for all of them, the others
   /// for those the backend runs side by side. Call after a registration or layout change.
-  void plan() {
-    std::vector<Unit> units;
-    for (std::size_t i = 0; i < params_.size(); ++i)
-      for (std::size_t j = 0; j < params_[i].parts.size(); ++j) units.push_back({i, j});
-    std::vector<std::size_t> order(units.size());
-    for (std::size_t u = 0; u < order.size(); ++u) order[u] = u;
-    std::stable_sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) {
-      return cost(part_of(units[a])) > cost(part_of(units[b]));
-    });
-    plan_batches(units);
-    for (std::size_t u = 0; u < units.size(); ++u) {
-      const Param& p = params_[units[u].param];
-      const Part& part = p.parts[units[u].part];
-      if (!self().orthogonalizes_here(p) || part.empty()) continue;
-      reserve_scratch(workers_[0].scratch, p, part);  // batches use worker 0's
-      if (batched_[u]) continue;
-      const NewtonSchulzMethod method = newton_schulz(p).method;
-      const std::size_t count = side_by_side(part) ? workers_.size() : 1;
-      for (std::size_t w = 0; w < count; ++w) {
-        workers_[w].ns.reserve(backend_, part.rows, part.cols, method);
-        if (static_cast<index_t>(workers_[w].saved.size()) < part.size())
-          backend_.resize(workers_[w].saved, part.size());
-        reserve_scratch(workers_[w].scratch, p, part);
-      }
-    }
-    outcomes_.assign(units.size(), Outcome{});
-    std::size_t chunks = 0;  // when every parameter takes part
-    for (const Param& p : params_)
-      if (!rules::All::orthogonalizes(p.rule)) {
-        const Piece mine = self().piece(p);
-        const index_t rows = chunk_rows(mine);
-        chunks += static_cast<std::size_t>((mine.rows + rows - 1) / rows);
-      }
-    chunks_.reserve(chunks);
-    ready_.reserve(units.size());
-    spread_.reserve(units.size() + chunks);
-    units_ = std::move(units);
-    order_ = std::move(order);
-  }
+  void plan();
 
   const Param& param(ParamId id) const {
     check_param(id);
@@ -514,40 +472,7 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
   /// Batching backends: the matrices this process runs, by shape and group, in stacks of two
   /// or more (a stack's matrices share Newton-Schulz options; a tolerance or telemetry, which
   /// need one matrix at a time, keep a group out), and room for the largest stack.
-  void plan_batches(const std::vector<Unit>& units) {
-    std::vector<Batch> batches;
-    std::vector<char> batched(units.size(), 0);
-    if constexpr (RunsBatched<B, T>) {
-      if (options_.grouped && !options_.telemetry) {
-        for (std::size_t u = 0; u < units.size(); ++u) {
-          const Param& p = params_[units[u].param];
-          const Part& part = p.parts[units[u].part];
-          if (!self().orthogonalizes_here(p) || part.empty() ||
-              newton_schulz(p).tolerance > 0)
-            continue;
-          auto it = std::find_if(batches.begin(), batches.end(), [&](const Batch& b) {
-            return b.rows == part.rows && b.cols == part.cols && b.group == p.group && b.rule == p.rule;
-          });
-          if (it == batches.end()) it = batches.insert(batches.end(), Batch{part.rows, part.cols, p.group, p.rule, {}});
-          it->units.push_back(u);
-        }
-        std::erase_if(batches, [](const Batch& b) { return b.units.size() < 2; });
-        index_t most = 0;
-        std::size_t count = 0;
-        for (const Batch& b : batches) {
-          most = std::max(most, b.rows * b.cols * static_cast<index_t>(b.units.size()));
-          count = std::max(count, b.units.size());
-          for (std::size_t u : b.units) batched[u] = 1;
-        }
-        for (Buffer* buf : {&batch_in_, &batch_out_, &batch_saved_})
-          if (static_cast<index_t>(buf->size()) < most && (buf != &batch_saved_ || checked()))
-            backend_.resize(*buf, most);
-        present_.reserve(count);
-      }
-    }
-    batches_ = std::move(batches);
-    batched_ = std::move(batched);
-  }
+  void plan_batches(const std::vector<Unit>& units);
   static double cost(const Part& p) {  // Newton-Schulz flops ~ k^2 N
     const auto k = static_cast<double>(std::min(p.rows, p.cols));
     return k * static_cast<double>(p.rows) * static_cast<double>(p.cols);
@@ -574,32 +499,11 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
 
   /// Where the backend runs tasks side by side, the parameter's piece is queued in chunks of
   /// rows for run_tasks(); elsewhere it is updated now.
-  void queue_elementwise(std::size_t i) {
-    const Piece mine = self().piece(params_[i]);
-    if (workers_.size() < 2 || mine.empty()) {
-      run_chunk({i, 0, mine.rows});
-      return;
-    }
-    const index_t rows = chunk_rows(mine);
-    for (index_t r = 0; r < mine.rows; r += rows) chunks_.push_back({i, r, std::min(rows, mine.rows - r)});
-  }
+  void queue_elementwise(std::size_t i);
 
   /// One step of an elementwise rule on rows of this process's piece of a parameter (its
   /// step count moves once, after all its chunks).
-  void run_chunk(const Chunk& c) {
-    Param& p = params_[c.param];
-    rules::All::visit(p.rule, [&](auto rule) {
-      using R = decltype(rule);
-      if constexpr (!R::orthogonalizes) {
-        const Piece mine = self().piece(p);
-        auto state = state_views<R>(p, mine);
-        for (View& v : state) v = v.block(c.row0, 0, c.rows, mine.cols);
-        R::update(backend_, block(p.value, mine).block(c.row0, 0, c.rows, mine.cols),
-                  self().gradient(p).block(c.row0, 0, c.rows, mine.cols), state.data(),
-                  R::options(groups_[p.group].options), p.updates + 1);
-      }
-    });
-  }
+  void run_chunk(const Chunk& c);
 
   /// Runs the queued elementwise chunks and, with `matrices`, every matrix of the
   /// orthogonalizing rules this process orthogonalizes this step: side by side over the
@@ -607,178 +511,33 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
   /// workers' idle time), the others one after the other on worker 0. Which way a matrix goes
   /// depends on its shape only, so its result is the same bits however many others step with
   /// it.
-  void run_tasks(bool matrices) {
-    ready_.clear();
-    spread_.clear();
-    if (matrices)
-      for (std::size_t u : order_) {
-        outcomes_[u] = Outcome{};
-        const Param& p = params_[units_[u].param];
-        if (!p.takes_part() || !self().orthogonalizes_here(p) || part_of(units_[u]).empty() ||
-            batched_[u])
-          continue;
-        (side_by_side(part_of(units_[u])) ? spread_ : ready_).push_back(u);
-      }
-    for (std::size_t c = 0; c < chunks_.size(); ++c) spread_.push_back(units_.size() + c);
-    const auto task = [&](std::size_t i, int worker) {
-      const std::size_t t = spread_[i];
-      if (t < units_.size())
-        run_matrix(t, workers_[static_cast<std::size_t>(worker)]);
-      else
-        run_chunk(chunks_[t - units_.size()]);
-    };
-    if constexpr (RunsSideBySide<B>) {
-      if (!spread_.empty())  // even one matrix: its products then round as side by side
-        backend_.side_by_side(spread_.size(), task);
-    } else {
-      for (std::size_t i = 0; i < spread_.size(); ++i) task(i, 0);
-    }
-    for (std::size_t u : ready_) run_matrix(u, workers_[0]);
-    if (matrices) run_batches();
-  }
+  void run_tasks(bool matrices);
 
   /// One matrix through its rule, resolved once here: the Newton-Schulz input, Newton-Schulz,
   /// the finiteness check, apply.
-  void run_matrix(std::size_t u, Worker& w) {
-    rules::All::visit(params_[units_[u].param].rule, [&](auto rule) {
-      using R = decltype(rule);
-      if constexpr (R::orthogonalizes) {
-        const Param& p = params_[units_[u].param];
-        const Part& part = part_of(units_[u]);
-        const View in = w.ns.input(backend_, part.rows, part.cols);
-        const View saved = backend_.view(w.saved, part.rows, part.cols);
-        prepare_input<R>(u, in, saved);
-        const ConstView o = w.ns.run(backend_, part.rows, part.cols, schedule<R>(p),
-                                     R::options(groups_[p.group].options).newton_schulz,
-                                     options_.telemetry ? &outcomes_[u].ns : nullptr);
-        finish_matrix<R>(u, o, saved, scratch<R>(w.scratch, part));
-      }
-    });
-  }
+  void run_matrix(std::size_t u, Worker& w);
 
   /// Writes matrix u's Newton-Schulz input into `in`: its momentum step here (its momentum
   /// kept in `saved` while the step is checked), or what the exchange gathered (zero1).
   template <class R>
-  void prepare_input(std::size_t u, View in, View saved) {
-    Param& p = params_[units_[u].param];
-    const Part& part = p.parts[units_[u].part];
-    Derived& d = self();
-    if (after_exchange()) {
-      if constexpr (Derived::exchanges) d.gathered_input(p, part, in);
-      return;
-    }
-    const Piece mine = d.piece(p);
-    const View m = part_view(state_views<R>(p, mine)[0], part, mine.row0, mine.col0);
-    if (checked()) backend_.copy(ConstView(m), saved);
-    R::accumulate(backend_, m, part_view(d.gradient(p), part, mine.row0, mine.col0), in,
-                  R::options(groups_[p.group].options));
-  }
+  void prepare_input(std::size_t u, View in, View saved);
 
   /// Matrix u's Newton-Schulz result `o`: checked unless already `known_finite` (a non-finite
   /// one leaves the matrix and its momentum, put back from `saved`, as they were), applied
   /// (with the rule's state per row and its scratch), reported, published.
   template <class R>
-  void finish_matrix(std::size_t u, ConstView o, View saved, View scratch, bool known_finite = false) {
-    Param& p = params_[units_[u].param];
-    const Part& part = p.parts[units_[u].part];
-    Outcome& out = outcomes_[u];
-    out.ran = true;
-    Derived& d = self();
-    const auto& options = R::options(groups_[p.group].options);
-    if (checked() && !known_finite && !backend_.all_finite(o)) {
-      out.refused = true;
-      if (after_exchange()) {
-        if constexpr (Derived::exchanges) d.restore_momentum(p, part);
-      } else {
-        const Piece mine = d.piece(p);
-        backend_.copy(ConstView(saved), part_view(state_views<R>(p, mine)[0], part, mine.row0, mine.col0));
-      }
-      return;
-    }
-    const auto rows = row_views<R>(p, part);
-    R::apply(backend_, part_view(p.value, part), o, rows.data(), scratch, options);
-    if constexpr (measures_residual<B, T>)
-      if (options_.telemetry)
-        out.update_rms = R::update_scale(options, part.rows, part.cols) * backend_.frobenius_norm(o) /
-                         std::sqrt(static_cast<double>(part.rows) * static_cast<double>(part.cols));
-    d.publish(p, &part);
-  }
+  void finish_matrix(std::size_t u, ConstView o, View saved, View scratch, bool known_finite = false);
 
   /// Batching backends (RunsBatched): the same-shape matrices of one group and rule, stacked
   /// in batch_in_, go through Newton-Schulz in one call into batch_out_; then each is finished.
-  void run_batches() {
-    if constexpr (RunsBatched<B, T>) {
-      for (const Batch& b : batches_)
-        rules::All::visit(b.rule, [&](auto rule) {
-          if constexpr (decltype(rule)::orthogonalizes) run_batch<decltype(rule)>(b);
-        });
-    }
-  }
+  void run_batches();
   template <class R>
-  void run_batch(const Batch& b) {
-    present_.clear();
-    for (std::size_t u : b.units)
-      if (params_[units_[u].param].takes_part()) present_.push_back(u);
-    if (present_.empty()) return;
-    const index_t size = b.rows * b.cols;
-    const auto slot = [&](Buffer& buf, std::size_t i) {
-      return View(backend_.view(buf, 1, size * static_cast<index_t>(b.units.size())).data() +
-                      static_cast<index_t>(i) * size,
-                  b.rows, b.cols, b.cols, 1);
-    };
-    for (std::size_t i = 0; i < present_.size(); ++i)
-      prepare_input<R>(present_[i], slot(batch_in_, i), slot(batch_saved_, i));
-    const Param& first = params_[units_[present_[0]].param];
-    const NewtonSchulzOptions& ns = R::options(groups_[first.group].options).newton_schulz;
-    backend_.newton_schulz_stack(ConstView(slot(batch_in_, 0)), size, slot(batch_out_, 0), size,
-                                 static_cast<index_t>(present_.size()), schedule<R>(first),
-                                 ns.schedule.norm_scale(), ns.eps, ns.method);
-    // One verdict for the whole stack where the backend can give one (on a GPU, one host
-    // read); matrices are checked one by one only when it finds a NaN or Inf.
-    bool all_finite = false;
-    if constexpr (ScansFiniteTogether<B, T>)
-      if (checked()) {
-        backend_.begin_finite_scan();
-        backend_.scan_finite(ConstView(backend_.view(batch_out_, 1, size * static_cast<index_t>(present_.size()))));
-        all_finite = backend_.end_finite_scan();
-      }
-    const View scratch = this->scratch<R>(workers_[0].scratch, part_of(units_[present_[0]]));
-    for (std::size_t i = 0; i < present_.size(); ++i)
-      finish_matrix<R>(present_[i], ConstView(slot(batch_out_, i)), slot(batch_saved_, i), scratch,
-                       all_finite);
-  }
+  void run_batch(const Batch& b);
 
   /// The refusals of the matrices run here (units_ lists a parameter's matrices together).
-  Tally local_tally() const {
-    Tally t;
-    std::size_t last = std::numeric_limits<std::size_t>::max();
-    for (std::size_t u = 0; u < units_.size(); ++u) {
-      if (!outcomes_[u].refused || units_[u].param == last) continue;
-      last = units_[u].param;
-      t.first = std::min(t.first, last);
-      ++t.refused;
-    }
-    return t;
-  }
+  Tally local_tally() const;
 
-  StepReport finish(std::size_t updated, const Tally& tally) {
-    StepReport report{true, updated - tally.refused, {}, tally.refused, {}};
-    if (options_.telemetry)
-      for (std::size_t u = 0; u < units_.size(); ++u)
-        if (outcomes_[u].ran && !outcomes_[u].refused)
-          report.newton_schulz.push_back({ParamId{units_[u].param}, outcomes_[u].ns.residual,
-                                          outcomes_[u].update_rms, outcomes_[u].ns.steps,
-                                          units_[u].part});
-    if (tally.refused == 0) return report;
-    const Param& p = params_[tally.first];
-    report.skipped_because = p.name;
-    if (options_.non_finite == NonFinitePolicy::skip) return report;
-    throw NonFiniteUpdate("muon: the Newton-Schulz result of parameter '" + p.name + "' (" +
-                              shape_string(p.shape) +
-                              ") is not finite (its momentum overflowed?); that matrix and its "
-                              "momentum were left as they were, the others took this step",
-                          p.name);
-  }
+  StepReport finish(std::size_t updated, const Tally& tally);
 
   std::vector<Watch> watches_;        // OptimizerOptions::watch_storage
   std::vector<Unit> units_;           // every matrix of the orthogonalizing rules, in order
@@ -792,60 +551,6 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
   std::vector<std::size_t> present_;      // a batch's units taking part this step (reserved)
   Buffer batch_in_, batch_out_, batch_saved_;
 };
-
-// Out of the class body, so not implicitly inline: where a translation unit declares the
-// optimizer's instantiation extern (MUON_COMPILED, muon/eigen.hpp), g++ then leaves step()
-// and everything it calls to the compiled library instead of compiling them again.
-template <class Derived, class B, class T, class ParamExtra>
-StepReport OptimizerCore<Derived, B, T, ParamExtra>::step() {
-  const auto entered = enter("step");
-  check_watched_storage();
-  Derived& d = self();
-  d.prepare_step();
-  const Param* bad = first_nonfinite_grad();
-  if (d.refused_together(bad)) return d.refuse(bad);
-  d.reduce_gradients();
-  std::size_t updated = 0;
-  chunks_.clear();
-  for (std::size_t i = 0; i < params_.size(); ++i) {
-    Param& p = params_[i];
-    if (!p.takes_part()) continue;
-    ++updated;
-    if (!rules::All::orthogonalizes(p.rule)) {
-      queue_elementwise(i);
-      continue;
-    }
-    if constexpr (Derived::exchanges) {  // zero1: this rank's slice of U goes to the others
-      const Piece mine = d.piece(p);
-      if (!d.orthogonalizes_after_exchange() || mine.empty()) continue;
-      rules::All::visit(p.rule, [&](auto rule) {
-        using R = decltype(rule);
-        if constexpr (R::orthogonalizes) {
-          const View m = state_views<R>(p, mine)[0];
-          if (checked()) backend_.copy(ConstView(m), d.saved_piece(p));
-          R::accumulate(backend_, m, d.gradient(p), d.exchange_input(p),
-                        R::options(groups_[p.group].options));
-        }
-      });
-    }
-  }
-  // The elementwise pieces, and the matrices whose inputs are here (not zero1's), together.
-  const bool after = after_exchange();
-  run_tasks(!after);
-  for (Param& p : params_)
-    if (p.takes_part() && !rules::All::orthogonalizes(p.rule)) {
-      ++p.updates;
-      d.publish(p, nullptr);
-    }
-  Tally tally = d.exchange(after ? Tally{} : local_tally());
-  if (after) {
-    chunks_.clear();
-    run_tasks(true);
-    tally = local_tally();
-  }
-  ++steps_;
-  return finish(updated, tally);
-}
 
 }  // namespace detail
 }  // namespace muon
