@@ -265,10 +265,6 @@ class ShardedOptimizer
                     static_cast<std::size_t>(p.offset),
                 p.rows, p.cols, p.cols, 1);
   }
-  template <class X>
-  static MatrixView<X, Space> block(MatrixView<X, Space> v, const Piece& p) {
-    return v.block(p.row0, p.col0, p.rows, p.cols);
-  }
 
   C comm_;
   ShardingStrategy strategy_;
