@@ -211,6 +211,40 @@ void GroupedStep(benchmark::State& state) {
   state.counters["grouped_speedup"] = best_loop / best_grouped;
 }
 
+/// Arg: a matrix rule's id. One step of that rule against one of Muon, alternating in this
+/// run, over one GPT-2-small block's matrices (768x2304, 768x768, 768x3072, 3072x768), each
+/// rule with its defaults and 5 Newton-Schulz steps (keller for both, so that only the rule
+/// differs).
+template <class T>
+void RuleStep(benchmark::State& state) {
+  const auto id = static_cast<muon::UpdateRule>(state.range(0));
+  std::vector<Mat<T>> w, v, g;
+  unsigned seed = 7;
+  for (auto [r, c] : {std::pair{768, 2304}, {768, 768}, {768, 3072}, {3072, 768}}) {
+    w.push_back(gaussian<T>(r, c, seed++) * T(0.02));
+    v.push_back(w.back());
+    g.push_back(gaussian<T>(r, c, seed++));
+  }
+  muon::GroupOptions options;
+  muon::rules::All::for_each([&](auto rule) {
+    using R = decltype(rule);
+    if constexpr (R::orthogonalizes) R::options(options).newton_schulz = {};
+  });
+  muon::Optimizer<muon::EigenBackend, T> ruled(options), plain(options);
+  muon::rules::All::visit(id, [&](auto rule) {
+    for (std::size_t i = 0; i < w.size(); ++i) {
+      ruled.add(rule, "w" + std::to_string(i), w[i], g[i]);
+      plain.add_muon("w" + std::to_string(i), v[i], g[i]);
+    }
+  });
+  const auto [best_rule, best_muon] =
+      best_alternating(state, [&] { ruled.step(); }, [&] { plain.step(); });
+  state.SetLabel(muon::rules::All::describe(static_cast<std::uint8_t>(id)));
+  state.counters["rule_ms"] = best_rule * 1e3;
+  state.counters["muon_ms"] = best_muon * 1e3;
+  state.counters["over_muon"] = best_rule / best_muon;
+}
+
 /// Args: count, rows, cols. Newton-Schulz alone on `count` matrices: one after the other on
 /// the BLAS's threads against side by side on the workers, one BLAS thread each (what
 /// side_by_side_fits() decides between), both timed in this run, whatever the size.
@@ -256,6 +290,15 @@ BENCHMARK_TEMPLATE(GroupedStep, float)
     ->Args({4, 2048, 2048})
     ->Args({2, 64, 64})
     ->ArgNames({"count", "m", "n"})
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime()
+    ->Iterations(5);
+
+BENCHMARK_TEMPLATE(RuleStep, float)
+    ->Arg(static_cast<int>(muon::rules::NorMuon::id))
+    ->Arg(static_cast<int>(muon::rules::PolarGrad::id))
+    ->Arg(static_cast<int>(muon::rules::AdaMuon::id))
+    ->ArgName("rule")
     ->Unit(benchmark::kMillisecond)
     ->UseRealTime()
     ->Iterations(5);

@@ -1,7 +1,9 @@
 // Golden values from the independent NumPy float64 reference (tests/reference/
 // muon_reference.py generate tests/golden): Newton-Schulz outputs and whole Muon and AdamW
 // trajectories; and from the public implementations of the other rules, run by
-// tests/reference/peer_reference.py (peer_cases.txt: Lion and NorMuon against microsoft/dion). Float runs
+// tests/reference/peer_reference.py (peer_cases.txt: Muon, AdamW, Lion and NorMuon with and
+// without cautious weight decay against microsoft/dion; PolarGrad, AdaMuon and the Newton-Schulz
+// coefficient sets against NVIDIA's Emerging-Optimizers). Float runs
 // start from the same float64 inputs rounded to float.
 #include <catch2/catch.hpp>
 
@@ -63,25 +65,43 @@ void replay_cases(const std::string& kind, const std::string& file, std::size_t 
   }
 }
 
-}  // namespace
-
-TEMPLATE_TEST_CASE("Newton-Schulz matches the NumPy reference", "[golden]", float, double) {
-  const auto cases = golden_cases("ns");
-  REQUIRE(cases.size() == 20);
+template <class T>
+void check_newton_schulz_cases(const std::string& kind, const std::string& file,
+                               std::size_t count,
+                               std::initializer_list<muon::NewtonSchulzMethod> methods) {
+  const auto cases = golden_cases(kind, file);
+  REQUIRE(cases.size() == count);
   for (const auto& c : cases) {
-    const auto stack = muon::npy::read<double>(golden_path("ns_" + c.name + ".npy"));
+    const auto stack = muon::npy::read<double>(golden_path(kind + "_" + c.name + ".npy"));
     const auto m = c.shape[0], n = c.shape[1];
-    const std::vector<TestType> x = slice<TestType>(stack, 0);
-    std::vector<TestType> o(x.size());
+    const std::vector<T> x = slice<T>(stack, 0);
+    std::vector<T> o(x.size());
     muon::NewtonSchulzOptions opts;
     opts.schedule = muon::Schedule::from_name(c.opt.at("schedule"));
     opts.steps = std::stoi(c.opt.at("steps"));
-    muon::EigenBackend backend;
-    muon::orthogonalize(backend, muon::row_major_view<muon::HostSpace, const TestType>(x.data(), m, n),
-                        muon::row_major_view(o.data(), m, n), opts);
-    INFO(c.name);
-    CHECK(relative_error(o, slice<double>(stack, 1)) < Tol<TestType>::ns);
+    for (const auto method : methods) {
+      opts.method = method;
+      muon::EigenBackend backend;
+      muon::orthogonalize(backend, muon::row_major_view<muon::HostSpace, const T>(x.data(), m, n),
+                          muon::row_major_view(o.data(), m, n), opts);
+      INFO(c.name << " method " << int(method));
+      CHECK(relative_error(o, slice<double>(stack, 1)) < Tol<T>::ns);
+    }
   }
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("Newton-Schulz matches the NumPy reference", "[golden]", float, double) {
+  check_newton_schulz_cases<TestType>("ns", "cases.txt", 20, {muon::NewtonSchulzMethod::automatic});
+}
+
+TEMPLATE_TEST_CASE("Newton-Schulz coefficient sets match Emerging-Optimizers' muon_utils", "[golden]",
+                   float, double) {
+  // both forms: the cubic steps (c = 0) skip a product in each
+  check_newton_schulz_cases<TestType>(
+      "nsset", "peer_cases.txt", 12,
+      {muon::NewtonSchulzMethod::standard, muon::NewtonSchulzMethod::gram});
 }
 
 TEMPLATE_TEST_CASE("Muon trajectories match the NumPy reference", "[golden]", float, double) {
@@ -110,31 +130,60 @@ TEMPLATE_TEST_CASE("AdamW trajectories match the NumPy reference", "[golden]", f
       [](const GoldenCase& c, auto& opt, auto w, auto grad) { opt.add_adamw(c.name, w, grad); });
 }
 
+TEMPLATE_TEST_CASE("AdamW trajectories match dion's adamw_update, cautious decay included",
+                   "[golden]", float, double) {
+  replay_cases<TestType>(
+      "adamw", "peer_cases.txt", 2,
+      [](const GoldenCase& c, muon::GroupOptions& g) {
+        g.adamw = {c.num("lr"), c.num("beta1"), c.num("beta2"), c.num("eps"), c.num("wd"),
+                   c.num("cautious") != 0};
+      },
+      [](const GoldenCase& c, auto& opt, auto w, auto grad) { opt.add_adamw(c.name, w, grad); });
+}
+
 TEMPLATE_TEST_CASE("Lion trajectories match dion's lion_update", "[golden]", float, double) {
   replay_cases<TestType>(
-      "lion", "peer_cases.txt", 3,
+      "lion", "peer_cases.txt", 4,
       [](const GoldenCase& c, muon::GroupOptions& g) {
-        g.lion = {c.num("lr"), c.num("beta1"), c.num("beta2"), c.num("wd")};
+        g.lion = {c.num("lr"), c.num("beta1"), c.num("beta2"), c.num("wd"),
+                  c.opt.count("cautious") != 0 && c.num("cautious") != 0};
       },
       [](const GoldenCase& c, auto& opt, auto w, auto grad) {
         opt.add(muon::rules::Lion{}, c.name, w, grad);
       });
 }
 
+namespace {
+/// The Muon options of a case run by dion's Muon or NorMuon (sum momentum; adjust_lr).
+void dion_options(const GoldenCase& c, muon::MuonOptions& o) {
+  o.lr = c.num("lr");
+  o.momentum = c.num("mu");
+  o.momentum_form = muon::MomentumForm::sum;
+  o.weight_decay = c.num("wd");
+  o.nesterov = c.num("nesterov") != 0;
+  o.cautious_weight_decay = c.opt.count("cautious") != 0 && c.num("cautious") != 0;
+  const std::string adjust = c.opt.at("adjust");
+  o.scale = adjust == "spectral" ? muon::ScaleMode::spectral
+            : adjust == "rms"    ? muon::ScaleMode::match_rms_adamw
+                                 : muon::ScaleMode::none;
+}
+}  // namespace
+
+TEMPLATE_TEST_CASE("Muon trajectories match dion's Muon, cautious decay included", "[golden]",
+                   float, double) {
+  replay_cases<TestType>(
+      "muon", "peer_cases.txt", 3,
+      [](const GoldenCase& c, muon::GroupOptions& g) { dion_options(c, g.muon); },
+      [](const GoldenCase& c, auto& opt, auto w, auto grad) { opt.add_muon(c.name, w, grad); });
+}
+
 TEMPLATE_TEST_CASE("NorMuon trajectories match dion's NorMuon", "[golden]", float, double) {
   replay_cases<TestType>(
-      "normuon", "peer_cases.txt", 4,
+      "normuon", "peer_cases.txt", 5,
       [](const GoldenCase& c, muon::GroupOptions& g) {
         muon::NorMuonOptions& o = g.normuon;
-        o.lr = c.num("lr");
-        o.momentum = c.num("mu");
+        dion_options(c, o);
         o.beta2 = c.num("beta2");
-        o.weight_decay = c.num("wd");
-        o.nesterov = c.num("nesterov") != 0;
-        const std::string adjust = c.opt.at("adjust");
-        o.scale = adjust == "spectral" ? muon::ScaleMode::spectral
-                  : adjust == "rms"    ? muon::ScaleMode::match_rms_adamw
-                                       : muon::ScaleMode::none;
       },
       [](const GoldenCase& c, auto& opt, auto w, auto grad) {
         const muon::rules::NorMuon rule;
@@ -144,5 +193,51 @@ TEMPLATE_TEST_CASE("NorMuon trajectories match dion's NorMuon", "[golden]", floa
           opt.add(rule, c.name, w, grad, muon::Experts{});
         else
           opt.add(rule, c.name, w, grad);
+      });
+}
+
+namespace {
+/// The Muon options of a case run by an Emerging-Optimizers rule (EMA momentum, its
+/// coefficient set).
+void eo_options(const GoldenCase& c, muon::MuonOptions& o) {
+  o.lr = c.num("lr");
+  o.momentum = c.num("mu");
+  o.weight_decay = c.num("wd");
+  o.nesterov = c.num("nesterov") != 0;
+  o.newton_schulz.schedule = muon::Schedule::from_name(c.opt.at("coefficients"));
+}
+}  // namespace
+
+TEMPLATE_TEST_CASE("PolarGrad trajectories match Emerging-Optimizers' PolarGrad", "[golden]", float,
+                   double) {
+  replay_cases<TestType>(
+      "polargrad", "peer_cases.txt", 3,
+      [](const GoldenCase& c, muon::GroupOptions& g) {
+        eo_options(c, g.polargrad);
+        g.polargrad.extra_scale = c.num("extra");
+      },
+      [](const GoldenCase& c, auto& opt, auto w, auto grad) {
+        opt.add(muon::rules::PolarGrad{}, c.name, w, grad);
+      });
+}
+
+TEMPLATE_TEST_CASE("AdaMuon trajectories match Emerging-Optimizers' AdaptiveMuon", "[golden]",
+                   float, double) {
+  replay_cases<TestType>(
+      "adamuon", "peer_cases.txt", 3,
+      [](const GoldenCase& c, muon::GroupOptions& g) {
+        muon::AdaMuonOptions& o = g.adamuon;
+        eo_options(c, o);
+        o.beta2 = c.num("beta2");
+        o.moment_eps = c.num("eps");
+        // the peer's scale modes as muon's; its extra_scale_factor is rms_factor
+        const std::string mode = c.opt.at("mode");
+        o.scale = mode == "spectral"        ? muon::ScaleMode::match_rms_adamw
+                  : mode == "shape_scaling" ? muon::ScaleMode::original
+                                            : muon::ScaleMode::spectral;
+        o.rms_factor = c.num("extra");
+      },
+      [](const GoldenCase& c, auto& opt, auto w, auto grad) {
+        opt.add(muon::rules::AdaMuon{}, c.name, w, grad);
       });
 }

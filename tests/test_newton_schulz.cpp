@@ -511,6 +511,58 @@ TEST_CASE("schedules resolve to per-step coefficients", "[schedule]") {
   CHECK(Schedule::polar_express().norm_scale() == 1.02);
 }
 
+TEST_CASE("the named coefficient sets: names, repetition and fixed lengths", "[schedule]") {
+  using Catch::Matchers::Contains;
+  for (const char* name : Schedule::names) CHECK(Schedule::from_name(name).name() == name);
+  // quintic is you's list, cycling after its fifth triple where you repeats the last
+  const auto quintic = Schedule::quintic().resolve(7), you = Schedule::you().resolve(7);
+  for (int t = 0; t < 5; ++t) CHECK(quintic[t] == you[t]);
+  CHECK(quintic[5] == you[0]);
+  CHECK(quintic[6] == you[1]);
+  CHECK(you[6] == you[4]);
+  CHECK(Schedule::aol().resolve(6)[4] == Schedule::aol().resolve(6)[0]);
+  CHECK(Schedule::simple().resolve(3) == Schedule::keller().resolve(3));
+  const auto dsv4 = Schedule::deepseekv4().resolve(12);
+  CHECK(dsv4[7] == muon::Coefficients{3.4445, -4.7750, 2.0315});
+  CHECK(dsv4[8] == muon::Coefficients{2.0, -1.5, 0.5});
+  CHECK(dsv4[11] == muon::Coefficients{2.0, -1.5, 0.5});
+  CHECK(Schedule::cans().resolve(9)[8] == Schedule::cans().resolve(9)[4]);
+  // cubic5 is five cubics for exactly five steps
+  for (const auto& p : Schedule::cubic5().resolve(5)) CHECK(p.c == 0);
+  CHECK_THROWS_WITH(Schedule::cubic5().resolve(6), Contains("exactly 5 steps"));
+  CHECK(Schedule::polar_express_paper().intended_steps() == 8);
+  CHECK(Schedule::deepseekv4().intended_steps() == 10);
+  CHECK(Schedule::keller().intended_steps() == 5);
+  const auto cycled = Schedule::custom({{2, -1.5, 0.5}, {1.5, -0.5, 0}}, 1.0,
+                                       Schedule::Repeat::cycle).resolve(3);
+  CHECK(cycled[2] == muon::Coefficients{2, -1.5, 0.5});
+}
+
+TEST_CASE("every named schedule's singular-value bound holds on a fine grid and is tight",
+          "[schedule]") {
+  for (const char* name : Schedule::names) {
+    const Schedule s = Schedule::from_name(name);
+    const auto steps = s.resolve(s.intended_steps());
+    const double input_max = 1.0 / std::min(s.norm_scale(), 1.0);
+    const auto bound = muon::singular_value_bound(steps, input_max);
+    double out = 0, peak = 0;  // the composed polynomial sampled on [0, input_max]
+    for (int i = 0; i <= 200000; ++i) {
+      double x = input_max * i / 200000.0;
+      for (const auto& p : steps) {
+        x = p.a * x + p.b * x * x * x + p.c * std::pow(x, 5);
+        peak = std::max(peak, std::abs(x));
+      }
+      out = std::max(out, std::abs(x));
+    }
+    INFO(name << ": bound " << bound.output << " / " << bound.peak << ", sampled " << out
+              << " / " << peak);
+    CHECK(bound.output >= out * (1 - 1e-12));  // both in double: a few ulps either way
+    CHECK(bound.peak >= peak * (1 - 1e-12));
+    CHECK(bound.output - out < 1e-3 * bound.output);
+    CHECK(bound.peak - peak < 1e-3 * bound.peak);
+  }
+}
+
 TEST_CASE("polar_express reproduces the published 5-step coefficients", "[schedule]") {
   // Published list (Amsel et al. 2025 as used by modded-nanogpt and dion).
   const auto pe = Schedule::polar_express().resolve(5);

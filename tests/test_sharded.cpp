@@ -567,7 +567,7 @@ muon::GroupOptions every_rule_options() {
 
 /// Registers the model's parameters that `Rule` takes: an orthogonalizing rule its matrices
 /// (with `layouts`, "conv" as six experts of 3 x 4 and "square" split into column blocks of 3
-/// and 5, so that zero1 slices at matrix boundaries and state per row has several matrices),
+/// and 5, so that zero1 slices at matrix boundaries and state per matrix has several matrices),
 /// an elementwise rule every shape.
 template <class Rule, class T, class Opt>
 void register_rule(ShardedModel<T>& model, Opt& opt, bool layouts = true) {

@@ -19,6 +19,7 @@
 #include <cstdio>
 #include <iostream>
 #include <map>
+#include <set>
 #include <memory>
 #include <new>
 #include <random>
@@ -234,7 +235,7 @@ void accuracy_row(muon::index_t m, muon::index_t n, const std::string& dtype,
                       &report);
   const auto r = muon::orthogonality(muon::MatrixView<const T>(muon::view(o)),
                                      muon::MatrixView<const T>(muon::view(x)));
-  std::printf("%-11s %-8s %-9s %-14s %5d %9.4f %9.4f %9.4f %11.3e %10.3e %5d\n",
+  std::printf("%-11s %-8s %-9s %-20s %5d %9.4f %9.4f %9.4f %11.3e %10.3e %5d\n",
               (std::to_string(m) + "x" + std::to_string(n)).c_str(), dtype.c_str(),
               products_in<T>(backend, options),
               schedule.c_str(), steps, r.s_min, r.s_max, r.max_deviation, r.msign_distance,
@@ -243,8 +244,9 @@ void accuracy_row(muon::index_t m, muon::index_t n, const std::string& dtype,
 
 struct AccuracyArgs {
   std::vector<std::string> shapes{"256x256", "256x1024", "1024x256"};
-  std::vector<std::string> schedules{"keller", "you", "polar_express", "textbook"};
-  std::vector<int> steps{muon::NewtonSchulzOptions{}.steps};
+  std::vector<std::string> schedules{std::begin(muon::Schedule::names),
+                                     std::end(muon::Schedule::names)};
+  std::vector<int> steps;  // none given: each schedule at the steps it is made for
   std::vector<std::string> dtypes{"float32"};
   std::vector<std::string> precisions{"auto"};
   double tolerance = 0;
@@ -252,22 +254,26 @@ struct AccuracyArgs {
 
 void run_accuracy(const AccuracyArgs& a) {
   const auto dims = parse_shapes(a.shapes);
+  const auto steps_of = [&](const std::string& s) {
+    return a.steps.empty() ? std::vector<int>{muon::Schedule::from_name(s).intended_steps()}
+                           : a.steps;
+  };
   for (const auto& s : a.schedules)
-    for (int k : a.steps) (void)ns_options(s, k, a.tolerance);
+    for (int k : steps_of(s)) (void)ns_options(s, k, a.tolerance);
   // The input, the result, the workspace, and the SVD's double copies.
   require_memory(dims, 12, 8);
   std::printf("Newton-Schulz accuracy on Gaussian random matrices (seed 1234); singular values of\n"
               "the result (1 = orthogonal) and ||O - msign(X)||_F / sqrt(min(m,n)) by SVD in double;\n"
               "residual = ||O O^T - I||_F / sqrt(min(m,n)) as the library measures it, and the\n"
               "steps it ran (more than asked where --tolerance added textbook steps)\n");
-  std::printf("%-11s %-8s %-9s %-14s %5s %9s %9s %9s %11s %10s %5s\n", "shape", "dtype",
+  std::printf("%-11s %-8s %-9s %-20s %5s %9s %9s %9s %11s %10s %5s\n", "shape", "dtype",
               "products", "schedule", "steps", "s_min", "s_max", "max|s-1|", "dist_msign",
               "residual", "ran");
   for (auto [m, n] : dims)
     for (const auto& d : a.dtypes)
       for (const auto& p : d == "float32" ? a.precisions : std::vector<std::string>{"auto"})
         for (const auto& s : a.schedules)
-          for (int k : a.steps) {
+          for (int k : steps_of(s)) {
             if (d == "float32")
               accuracy_row<float>(m, n, d, p, s, k, a.tolerance);
             else
@@ -312,9 +318,10 @@ void bench_row(muon::index_t m, muon::index_t n, const std::string& dtype,
                  muon::MatrixView<const T>(muon::view(b)), T(0), muon::view(c));
   });
   const double kd = double(k), nd = double(big);
-  const double ns_flops = o.steps * (4 * kd * kd * nd + 2 * kd * kd * kd);
+  double ns_flops = 0;  // a cubic step (c = 0) has no A^2
+  for (const auto& p : schedule) ns_flops += 4 * kd * kd * nd + (p.c != 0 ? 2 * kd * kd * kd : 0);
   const double gemm_flops = 2 * kd * kd * nd;
-  std::printf("%-11s %-8s %-9s %-14s %5d %10.2f %9.1f %10.1f %9.2f\n",
+  std::printf("%-11s %-8s %-9s %-20s %5d %10.2f %9.1f %10.1f %9.2f\n",
               (std::to_string(m) + "x" + std::to_string(n)).c_str(), dtype.c_str(),
               products_in<T>(backend, o), o.schedule.name().c_str(), o.steps, ns * 1e3,
               ns_flops / ns * 1e-9, gemm_flops / gemm * 1e-9, (ns_flops / ns) / (gemm_flops / gemm));
@@ -336,11 +343,12 @@ void run_bench(const BenchArgs& a) {
   // The input, the workspace, and the GEMM's operands.
   require_memory(dims, 8, a.dtype == "float32" ? 4 : 8);
   std::printf("%s\nNewton-Schulz speed: median of %d runs after a warm-up.\n"
-              "GFLOP/s counts the nominal 4k^2N + 2k^3 flops per step (k = min, N = max side);\n"
+              "GFLOP/s counts the nominal 4k^2N + 2k^3 flops per step (k = min, N = max side; 4k^2N\n"
+              "for a cubic step, c = 0);\n"
               "gemm_ratio = NS GFLOP/s / GFLOP/s of a k x N by N x k GEMM (in the dtype, on the\n"
               "BLAS) measured in this run; products: what Newton-Schulz multiplies in.\n",
               backend_for(a.precision).engine().c_str(), a.repeat);
-  std::printf("%-11s %-8s %-9s %-14s %5s %10s %9s %10s %9s\n", "shape", "dtype", "products",
+  std::printf("%-11s %-8s %-9s %-20s %5s %10s %9s %10s %9s\n", "shape", "dtype", "products",
               "schedule", "steps", "ms", "GFLOP/s", "gemm_GF/s", "gemm_ratio");
   for (auto [m, n] : dims) {
     if (a.dtype == "float32")
@@ -421,7 +429,11 @@ void add_rule_flags(CLI::App& cmd, StepArgs& a) {
   muon::rules::All::for_each([&](auto rule) {
     using R = decltype(rule);
     typename R::Options defaults{};
+    std::set<std::string> mine;
     R::fields(defaults, [&](const char* field, const auto& value) {
+      if (!mine.insert(flag_of(field)).second)  // two fields of one rule on one flag
+        throw std::logic_error(std::string("muon-cli: rule ") + R::name + " has two options on " +
+                               flag_of(field));
       std::ostringstream shown;  // the rule's default, as the flag takes it
       using V = std::decay_t<decltype(value)>;
       if constexpr (std::is_same_v<V, bool>) shown << (value ? "on" : "off");
@@ -491,8 +503,8 @@ muon::GroupOptions rule_options(StepArgs& a, muon::UpdateRule& id) {
                          (R::orthogonalizes ? " --schedule" : "") + ")");
       }
     if constexpr (R::orthogonalizes) {
-      const muon::NewtonSchulzOptions chosen = ns_options(a.schedule, o.newton_schulz.steps);
-      o.newton_schulz.schedule = chosen.schedule;
+      if (a.schedule_flag->count() != 0)  // else the rule's own
+        o.newton_schulz.schedule = ns_options(a.schedule, o.newton_schulz.steps).schedule;
     } else if (a.schedule_flag->count() != 0) {
       throw UsageError(std::string("--schedule: rule ") + R::name + " does not orthogonalize");
     }
@@ -514,7 +526,8 @@ void run_step(StepArgs& a) {
 /// The options every Newton-Schulz command shares.
 void add_schedule_options(CLI::App& cmd, std::string& schedule, int& steps) {
   cmd.add_option("--schedule", schedule,
-                 "Newton-Schulz coefficients: keller, you, polar_express or textbook");
+                 "Newton-Schulz coefficients: keller, you, polar_express, textbook, simple, "
+                 "quintic, polar_express_paper, cans, aol, deepseekv4 or cubic5");
   cmd.add_option("--steps", steps, "Newton-Schulz steps")->check(kNumber);
 }
 
@@ -552,7 +565,9 @@ int main(int argc, char** argv) {
       "accuracy", "How close to orthogonal Newton-Schulz gets on random matrices (SVD in double)");
   accuracy->add_option("--shape", acc.shapes, "MxN, repeatable");
   accuracy->add_option("--schedule", acc.schedules, "repeatable");
-  accuracy->add_option("--steps", acc.steps, "repeatable")->check(kNumber);
+  accuracy->add_option("--steps", acc.steps,
+                       "repeatable; none: each schedule at the steps it is made for")
+      ->check(kNumber);
   accuracy->add_option("--dtype", acc.dtypes, "repeatable")->check(dtype_check);
   accuracy->add_option("--precision", acc.precisions, "repeatable; as for orthogonalize")
       ->check(precision_check);
@@ -582,8 +597,8 @@ int main(int argc, char** argv) {
                            "; each rule's options are the flags below that set it");
   add_rule_flags(*step_cmd, st);
   st.schedule_flag = step_cmd->add_option("--schedule", st.schedule,
-                       "Newton-Schulz coefficients (orthogonalizing rules): keller, you, "
-                       "polar_express or textbook");
+                       "Newton-Schulz coefficients (orthogonalizing rules; default: the "
+                       "rule's own, keller for muon): any name muon-cli accuracy --help lists");
   step_cmd->add_option("--dtype", st.dtype, "working and output precision (default: the "
                                             "parameter's)")
       ->check(dtype_check);

@@ -107,7 +107,7 @@ void keep_stages_of(KeepStages& b) {
   const typename Rule::Options options{};
   if constexpr (Rule::orthogonalizes) {
     Rule::accumulate(b, x, cx, x, options);
-    const MatrixView<T, DeviceSpace> rows[rules::All::max_row_buffers + 1];
+    const MatrixView<T, DeviceSpace> rows[rules::All::max_matrix_buffers + 1];
     Rule::apply(b, x, cx, rows, x, options);
   } else {
     const MatrixView<T, DeviceSpace> state[Rule::buffers];

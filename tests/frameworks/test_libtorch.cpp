@@ -726,6 +726,7 @@ TEST_CASE("an archive written before rules named their Newton-Schulz fields stil
   CHECK((g.muon.scale == muon::ScaleMode::match_rms_adamw && !g.muon.nesterov));
   CHECK(g.adamw.beta2 == 0.0625);
   CHECK(g.lion.lr == muon::LionOptions{}.lr);  // no Lion fields: its defaults
+  CHECK(!g.muon.cautious_weight_decay);          // an option added since: its default
 }
 
 TEST_CASE("ShardedMuon on every rank steps as muon::libtorch::Muon and resumes from torch::save",

@@ -105,7 +105,8 @@ class Options : public torch::optim::OptimizerCloneableOptions<Options> {
     });
   }
   /// Reads what serialize() wrote. A rule of which the archive holds no field (saved before
-  /// the rule existed) keeps its defaults; one with some fields must have all. Archives whose
+  /// the rule existed) keeps its defaults, and so does a field the archive lacks (an option
+  /// added since, as torch's optimizers default options new to a loaded state). Archives whose
   /// Newton-Schulz fields have no rule prefix ("ns.steps": written before each rule named its
   /// own) are read as Muon's.
   void serialize(torch::serialize::InputArchive& archive) override {
@@ -122,8 +123,7 @@ class Options : public torch::optim::OptimizerCloneableOptions<Options> {
       R::fields(R::options(o.options_), [&](const char* field, auto& value) {
         using V = std::remove_reference_t<decltype(value)>;
         const auto v = find(archive, prefix, field);
-        if (!v)
-          throw StateError("muon::libtorch::Options: the archive has no '" + prefix + field + "'");
+        if (!v) return;
         if constexpr (std::is_same_v<V, double>) value = v->toDouble();
         else if constexpr (std::is_same_v<V, bool>) value = v->toBool();
         else value = static_cast<V>(v->toInt());

@@ -31,14 +31,30 @@ void form_gram(B& backend, MatrixView<T, S> x, MatrixView<T, S> a) {
   backend.syrk(T(1), MatrixView<const T, S>(x), T(0), a);
   backend.symmetrize(a);
 }
-/// One plain-loop step once a = x x^T is formed: y = (c A^2 + b A + a I) x, b as scratch.
+/// b = c A^2 + b A + a I from a = A (both triangles; b's lower triangle is what symm reads).
+/// A cubic step (c = 0) skips the product A^2.
+template <class B, class T, class S>
+void gram_polynomial(B& backend, MatrixView<T, S> a, MatrixView<T, S> b, const Coefficients& p) {
+  backend.copy(MatrixView<const T, S>(a), b);
+  if (p.c != 0)
+    backend.syrk(static_cast<T>(p.c), MatrixView<const T, S>(a), static_cast<T>(p.b), b);
+  else
+    backend.scale(b, static_cast<T>(p.b));
+  backend.add_diagonal(b, static_cast<T>(p.a));
+}
+/// One plain-loop step once a = x x^T is formed: y = (c A^2 + b A + a I) x, b as scratch; a
+/// cubic step is y = b A x + a x, one product fewer.
 template <class B, class T, class S>
 void step_from_gram(B& backend, MatrixView<T, S> x, MatrixView<T, S> y, MatrixView<T, S> a,
                     MatrixView<T, S> b, const Coefficients& p) {
-  backend.copy(MatrixView<const T, S>(a), b);
-  backend.syrk(static_cast<T>(p.c), MatrixView<const T, S>(a), static_cast<T>(p.b), b);
-  backend.add_diagonal(b, static_cast<T>(p.a));
-  backend.symm(T(1), MatrixView<const T, S>(b), MatrixView<const T, S>(x), T(0), y);
+  using C = MatrixView<const T, S>;
+  if (p.c == 0) {
+    backend.copy(C(x), y);
+    backend.symm(static_cast<T>(p.b), C(a), C(x), static_cast<T>(p.a), y);
+    return;
+  }
+  gram_polynomial(backend, a, b, p);
+  backend.symm(T(1), C(b), C(x), T(0), y);
 }
 }  // namespace detail
 
@@ -204,9 +220,7 @@ MatrixView<T, S> gram_newton_schulz_inplace(B& backend, MatrixView<T, S> x, Matr
   bool fresh = true;  // A was just formed from X; Q starts anew
   for (std::size_t t = 0; t < schedule.size(); ++t) {
     const Coefficients& k = schedule[t];
-    backend.copy(C(a), b);  // B = c A^2 + b A + a I
-    backend.syrk(static_cast<T>(k.c), C(a), static_cast<T>(k.b), b);
-    backend.add_diagonal(b, static_cast<T>(k.a));
+    detail::gram_polynomial(backend, a, b, k);  // B = c A^2 + b A + a I
     backend.symmetrize(b);
     backend.flush_tiny(b, tiny);
     if (fresh) {

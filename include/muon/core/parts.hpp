@@ -35,8 +35,8 @@ namespace detail {
 struct Part {
   index_t row0 = 0, col0 = 0, block_rows = 0, block_cols = 0;
   index_t rows = 0, cols = 0;
-  /// Where its rows start in a rule's state per row (the rows of the parts before it).
-  index_t state_row0 = 0;
+  /// Where its elements start in its rule's buffers per matrix (set at registration).
+  index_t state_at = 0;
   [[nodiscard]] bool empty() const { return rows == 0 || cols == 0; }
   [[nodiscard]] index_t size() const { return rows * cols; }
   /// Whether the block lies inside rows [r0, r0 + r) and columns [c0, c0 + c).
@@ -58,7 +58,7 @@ MatrixView<X, S> part_view(MatrixView<X, S> flat, const Part& p, index_t origin_
 
 /// A plain weight: one part, the whole matrix.
 inline std::vector<Part> whole(index_t rows, index_t cols) {
-  return {Part{0, 0, rows, cols, rows, cols, 0}};
+  return {Part{0, 0, rows, cols, rows, cols}};
 }
 
 /// An expert stack seen flattened: `count` rows of `row_length` elements, each row one expert
@@ -71,7 +71,7 @@ inline std::vector<Part> experts(index_t count, index_t row_length, index_t rows
                           " elements of each expert");
   std::vector<Part> parts;
   for (index_t e = 0; e < count; ++e)
-    parts.push_back({e, 0, 1, row_length, rows, row_length / rows, e * rows});
+    parts.push_back({e, 0, 1, row_length, rows, row_length / rows});
   return parts;
 }
 
@@ -93,9 +93,8 @@ inline std::vector<Part> split(index_t rows, index_t cols, const Split& s, const
   std::vector<Part> parts;
   index_t at = 0;
   for (index_t n : s.sizes) {
-    const auto before = static_cast<index_t>(parts.size());
-    parts.push_back(s.axis == 0 ? Part{at, 0, n, cols, n, cols, at}
-                                : Part{0, at, rows, n, rows, n, before * rows});
+    parts.push_back(s.axis == 0 ? Part{at, 0, n, cols, n, cols}
+                                : Part{0, at, rows, n, rows, n});
     at += n;
   }
   return parts;

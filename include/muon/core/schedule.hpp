@@ -1,6 +1,7 @@
 #pragma once
 // Newton–Schulz coefficient schedules. One NS step maps X to a X + b (X X^T) X + c (X X^T)^2 X,
 // i.e. every singular value s to p(s) = a s + b s^3 + c s^5. A schedule gives (a, b, c) per step.
+// After its list a schedule repeats its last triple, or (where marked "cycles") the list again.
 //
 //   keller        (3.4445, -4.7750, 2.0315) every step (K. Jordan, "Muon", 2024): fast, maps
 //                 singular values into about [0.68, 1.13] rather than exactly to 1, by design.
@@ -10,7 +11,18 @@
 //                 normalization by 1.02 ||X||_F. With 5 steps it reproduces the published list
 //                 (8.1566, -22.4833, 15.8788) ... (2.3465, -1.7098, 0.4232).
 //   textbook      (15/8, -10/8, 3/8): the convergent quintic; enough steps give the exact msign.
-//   custom        any user list; later steps reuse the last triple.
+//   custom        any user list; later steps reuse the last triple (or cycle, if asked).
+// The named sets of NVIDIA's Emerging-Optimizers (muon_utils.py), under its names and with its
+// repetition, normalized by ||X||_F:
+//   simple        keller's triple.
+//   quintic       you's five triples, cycling after the fifth.
+//   polar_express_paper  the paper's 8-step list with its 1.01 safety factor divided in
+//                 ((8.2051, -22.9019, 16.4607) ...); Emerging-Optimizers calls it polar_express.
+//   cans          CANS (Grishina et al. 2025, arXiv:2506.10935): Remez on an adapted interval.
+//   aol           four triples of thib-s/flash-newton-schulz, cycling.
+//   deepseekv4    keller's triple 8 times, then (2, -1.5, 0.5) (DeepSeek-V4 report).
+//   cubic5        five cubics (c = 0; arXiv:2606.00371): one product fewer a step, exactly 5
+//                 steps.
 #include <algorithm>
 #include <array>
 #include <cmath>
@@ -55,51 +67,122 @@ SingularValueBound singular_value_bound(std::span<const Coefficients> steps,
 
 class Schedule {
  public:
-  enum class Kind { keller, you, polar_express, textbook, custom };
+  enum class Kind {
+    keller, you, polar_express, textbook, custom,
+    simple, quintic, polar_express_paper, cans, aol, deepseekv4, cubic5
+  };
+  /// What follows the list: its last triple again, or the whole list again.
+  enum class Repeat { last, cycle };
 
-  static Schedule keller() { return {Kind::keller, "keller", {{3.4445, -4.7750, 2.0315}}, 1.0}; }
-  static Schedule you() {
-    return {Kind::you,
-            "you",
-            {{4.0848, -6.8946, 2.9270},
-             {3.9505, -6.3029, 2.6377},
-             {3.7418, -5.5913, 2.3037},
-             {2.8769, -3.1427, 1.2046},
-             {2.8366, -3.0525, 1.2012}},
-            1.0};
-  }
+  static Schedule keller() { return {Kind::keller, "keller", {kKeller}}; }
+  static Schedule you() { return {Kind::you, "you", you_list()}; }
   static Schedule polar_express() { return {Kind::polar_express, "polar_express", {}, 1.02}; }
-  static Schedule textbook() { return {Kind::textbook, "textbook", {kTextbookQuintic}, 1.0}; }
-  /// A user list; `norm_scale` multiplies ||X||_F in the initial normalization.
-  static Schedule custom(std::vector<Coefficients> coefficients, double norm_scale = 1.0) {
-    return {Kind::custom, "custom", std::move(coefficients), norm_scale};
+  static Schedule textbook() { return {Kind::textbook, "textbook", {kTextbookQuintic}}; }
+  static Schedule simple() { return {Kind::simple, "simple", {kKeller}}; }
+  static Schedule quintic() { return {Kind::quintic, "quintic", you_list(), 1.0, Repeat::cycle}; }
+  static Schedule polar_express_paper() {
+    return {Kind::polar_express_paper,
+            "polar_express_paper",
+            {{8.2051, -22.9019, 16.4607},
+             {4.0664, -2.8612, 0.5184},
+             {3.9096, -2.8234, 0.5250},
+             {3.2856, -2.4153, 0.4853},
+             {2.2779, -1.6198, 0.3985},
+             {1.8726, -1.2307, 0.3585},
+             {1.8564, -1.2132, 0.3568},
+             {1.8750, -1.2500, 0.3750}}};
   }
-  /// keller | you | polar_express | textbook
+  static Schedule cans() {
+    return {Kind::cans,
+            "cans",
+            {{8.4703, -25.1081, 18.6293},
+             {4.1828, -3.1087, 0.5806},
+             {3.9619, -2.9541, 0.5630},
+             {3.2866, -2.4647, 0.5074},
+             {2.2737, -1.6447, 0.4162}}};
+  }
+  static Schedule aol() {
+    return {Kind::aol,
+            "aol",
+            {{4.0098, -7.0585, 2.4635},
+             {3.4585, -5.5479, 2.5959},
+             {2.7573, -3.2939, 1.4254},
+             {2.7215, -3.0494, 1.3169}},
+            1.0,
+            Repeat::cycle};
+  }
+  static Schedule deepseekv4() {
+    std::vector<Coefficients> list(8, kKeller);
+    list.insert(list.end(), 2, Coefficients{2.0, -1.5, 0.5});
+    return {Kind::deepseekv4, "deepseekv4", std::move(list)};
+  }
+  static Schedule cubic5() {
+    Schedule s{Kind::cubic5,
+               "cubic5",
+               {{3.3656576, -3.3420992, 0.0},
+                {2.5744352, -1.4957376, 0.0},
+                {2.5368962, -1.4312570, 0.0},
+                {2.4418906, -1.2764040, 0.0},
+                {2.2230472, -0.9630650, 0.0}},
+               1.0,
+               Repeat::cycle};
+    s.fixed_steps_ = 5;
+    return s;
+  }
+  /// A user list; `norm_scale` multiplies ||X||_F in the initial normalization.
+  static Schedule custom(std::vector<Coefficients> coefficients, double norm_scale = 1.0,
+                         Repeat repeat = Repeat::last) {
+    return {Kind::custom, "custom", std::move(coefficients), norm_scale, repeat};
+  }
+  /// Every name from_name() knows, in the order of the docs' table.
+  static constexpr const char* names[] = {"keller", "you", "polar_express", "textbook",
+                                          "simple", "quintic", "polar_express_paper", "cans",
+                                          "aol", "deepseekv4", "cubic5"};
+  /// One of `names`.
   static Schedule from_name(const std::string& name) {
-    if (name == "keller") return keller();
-    if (name == "you") return you();
-    if (name == "polar_express") return polar_express();
-    if (name == "textbook") return textbook();
-    throw InvalidArgument("muon: unknown Newton-Schulz schedule '" + name +
-                          "' (expected keller, you, polar_express or textbook)");
+    for (const Schedule& s : {keller(), you(), polar_express(), textbook(), simple(), quintic(),
+                              polar_express_paper(), cans(), aol(), deepseekv4(), cubic5()})
+      if (s.name() == name) return s;
+    std::string known;
+    for (const char* n : names) known += std::string(known.empty() ? "" : ", ") + n;
+    throw InvalidArgument("muon: unknown Newton-Schulz schedule '" + name + "' (expected one of " +
+                          known + ")");
   }
 
   [[nodiscard]] Kind kind() const noexcept { return kind_; }
   [[nodiscard]] const std::string& name() const noexcept { return name_; }
   [[nodiscard]] double norm_scale() const noexcept { return norm_scale_; }
+  [[nodiscard]] Repeat repeat() const noexcept { return repeat_; }
   [[nodiscard]] const std::vector<Coefficients>& listed() const noexcept { return list_; }
+  /// The steps the schedule is made for: its list's length where that is more than one
+  /// triple, else 5 (the default of NewtonSchulzOptions).
+  [[nodiscard]] int intended_steps() const noexcept {
+    return list_.size() > 1 ? static_cast<int>(list_.size()) : 5;
+  }
 
   /// The (a, b, c) of each of `steps` steps. Throws InvalidArgument on a malformed schedule.
   [[nodiscard]] std::vector<Coefficients> resolve(int steps) const;
 
  private:
-  Schedule(Kind kind, std::string name, std::vector<Coefficients> list, double norm_scale)
-      : kind_(kind), name_(std::move(name)), list_(std::move(list)), norm_scale_(norm_scale) {}
+  static constexpr Coefficients kKeller{3.4445, -4.7750, 2.0315};
+  static std::vector<Coefficients> you_list() {
+    return {{4.0848, -6.8946, 2.9270},
+            {3.9505, -6.3029, 2.6377},
+            {3.7418, -5.5913, 2.3037},
+            {2.8769, -3.1427, 1.2046},
+            {2.8366, -3.0525, 1.2012}};
+  }
+  Schedule(Kind kind, std::string name, std::vector<Coefficients> list, double norm_scale = 1.0,
+           Repeat repeat = Repeat::last)
+      : kind_(kind), name_(std::move(name)), list_(std::move(list)), norm_scale_(norm_scale),
+        repeat_(repeat) {}
 
   Kind kind_;
   std::string name_;
   std::vector<Coefficients> list_;
   double norm_scale_;
+  Repeat repeat_;
+  int fixed_steps_ = 0;  // > 0: the only step count the schedule runs (cubic5)
 };
 
 namespace detail {
@@ -230,9 +313,14 @@ inline std::vector<Coefficients> Schedule::resolve(int steps) const {
       throw InvalidArgument("muon: schedule '" + name_ + "' coefficient triple " +
                             std::to_string(i) + " is not finite");
   }
+  if (fixed_steps_ > 0 && steps != fixed_steps_)
+    throw InvalidArgument("muon: schedule '" + name_ + "' is made for exactly " +
+                          std::to_string(fixed_steps_) + " steps; steps = " +
+                          std::to_string(steps) + " (set steps to " +
+                          std::to_string(fixed_steps_) + ", or give the triples as custom)");
   std::vector<Coefficients> out(static_cast<std::size_t>(steps));
-  for (int t = 0; t < steps; ++t)
-    out[t] = list_[std::min<std::size_t>(static_cast<std::size_t>(t), list_.size() - 1)];
+  for (std::size_t t = 0; t < out.size(); ++t)
+    out[t] = list_[repeat_ == Repeat::cycle ? t % list_.size() : std::min(t, list_.size() - 1)];
   // A schedule that blows singular values up would write Inf into the weights; refuse it here,
   // where the user chose it, rather than inside step().
   const double peak = singular_value_bound(out, 1.0 / std::min(norm_scale_, 1.0)).peak;

@@ -73,4 +73,33 @@ MUON_HOST_DEVICE auto sign(const X& x) {
     return x.unaryExpr([](auto e) { return sign_of(e); });
 }
 
+/// Terms of backend.reduce_rows(): each element, or its square.
+struct Identity {
+  template <class X>
+  MUON_HOST_DEVICE auto operator()(const X& x) const {
+    return x;
+  }
+};
+struct Square {
+  template <class X>
+  MUON_HOST_DEVICE auto operator()(const X& x) const {
+    return x * x;
+  }
+};
+
+/// Cautious weight decay (L. Chen et al. 2025, arXiv:2510.12402), on an element or on each
+/// element of a block: w - (w coeff) where the update u and w agree in sign (w u >= 0), w
+/// where they do not, rounded as microsoft/dion's cautious_wd rounds it.
+template <class E>
+MUON_HOST_DEVICE E cautious_decay_of(E w, E u, E coeff) {
+  return w * u >= E(0) ? w - w * coeff : w;
+}
+template <class W, class U, class T>
+MUON_HOST_DEVICE auto cautious_decay(const W& w, const U& u, T coeff) {
+  if constexpr (std::is_floating_point_v<W>)
+    return cautious_decay_of(w, static_cast<W>(u), static_cast<W>(coeff));
+  else
+    return w.binaryExpr(u, [coeff](auto x, auto y) { return cautious_decay_of(x, y, decltype(x)(coeff)); });
+}
+
 }  // namespace muon::stage

@@ -44,7 +44,8 @@ struct NewtonSchulzTelemetry {
   ParamId param;
   double residual = 0;    ///< ||O O^T - I||_F / sqrt(min(m, n)) of the Newton-Schulz result O
   double update_rms = 0;  ///< RMS of s O, the step per unit learning rate (rms_factor under
-                          ///< match_rms_adamw when O is orthogonal); weight decay not included
+                          ///< match_rms_adamw when O is orthogonal); weight decay not included;
+                          ///< NaN for a rule whose step also scales with the matrix (PolarGrad)
   int steps = 0;          ///< Newton-Schulz steps run, with those a tolerance added
   std::size_t part = 0;   ///< which matrix of the parameter (expert or split block); 0 if one
 };
@@ -222,9 +223,9 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
     ConstView grad;
     bool has_grad = true;
     std::array<Buffer, rules::All::max_buffers> state;  // the rule's buffers, dense over the piece
-    /// The rule's buffers per matrix row (Part::state_row0 says where each matrix's rows start),
+    /// The rule's buffers per matrix (Part::state_at says where each matrix's elements start),
     /// where its matrices are orthogonalized.
-    std::array<Buffer, rules::All::max_row_buffers> row_state;
+    std::array<Buffer, rules::All::max_matrix_buffers> matrix_state;
     std::uint64_t updates = 0;  // steps taken by this parameter (AdamW's bias correction)
     std::vector<Part> parts;    // orthogonalizing rules: the matrices Newton-Schulz runs on
     /// Whether step() updates it: it has a gradient and at least one element.
@@ -298,7 +299,7 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
   struct LoadedRecord {
     std::uint64_t updates;
     const char* data;  // the parameter's buffers in the file's bytes
-    const char* rows;  // its buffers per row, if its rule has any
+    const char* matrices;  // its buffers per matrix, if its rule has any
   };
   static std::vector<std::uint64_t> state_extents(const Param& p, const Piece& piece);
   std::uint64_t parse_state(const std::string& bytes, std::vector<LoadedRecord>& records);
@@ -323,31 +324,31 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
     for (View& buffer : v) buffer = backend_.view(p.state[i++], piece.rows, piece.cols);
     return v;
   }
-  /// Sizes a parameter's state buffers for its piece, and its state per row where its
+  /// Sizes a parameter's state buffers for its piece, and its state per matrix where its
   /// matrices are orthogonalized (zeros).
   void size_state(Param& p, index_t elements) {
     for (std::size_t i = 0; i < rules::All::buffers(p.rule); ++i)
       backend_.resize(p.state[i], elements);
-    const index_t rows = state_rows(p);
-    for (std::size_t i = 0; i < rules::All::row_buffers(p.rule); ++i) backend_.resize(p.row_state[i], rows);
+    const index_t n = matrix_state_size(p);
+    for (std::size_t i = 0; i < rules::All::matrix_buffers(p.rule); ++i)
+      backend_.resize(p.matrix_state[i], n);
   }
-  /// The length of each of p's buffers per row held here: its matrices' rows where they are
-  /// orthogonalized, else 0.
-  index_t state_rows(const Param& p) {
-    if (rules::All::row_buffers(p.rule) == 0 || !self().orthogonalizes_here(p)) return 0;
-    index_t rows = 0;
-    for (const Part& part : p.parts) rows += part.rows;
-    return rows;
+  /// The length of each of p's buffers per matrix held here: all its matrices' elements where
+  /// they are orthogonalized, else 0.
+  index_t matrix_state_size(const Param& p) {
+    if (rules::All::matrix_buffers(p.rule) == 0 || !self().orthogonalizes_here(p)) return 0;
+    index_t n = 0;
+    for (const Part& part : p.parts) n += rules::All::matrix_state_elements(p.rule, part.rows, part.cols);
+    return n;
   }
-  /// A matrix's rows of rule R's buffers per row, each rows x 1.
+  /// A matrix's elements of rule R's buffers per matrix, each as a column (elements x 1).
   template <class R>
-  std::array<View, row_buffers_of<R>()> row_views(Param& p, const Part& part) {
-    std::array<View, row_buffers_of<R>()> v{};
+  std::array<View, matrix_buffers_of<R>()> matrix_views(Param& p, const Part& part) {
+    std::array<View, matrix_buffers_of<R>()> v{};
     std::size_t i = 0;  // (a range-for: no comparison with a size that may be 0)
-    for (View& row : v) {
-      row = View(backend_.view(p.row_state[i], 1, static_cast<index_t>(p.row_state[i].size())).data() +
-                     part.state_row0,
-                 part.rows, 1, 1, 1);
+    for (View& buffer : v) {
+      const View all = backend_.view(p.matrix_state[i], 1, static_cast<index_t>(p.matrix_state[i].size()));
+      buffer = View(all.data() + part.state_at, matrix_state_of<R>(part.rows, part.cols), 1, 1, 1);
       ++i;
     }
     return v;
@@ -356,6 +357,13 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
   template <class R>
   View scratch(Buffer& buf, const Part& part) {
     return backend_.view(buf, 1, muon::detail::scratch_of<R>(part.rows, part.cols));
+  }
+  /// Hands a matrix's Newton-Schulz input to its rule, for a rule that reads it in apply()
+  /// (observe_input; it writes only its scratch).
+  template <class R>
+  void observe_input(const Param& p, ConstView in, View scratch) {
+    if constexpr (requires { R::observe_input(backend_, in, scratch, R::options(groups_[0].options)); })
+      R::observe_input(backend_, in, scratch, R::options(groups_[p.group].options));
   }
   /// Grows a scratch buffer to what the rule of parameter p needs for `part`.
   void reserve_scratch(Buffer& buf, const Param& p, const Part& part) {
@@ -429,7 +437,14 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
     p.shape = std::move(shape);
     p.value = value;
     p.grad = grad;
-    if (rules::All::orthogonalizes(rule)) p.parts = parts;
+    if (rules::All::orthogonalizes(rule)) {
+      p.parts = parts;
+      index_t at = 0;
+      for (Part& part : p.parts) {
+        part.state_at = at;
+        at += rules::All::matrix_state_elements(rule, part.rows, part.cols);
+      }
+    }
     params_.push_back(std::move(p));
     try {
       self().placed(params_.back());
@@ -524,7 +539,7 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
 
   /// Matrix u's Newton-Schulz result `o`: checked unless already `known_finite` (a non-finite
   /// one leaves the matrix and its momentum, put back from `saved`, as they were), applied
-  /// (with the rule's state per row and its scratch), reported, published.
+  /// (with the rule's state per matrix and its scratch), reported, published.
   template <class R>
   void finish_matrix(std::size_t u, ConstView o, View saved, View scratch, bool known_finite = false);
 

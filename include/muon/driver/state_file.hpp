@@ -10,13 +10,13 @@
 //   sharded only             u32 world size | u32 rank | u8 strategy (0 owner_compute, 1 zero1)
 //   u64 optimizer steps | u64 parameter count
 //   per parameter, in registration order:
-//     u8 rule (0 muon, 1 adamw) | u64 name length, name | u64 rows | u64 cols
+//     u8 rule (its id: 0 muon, 1 adamw, ...) | u64 name length, name | u64 rows | u64 cols
 //     sharded only           u64 row0 | u64 col0 | u64 rows | u64 cols of this rank's piece
 //     u64 the parameter's steps (AdamW's bias correction)
 //     the rule's state buffers (muon: M; adamw: m, v), each over the piece, row-major
-//     a rule with state per row (normuon: V) only: u64 R, the rows held here (every matrix
-//       row of the parameter where its matrices are orthogonalized, else 0), then each
-//       such buffer's R values, the parameter's matrices in order
+//     a rule with state per matrix (normuon: V, a value per row; adamuon: V, per element)
+//       only: u64 R, the elements held here (all of the parameter's matrices' where they are
+//       orthogonalized, else 0), then each such buffer's R values, the matrices in order
 //   u64 FNV-1a 64 checksum of every byte before it
 //
 // A placement provides state_magic() and state_kind() (its magic bytes and what to call a file
@@ -62,12 +62,12 @@ void OptimizerCore<Derived, B, T, ParamExtra>::save_state(std::ostream& out) {
       backend_.copy_to_host(ConstView(backend_.view(p.state[b], piece.rows, piece.cols)), host.data());
       w.put_array(host.data(), host.size());
     }
-    if (rules::All::row_buffers(p.rule) == 0) continue;
-    const index_t rows = state_rows(p);
-    w.put<std::uint64_t>(static_cast<std::uint64_t>(rows));
-    host.resize(static_cast<std::size_t>(rows));
-    for (std::size_t b = 0; b < rules::All::row_buffers(p.rule); ++b) {
-      backend_.copy_to_host(ConstView(backend_.view(p.row_state[b], 1, rows)), host.data());
+    if (rules::All::matrix_buffers(p.rule) == 0) continue;
+    const index_t size = matrix_state_size(p);
+    w.put<std::uint64_t>(static_cast<std::uint64_t>(size));
+    host.resize(static_cast<std::size_t>(size));
+    for (std::size_t b = 0; b < rules::All::matrix_buffers(p.rule); ++b) {
+      backend_.copy_to_host(ConstView(backend_.view(p.matrix_state[b], 1, size)), host.data());
       w.put_array(host.data(), host.size());
     }
   }
@@ -104,12 +104,12 @@ void OptimizerCore<Derived, B, T, ParamExtra>::load_state(std::istream& in) {
       backend_.copy_from_host(host.data(), backend_.view(p.state[b], piece.rows, piece.cols));
       src += n * sizeof(T);
     }
-    const index_t rows = state_rows(p);
-    host.resize(static_cast<std::size_t>(rows));
-    src = records[i].rows;
-    for (std::size_t b = 0; b < rules::All::row_buffers(p.rule); ++b) {
+    const index_t size = matrix_state_size(p);
+    host.resize(static_cast<std::size_t>(size));
+    src = records[i].matrices;
+    for (std::size_t b = 0; b < rules::All::matrix_buffers(p.rule); ++b) {
       from_little_endian(src, host.size(), host.data());
-      backend_.copy_from_host(host.data(), backend_.view(p.row_state[b], 1, rows));
+      backend_.copy_from_host(host.data(), backend_.view(p.matrix_state[b], 1, size));
       src += host.size() * sizeof(T);
     }
     p.updates = records[i].updates;
@@ -189,15 +189,15 @@ std::uint64_t OptimizerCore<Derived, B, T, ParamExtra>::parse_state(
     const std::size_t n = static_cast<std::size_t>(piece.size()) * rules::All::buffers(p.rule);
     records.push_back({updates, r.take(n, sizeof(T), "state buffer"), nullptr});
     check_loaded_state(p, records.back().data, n);
-    if (rules::All::row_buffers(p.rule) == 0) continue;
-    const auto rows = r.get<std::uint64_t>("rows of the state per row");
-    if (rows != static_cast<std::uint64_t>(state_rows(p)))
-      throw StateError("muon: load_state: parameter '" + p.name + "' has state for " +
-                       std::to_string(rows) + " matrix rows in the state but " +
-                       std::to_string(state_rows(p)) + " here");
-    const std::size_t m = static_cast<std::size_t>(rows) * rules::All::row_buffers(p.rule);
-    records.back().rows = r.take(m, sizeof(T), "state buffer per row");
-    check_loaded_state(p, records.back().rows, m);
+    if (rules::All::matrix_buffers(p.rule) == 0) continue;
+    const auto size = r.get<std::uint64_t>("size of the state per matrix");
+    if (size != static_cast<std::uint64_t>(matrix_state_size(p)))
+      throw StateError("muon: load_state: parameter '" + p.name + "' has " +
+                       std::to_string(size) + " elements of state per matrix in the state but " +
+                       std::to_string(matrix_state_size(p)) + " here");
+    const std::size_t m = static_cast<std::size_t>(size) * rules::All::matrix_buffers(p.rule);
+    records.back().matrices = r.take(m, sizeof(T), "state buffer per matrix");
+    check_loaded_state(p, records.back().matrices, m);
   }
   if (r.remaining() != 0)
     throw StateError("muon: load_state: " + std::to_string(r.remaining()) +

@@ -140,10 +140,12 @@ void OptimizerCore<Derived, B, T, ParamExtra>::run_matrix(std::size_t u, Worker&
       const View in = w.ns.input(backend_, part.rows, part.cols);
       const View saved = backend_.view(w.saved, part.rows, part.cols);
       prepare_input<R>(u, in, saved);
+      const View scratch = this->scratch<R>(w.scratch, part);
+      observe_input<R>(p, ConstView(in), scratch);
       const ConstView o = w.ns.run(backend_, part.rows, part.cols, schedule<R>(p),
                                    R::options(groups_[p.group].options).newton_schulz,
                                    options_.telemetry ? &outcomes_[u].ns : nullptr);
-      finish_matrix<R>(u, o, saved, scratch<R>(w.scratch, part));
+      finish_matrix<R>(u, o, saved, scratch);
     }
   });
 }
@@ -184,12 +186,14 @@ void OptimizerCore<Derived, B, T, ParamExtra>::finish_matrix(std::size_t u, Cons
     }
     return;
   }
-  const auto rows = row_views<R>(p, part);
-  R::apply(backend_, part_view(p.value, part), o, rows.data(), scratch, options);
+  const auto state = matrix_views<R>(p, part);
+  R::apply(backend_, part_view(p.value, part), o, state.data(), scratch, options);
   if constexpr (measures_residual<B, T>)
     if (options_.telemetry)
-      out.update_rms = R::update_scale(options, part.rows, part.cols) * backend_.frobenius_norm(o) /
-                       std::sqrt(static_cast<double>(part.rows) * static_cast<double>(part.cols));
+      out.update_rms = !fixed_update_scale<R>()
+                           ? std::numeric_limits<double>::quiet_NaN()
+                           : R::update_scale(options, part.rows, part.cols) * backend_.frobenius_norm(o) /
+                                 std::sqrt(static_cast<double>(part.rows) * static_cast<double>(part.cols));
   d.publish(p, &part);
 }
 

@@ -20,6 +20,9 @@ struct AdamWOptions {
   double beta2 = 0.999;
   double eps = 1e-8;
   double weight_decay = 0.01;
+  /// Decay only where the update m / (sqrt(v) + eps) agrees in sign with the weight
+  /// (arXiv:2510.12402; dion's cautious_wd).
+  bool cautious_weight_decay = false;
 };
 
 inline void validate(const AdamWOptions& o, const std::string& where = "AdamWOptions") {
@@ -56,6 +59,7 @@ struct AdamW {
     f("beta2", o.beta2);
     f("eps", o.eps);
     f("weight_decay", o.weight_decay);
+    f("cautious_weight_decay", o.cautious_weight_decay);
   }
   static void validate(const Options& o, const std::string& where) { muon::validate(o, where); }
 
@@ -63,13 +67,17 @@ struct AdamW {
   /// with the bias corrections folded into its coefficients:
   ///   W *= 1 - lr wd; m = lerp(m, G, 1 - beta1); v = beta2 v + (1 - beta2) G^2;
   ///   W -= lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+  /// (cautious: W - (W lr wd) only where W m / (sqrt(v) / sqrt(1 - beta2^t) + eps) >= 0).
   template <class T>
   struct Update {
-    T decay, w1, beta2, w2, eps, step_size, sqrt_bias2;
+    T decay, coeff, w1, beta2, w2, eps, step_size, sqrt_bias2;
+    bool cautious;
     Update(const Options& o, std::uint64_t step) {
       const auto t = static_cast<double>(step);
       const double bias1 = 1 - std::pow(o.beta1, t), bias2 = 1 - std::pow(o.beta2, t);
       decay = static_cast<T>(1 - o.lr * o.weight_decay);
+      coeff = static_cast<T>(o.lr * o.weight_decay);
+      cautious = o.cautious_weight_decay && o.weight_decay != 0;
       w1 = static_cast<T>(1 - o.beta1);
       beta2 = static_cast<T>(o.beta2);
       w2 = static_cast<T>(1 - o.beta2);
@@ -79,9 +87,12 @@ struct AdamW {
     }
     template <class W, class G, class M, class V>
     MUON_HOST_DEVICE void operator()(W&& w, const G& g, M&& m, V&& v) const {
-      w *= decay;
       stage::assign_lerp(m, m, g, w1);
       v = v * beta2 + w2 * g * g;
+      if (cautious)
+        w = stage::cautious_decay(w, m / (stage::sqrt(v) / sqrt_bias2 + eps), coeff);
+      else
+        w *= decay;
       w = w - step_size * (m / (stage::sqrt(v) / sqrt_bias2 + eps));
     }
   };

@@ -4,7 +4,8 @@
 // with gradient G and momentum M:
 //   U <- sign(lerp(M, G, 1 - beta1))      (interpolated momentum; sign(0) = 0)
 //   M <- lerp(M, G, 1 - beta2)
-//   W <- W (1 - lr wd) - lr U             (decoupled decay, unscaled lr)
+//   W <- W (1 - lr wd) - lr U             (decoupled decay, unscaled lr; cautious: decayed
+//                                          only where W U >= 0)
 // Every element moves by exactly lr (or 0), so its update has RMS 1 per unit lr: Lion takes a
 // learning rate about 3-10x smaller than AdamW's (the paper's advice).
 #include <cmath>
@@ -24,6 +25,9 @@ struct LionOptions {
   double beta1 = 0.9;   ///< interpolation of the update's sign
   double beta2 = 0.99;  ///< the momentum's decay
   double weight_decay = 0.0;
+  /// Decay only where the update's sign agrees with the weight's (arXiv:2510.12402; dion's
+  /// cautious_wd).
+  bool cautious_weight_decay = false;
 };
 
 inline void validate(const LionOptions& o, const std::string& where = "LionOptions") {
@@ -59,27 +63,39 @@ struct Lion {
     f("beta1", o.beta1);
     f("beta2", o.beta2);
     f("weight_decay", o.weight_decay);
+    f("cautious_weight_decay", o.cautious_weight_decay);
   }
   static void validate(const Options& o, const std::string& where) { muon::validate(o, where); }
 
   /// The stage on (W, G, M). The sign of U is taken from torch's two-sided lerp (the branch
   /// is on the coefficient); lr U is exact, so W's new value is rounded once after the decay.
+  /// (Cautious: W - (W lr wd) only where W U >= 0.)
   template <class T>
   struct Update {
-    T decay, lr, w1, w2;
+    T decay, coeff, lr, w1, w2;
+    bool cautious;
     explicit Update(const Options& o)
         : decay(static_cast<T>(1 - o.lr * o.weight_decay)),
+          coeff(static_cast<T>(o.lr * o.weight_decay)),
           lr(static_cast<T>(o.lr)),
           w1(static_cast<T>(1 - o.beta1)),
-          w2(static_cast<T>(1 - o.beta2)) {}
+          w2(static_cast<T>(1 - o.beta2)),
+          cautious(o.cautious_weight_decay && o.weight_decay != 0) {}
     template <class W, class G, class M>
     MUON_HOST_DEVICE void operator()(W&& w, const G& g, M&& m) const {
-      w *= decay;
       if (w1 < T(0.5))
-        w = w - lr * stage::sign(m + w1 * (g - m));
+        step(w, stage::sign(m + w1 * (g - m)));
       else
-        w = w - lr * stage::sign(g - (T(1) - w1) * (g - m));
+        step(w, stage::sign(g - (T(1) - w1) * (g - m)));
       stage::assign_lerp(m, m, g, w2);
+    }
+    template <class W, class U>
+    MUON_HOST_DEVICE void step(W&& w, const U& u) const {
+      if (cautious)
+        w = stage::cautious_decay(w, u, coeff);
+      else
+        w *= decay;
+      w = w - lr * u;
     }
   };
 

@@ -4,7 +4,8 @@
 //   M <- mu M + (1 - mu) G                 (MomentumForm::ema; ::sum is M <- mu M + G)
 //   U <- (1 - mu) G + mu M  if nesterov    (::sum: U <- G + mu M), else U <- M
 //   O <- NewtonSchulz(U)                   (the optimizer's driver runs it, batched)
-//   W <- W (1 - lr wd) - lr s(rows, cols) O   (decoupled decay once, unscaled lr; ScaleMode)
+//   W <- W (1 - lr wd) - lr s(rows, cols) O   (decoupled decay once, unscaled lr; ScaleMode;
+//                                             cautious: decayed only where W O >= 0)
 // The driver calls accumulate() on whatever piece of M and G this process holds, orthogonalizes
 // each matrix of U whole, and calls apply() on each matrix with its own shape.
 #include <cmath>
@@ -27,6 +28,9 @@ struct MuonOptions {
   MomentumForm momentum_form = MomentumForm::ema;
   ScaleMode scale = ScaleMode::original;
   double rms_factor = 0.2;  ///< the target RMS of ScaleMode::match_rms_adamw
+  /// Decay only the elements whose update agrees in sign with the weight (arXiv:2510.12402;
+  /// dion's cautious_wd): W <- W - lr wd W there, W elsewhere, before the update.
+  bool cautious_weight_decay = false;
   NewtonSchulzOptions newton_schulz{};
 };
 
@@ -75,6 +79,7 @@ struct Muon {
     f("momentum_form", o.momentum_form);
     f("scale", o.scale);
     f("rms_factor", o.rms_factor);
+    f("cautious_weight_decay", o.cautious_weight_decay);
     f("ns.steps", o.newton_schulz.steps);
     f("ns.eps", o.newton_schulz.eps);
     f("ns.method", o.newton_schulz.method);
@@ -120,27 +125,36 @@ struct Muon {
     backend.each(Accumulate<T>(o), m, g, u);
   }
 
-  /// W <- decay W - alpha O for one rows x cols matrix.
+  /// W <- decay W - alpha O for one rows x cols matrix (cautious: W - (W coeff) where W O >= 0,
+  /// then - alpha O).
   struct Step {
-    double decay, alpha;
+    double decay, alpha, coeff;
+    bool cautious;
   };
   static Step step(const Options& o, index_t rows, index_t cols) {
-    return {1 - o.lr * o.weight_decay, o.lr * update_scale(o, rows, cols)};
+    return {1 - o.lr * o.weight_decay, o.lr * update_scale(o, rows, cols),
+            o.lr * o.weight_decay, o.cautious_weight_decay && o.weight_decay != 0};
   }
   /// The update stage on (W, O).
   template <class T>
   struct Apply {
-    T decay, alpha;
-    explicit Apply(Step s) : decay(static_cast<T>(s.decay)), alpha(static_cast<T>(s.alpha)) {}
+    T decay, alpha, coeff;
+    bool cautious;
+    explicit Apply(Step s)
+        : decay(static_cast<T>(s.decay)), alpha(static_cast<T>(s.alpha)),
+          coeff(static_cast<T>(s.coeff)), cautious(s.cautious) {}
     template <class W, class O>
     MUON_HOST_DEVICE void operator()(W&& w, const O& o) const {
-      w = w * decay - alpha * o;
+      if (cautious)
+        w = stage::cautious_decay(w, o, coeff) - alpha * o;
+      else
+        w = w * decay - alpha * o;
     }
   };
-  /// `rows` and `scratch` are for rules with state per row (none here).
+  /// `state` (buffers per matrix) and `scratch` are for other rules (none here).
   template <class B, class T, class S>
   static void apply(B& backend, MatrixView<T, S> w, MatrixView<const T, S> o,
-                    const MatrixView<T, S>* /*rows*/, MatrixView<T, S> /*scratch*/,
+                    const MatrixView<T, S>* /*state*/, MatrixView<T, S> /*scratch*/,
                     const Options& options) {
     backend.each(Apply<T>(step(options, w.rows(), w.cols())), w, o);
   }

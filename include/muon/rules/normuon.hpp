@@ -7,7 +7,7 @@
 //   V_i <- lerp(V_i, r_i / n, 1 - beta2)  (V: one value per row, zero at the start)
 //   d_i <- sqrt(V_i) + row_eps
 //   N   <- O_ij / d_i, times ||O||_F / max(||O / d||_F, 1e-8)
-//   W   <- W (1 - lr wd) - lr s(m, n) N   (ScaleMode, as Muon's)
+//   W   <- W (1 - lr wd) - lr s(m, n) N   (ScaleMode and cautious decay, as Muon's)
 // Split blocks and experts are matrices of their own: each has its V rows and its rescale.
 // Its defaults are dion's NorMuon's (sum momentum, no Nesterov, spectral scale, lr 0.01).
 #include <cstddef>
@@ -48,7 +48,8 @@ struct NorMuon {
   static constexpr UpdateRule id{3};
   static constexpr const char* name = "normuon";
   static constexpr std::size_t buffers = 1;      // M, per element
-  static constexpr std::size_t row_buffers = 1;  // V, per row of each matrix
+  static constexpr std::size_t matrix_buffers = 1;  // V, per row of each matrix
+  static index_t matrix_state_elements(index_t rows, index_t) { return rows; }
   static constexpr bool orthogonalizes = true;
   struct Slot {
     Options normuon{};
@@ -76,18 +77,6 @@ struct NorMuon {
     Muon::accumulate(backend, m, g, u, o);
   }
 
-  struct Square {
-    template <class X>
-    MUON_HOST_DEVICE auto operator()(const X& x) const {
-      return x * x;
-    }
-  };
-  struct Identity {
-    template <class X>
-    MUON_HOST_DEVICE auto operator()(const X& x) const {
-      return x;
-    }
-  };
   /// The row stage on (V, r, d): V's new value and d from r; r becomes r / d^2, the row's
   /// sum of squares after the division.
   template <class T>
@@ -116,30 +105,29 @@ struct NorMuon {
   /// Rescale wrote it, in the backend's memory.
   template <class T>
   struct Apply {
-    T decay, alpha;
+    Muon::Apply<T> muon;
     const T* rescale;
-    Apply(Muon::Step s, const T* rescale)
-        : decay(static_cast<T>(s.decay)), alpha(static_cast<T>(s.alpha)), rescale(rescale) {}
+    Apply(Muon::Step s, const T* rescale) : muon(s), rescale(rescale) {}
     template <class W, class O, class D>
     MUON_HOST_DEVICE void operator()(W&& w, const O& o, const D& d) const {
-      w = w * decay - alpha * ((o / d) * *rescale);
+      muon(w, (o / d) * *rescale);
     }
   };
 
-  /// W <- decay W - alpha N for one matrix; `rows` holds its V (rows x 1).
+  /// W <- decay W - alpha N for one matrix; `state` holds its V (rows x 1).
   template <class B, class T, class S>
   static void apply(B& backend, MatrixView<T, S> w, MatrixView<const T, S> o,
-                    const MatrixView<T, S>* rows, MatrixView<T, S> scratch, const Options& options) {
+                    const MatrixView<T, S>* state, MatrixView<T, S> scratch, const Options& options) {
     using View = MatrixView<T, S>;
     using ConstView = MatrixView<const T, S>;
     const index_t m = w.rows(), n = w.cols();
     T* at = scratch.data();
     const View r(at, m, 1, 1, 1), d(at + m, m, 1, 1, 1), before(at + 2 * m, 1, 1, 1, 1),
         after(at + 2 * m + 1, 1, 1, 1, 1);
-    backend.reduce_rows(Square{}, r, o);
-    backend.reduce_rows(Identity{}, before, ConstView(r).transposed());
-    backend.each(Rows<T>(options, n), rows[0], r, d);
-    backend.reduce_rows(Identity{}, after, ConstView(r).transposed());
+    backend.reduce_rows(stage::Square{}, r, o);
+    backend.reduce_rows(stage::Identity{}, before, ConstView(r).transposed());
+    backend.each(Rows<T>(options, n), state[0], r, d);
+    backend.reduce_rows(stage::Identity{}, after, ConstView(r).transposed());
     backend.each(Rescale{}, before, ConstView(after));
     backend.each(Apply<T>(Muon::step(options, m, n), before.data()), w, o,
                  ConstView(d.data(), m, n, 1, 0));

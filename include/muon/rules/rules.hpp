@@ -20,10 +20,12 @@
 #include "muon/core/error.hpp"
 #include "muon/core/options.hpp"
 #include "muon/core/registration.hpp"
+#include "muon/rules/adamuon.hpp"
 #include "muon/rules/adamw.hpp"
 #include "muon/rules/lion.hpp"
 #include "muon/rules/muon.hpp"
 #include "muon/rules/normuon.hpp"
+#include "muon/rules/polargrad.hpp"
 
 namespace muon::detail {
 /// Whether no two of the ids are equal.
@@ -36,14 +38,31 @@ constexpr bool distinct_ids() {
   return true;
 }
 
-/// A rule's optional members, 0 when it has none: buffers per row of each of its matrices,
-/// and apply()'s scratch elements for a rows x cols matrix.
+/// A rule's optional members, 0 when it has none: its buffers kept with each of its matrices
+/// where the matrix is orthogonalized (matrix_buffers, each of matrix_state_elements(rows,
+/// cols)), and apply()'s scratch elements for a rows x cols matrix.
 template <class R>
-constexpr std::size_t row_buffers_of() {
-  if constexpr (requires { R::row_buffers; })
-    return R::row_buffers;
+constexpr std::size_t matrix_buffers_of() {
+  if constexpr (requires { R::matrix_buffers; })
+    return R::matrix_buffers;
   else
     return 0;
+}
+template <class R>
+index_t matrix_state_of(index_t rows, index_t cols) {
+  if constexpr (requires { R::matrix_state_elements(rows, cols); })
+    return R::matrix_state_elements(rows, cols);
+  else
+    return 0;
+}
+/// Whether a rule's update is update_scale() times O (telemetry's update RMS); false where it
+/// also depends on the matrix (PolarGrad's nuclear norm).
+template <class R>
+constexpr bool fixed_update_scale() {
+  if constexpr (requires { R::fixed_update_scale; })
+    return R::fixed_update_scale;
+  else
+    return true;
 }
 template <class R>
 index_t scratch_of(index_t rows, index_t cols) {
@@ -74,8 +93,9 @@ struct RuleList {
   }
   /// The most state buffers any rule keeps (the size of a parameter's buffer array).
   static constexpr std::size_t max_buffers = std::max({R::buffers...});
-  /// The most buffers per matrix row any rule keeps.
-  static constexpr std::size_t max_row_buffers = std::max({muon::detail::row_buffers_of<R>()...});
+  /// The most buffers per matrix any rule keeps.
+  static constexpr std::size_t max_matrix_buffers =
+      std::max({muon::detail::matrix_buffers_of<R>()...});
 
   /// Calls f(Rule{}) for the rule with this id.
   template <class F>
@@ -88,10 +108,16 @@ struct RuleList {
     visit(id, [&](auto rule) { n = decltype(rule)::buffers; });
     return n;
   }
-  /// Buffers per matrix row of the rule with this id (0 for most rules).
-  static std::size_t row_buffers(UpdateRule id) {
+  /// Buffers per matrix of the rule with this id (0 for most rules).
+  static std::size_t matrix_buffers(UpdateRule id) {
     std::size_t n = 0;
-    visit(id, [&](auto rule) { n = muon::detail::row_buffers_of<decltype(rule)>(); });
+    visit(id, [&](auto rule) { n = muon::detail::matrix_buffers_of<decltype(rule)>(); });
+    return n;
+  }
+  /// Elements of each such buffer for a rows x cols matrix.
+  static index_t matrix_state_elements(UpdateRule id, index_t rows, index_t cols) {
+    index_t n = 0;
+    visit(id, [&](auto rule) { n = muon::detail::matrix_state_of<decltype(rule)>(rows, cols); });
     return n;
   }
   /// A listed rule's position in the list, at compile time.
@@ -147,7 +173,7 @@ struct RuleList {
   }
 };
 
-using All = RuleList<Muon, AdamW, Lion, NorMuon>;
+using All = RuleList<Muon, AdamW, Lion, NorMuon, PolarGrad, AdaMuon>;
 
 }  // namespace muon::rules
 

@@ -102,7 +102,7 @@ class ShardedOptimizer
     std::size_t n = 0;
     for (const Param& p : params_)
       n += static_cast<std::size_t>(p.pieces[comm_.rank()].size()) * rules::All::buffers(p.rule) +
-           static_cast<std::size_t>(this->state_rows(p)) * rules::All::row_buffers(p.rule);
+           static_cast<std::size_t>(this->matrix_state_size(p)) * rules::All::matrix_buffers(p.rule);
     return n * sizeof(T);
   }
   /// Bytes of the communication buffers: the full-size gather buffer and two 1/N segments.
