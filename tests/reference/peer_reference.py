@@ -323,54 +323,41 @@ def lion_trajectory(dion, w0, grads, lr, beta1, beta2, wd, cautious=0):
     return out
 
 
+def write_trajectories(outdir, lines, rng, cases, peers, steps):
+    """For each (kind, name, shape, options) case: a random w0 and `steps` gradients from rng,
+    the peer's trajectory, written to <kind>_<name>.npy (w0, g_1..g_T, w_1..w_T), and its line
+    appended to `lines`."""
+    for kind, name, shape, kw in cases:
+        w0 = rng.standard_normal(shape)
+        grads = [rng.standard_normal(shape) for _ in range(steps)]
+        traj = peers[kind](w0, grads, **kw)
+        np.save(os.path.join(outdir, f"{kind}_{name}.npy"), np.stack([w0] + grads + traj))
+        lines.append(f"{kind} {name} {','.join(map(str, shape))} " +
+                     " ".join(f"{k}={v}" for k, v in kw.items()))
+
+
 def generate(outdir, dion, dion_path, muon_utils, eo_path):
-    rng = np.random.default_rng(20261204)
     lines = ["# written by tests/reference/peer_reference.py generate; do not edit",
              "# kind name shape key=value... ; files: <kind>_<name>.npy (w0, g_1..g_T, w_1..w_T)"]
-    for name, shape, kw in LION_CASES:
-        w0 = rng.standard_normal(shape)
-        grads = [rng.standard_normal(shape) for _ in range(5)]
-        traj = lion_trajectory(dion, w0, grads, **kw)
-        np.save(os.path.join(outdir, f"lion_{name}.npy"), np.stack([w0] + grads + traj))
-        lines.append(f"lion {name} {','.join(map(str, shape))} " +
-                     " ".join(f"{k}={v}" for k, v in kw.items()))
     normuon = load_dion_normuon(dion_path)
-    for name, shape, kw in NORMUON_CASES:
-        w0 = rng.standard_normal(shape)
-        grads = [rng.standard_normal(shape) for _ in range(5)]
-        traj = normuon_trajectory(normuon, w0, grads, **kw)
-        np.save(os.path.join(outdir, f"normuon_{name}.npy"), np.stack([w0] + grads + traj))
-        lines.append(f"normuon {name} {','.join(map(str, shape))} " +
-                     " ".join(f"{k}={v}" for k, v in kw.items()))
+    peers = dict(muon=lambda w, g, **kw: muon_trajectory(load_dion_muon(dion_path), w, g, **kw),
+                 normuon=lambda w, g, **kw: normuon_trajectory(normuon, w, g, **kw),
+                 lion=lambda w, g, **kw: lion_trajectory(dion, w, g, **kw),
+                 adamw=lambda w, g, **kw: adamw_trajectory(dion, w, g, **kw),
+                 polargrad=lambda w, g, **kw: polargrad_trajectory(eo_path, w, g, **kw),
+                 adamuon=lambda w, g, **kw: adamuon_trajectory(eo_path, w, g, **kw))
+    rng = np.random.default_rng(20261204)
+    write_trajectories(outdir, lines, rng, [("lion",) + c for c in LION_CASES], peers, 5)
+    write_trajectories(outdir, lines, rng, [("normuon",) + c for c in NORMUON_CASES], peers, 5)
     rng = np.random.default_rng(20261205)  # a stream of its own: the cases above stay as they were
-    for i, (name, schedule, shape, steps) in enumerate(NSSET_CASES):
+    for name, schedule, shape, steps in NSSET_CASES:
         x = rng.standard_normal(shape)
         o = eo_newton_schulz_f64(muon_utils, x, name, steps)
         case = f"{schedule}_{steps}_{shape[0]}x{shape[1]}"
         np.save(os.path.join(outdir, f"nsset_{case}.npy"), np.stack([x, o]))
         lines.append(f"nsset {case} {','.join(map(str, shape))} schedule={schedule} steps={steps}")
-    rng = np.random.default_rng(20261206)
-    peers = dict(muon=lambda w, g, **kw: muon_trajectory(load_dion_muon(dion_path), w, g, **kw),
-                 normuon=lambda w, g, **kw: normuon_trajectory(normuon, w, g, **kw),
-                 lion=lambda w, g, **kw: lion_trajectory(dion, w, g, **kw),
-                 adamw=lambda w, g, **kw: adamw_trajectory(dion, w, g, **kw))
-    for kind, name, shape, kw in CAUTIOUS_CASES:
-        w0 = rng.standard_normal(shape)
-        grads = [rng.standard_normal(shape) for _ in range(4)]
-        traj = peers[kind](w0, grads, **kw)
-        np.save(os.path.join(outdir, f"{kind}_{name}.npy"), np.stack([w0] + grads + traj))
-        lines.append(f"{kind} {name} {','.join(map(str, shape))} " +
-                     " ".join(f"{k}={v}" for k, v in kw.items()))
-    rng = np.random.default_rng(20261207)
-    eo = dict(polargrad=lambda w, g, **kw: polargrad_trajectory(eo_path, w, g, **kw),
-              adamuon=lambda w, g, **kw: adamuon_trajectory(eo_path, w, g, **kw))
-    for kind, name, shape, kw in EO_CASES:
-        w0 = rng.standard_normal(shape)
-        grads = [rng.standard_normal(shape) for _ in range(4)]
-        traj = eo[kind](w0, grads, **kw)
-        np.save(os.path.join(outdir, f"{kind}_{name}.npy"), np.stack([w0] + grads + traj))
-        lines.append(f"{kind} {name} {','.join(map(str, shape))} " +
-                     " ".join(f"{k}={v}" for k, v in kw.items()))
+    write_trajectories(outdir, lines, np.random.default_rng(20261206), CAUTIOUS_CASES, peers, 4)
+    write_trajectories(outdir, lines, np.random.default_rng(20261207), EO_CASES, peers, 4)
     with open(os.path.join(outdir, "peer_cases.txt"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
