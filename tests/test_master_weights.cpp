@@ -3,6 +3,8 @@
 #include <catch2/catch.hpp>
 #include <cmath>
 #include <limits>
+#include <span>
+#include <vector>
 
 #include "muon/master_weights.hpp"
 #include "test_support.hpp"
@@ -168,4 +170,24 @@ TEST_CASE("a refused Newton-Schulz result leaves its bf16 parameter, the others 
   CHECK(same_bits(master_of(mixed, ih), master2));
   CHECK_FALSE(same_bits(other, other2));
   CHECK(same_bits(other, Mat<bf16>(master_of(mixed, io).cast<bf16>())));
+}
+
+TEST_CASE("QK-clip through MasterWeights rescales the fp32 masters and rounds them into the "
+          "bf16 parameters", "[master_weights][qk_clip]") {
+  Mat<bf16> w16 = gaussian<float>(24, 8, 1).cast<bf16>(), g16 = gaussian<float>(24, 8, 2).cast<bf16>();
+  Mat<float> w32 = w16.cast<float>(), g32 = g16.cast<float>();
+  muon::Optimizer<EigenBackend, float> inner(options()), plain(options());
+  Mixed mixed(inner);
+  const auto id = mixed.add_muon("qkv", view_of(w16), cview_of(g16));
+  const auto pid = plain.add_muon("qkv", view_of(w32), cview_of(g32));
+  mixed.step();
+  plain.step();
+  const auto heads = muon::AttentionHeads::contiguous(2, 4, 0, 8);  // Q rows 0-7, K rows 8-15
+  const auto c = inner.add_qk_clip(id, id, heads, {10.0});
+  const auto cp = plain.add_qk_clip(pid, pid, heads, {10.0});
+  const std::vector<float> logits{40.0f, 3.0f};
+  CHECK(mixed.clip_qk(c, std::span<const float>(logits)).clipped == 1);
+  plain.clip_qk(cp, std::span<const float>(logits));
+  CHECK(same_bits(master_of(mixed, id), w32));
+  CHECK(same_bits(w16, Mat<bf16>(w32.cast<bf16>())));
 }

@@ -6,6 +6,7 @@
 #include <limits>
 #include <span>
 #include <thread>
+#include <tuple>
 #include <type_traits>
 
 #include "test_support.hpp"
@@ -999,4 +1000,151 @@ TEST_CASE("temporary blocks and maps register as views of the matrix they look a
   b.step();
   CHECK(same_bits(Mat<float>(w.block(2, 2, 4, 4)), c));
   CHECK(w(0, 0) == gaussian<float>(8, 8, 1)(0, 0));  // outside the block: untouched
+}
+
+// ---- QK-clip -------------------------------------------------------------------------------
+
+namespace {
+
+/// One attention layer of a fused [Q; K; V] weight (rows: `heads` query heads, then `key_heads`
+/// key heads, then the values, each head `dh` rows): the largest logit of each query head over
+/// the tokens x (one per row), (x Wq_h^T)(x Wk_g^T)^T / sqrt(dh), computed in double.
+template <class T>
+std::vector<double> max_logits(const Mat<T>& w, const Eigen::MatrixXd& x, int heads,
+                               int key_heads, int dh) {
+  const Eigen::MatrixXd wd = w.template cast<double>();
+  std::vector<double> out;
+  for (int h = 0; h < heads; ++h) {
+    const int g = h / (heads / key_heads);
+    const Eigen::MatrixXd q = x * wd.middleRows(h * dh, dh).transpose();
+    const Eigen::MatrixXd k = x * wd.middleRows((heads + g) * dh, dh).transpose();
+    out.push_back((q * k.transpose()).maxCoeff() / std::sqrt(double(dh)));
+  }
+  return out;
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("QK-clip brings each offending head's largest logit to tau, by the paper's "
+                   "formula, and nothing else moves", "[qk_clip]", float, double) {
+  using T = TestType;
+  const int dh = 4, d_model = 12;
+  const auto [heads, key_heads, alpha] = GENERATE(std::tuple{4, 4, 0.5}, std::tuple{4, 2, 0.5},
+                                                  std::tuple{4, 4, 0.25});
+  INFO(heads << " query heads, " << key_heads << " key heads, alpha " << alpha);
+  const int rows = (heads + 2 * key_heads) * dh;
+  Mat<T> w = gaussian<T>(rows, d_model, 1), g = gaussian<T>(rows, d_model, 2);
+  const Eigen::MatrixXd x = gaussian<double>(10, d_model, 3) * 1.5;
+  Opt<T> opt;
+  const auto id = opt.add_muon("qkv", w, g);
+  opt.step();
+  const Mat<T> stepped = w;
+  const Mat<T> momentum = Mat<T>(muon::reference::to_double(opt.momentum_buffer(id)).template cast<T>());
+  std::vector<double> s = max_logits(w, x, heads, key_heads, dh);
+  std::vector<double> group(key_heads, -1e300);
+  for (int h = 0; h < heads; ++h) group[h / (heads / key_heads)] = std::max(group[h / (heads / key_heads)], s[h]);
+  const double tau = *std::min_element(group.begin(), group.end()) +
+                     0.5 * (*std::max_element(group.begin(), group.end()) - *std::min_element(group.begin(), group.end()));
+  const auto clip = opt.add_qk_clip(id, id, muon::AttentionHeads::contiguous(heads, dh, 0, heads * dh, key_heads),
+                                    {tau, alpha});
+  const muon::QkClipReport r = opt.clip_qk(clip, std::span<const double>(s));
+
+  const double ulp = std::numeric_limits<T>::epsilon();
+  const double tol = std::is_same_v<T, float> ? 1e-4 : 1e-12;  // a logit sums dh * d_model products
+  std::size_t clipped = 0;
+  for (int h = 0; h < heads + key_heads; ++h) {
+    const bool query = h < heads;
+    const int grp = query ? h / (heads / key_heads) : h - heads;
+    const double eta = group[grp] > tau ? tau / group[grp] : 1.0;
+    const double factor = std::pow(eta, query ? alpha : 1 - alpha);  // the paper's, in double
+    for (int i = h * dh; i < (h + 1) * dh; ++i)
+      for (int j = 0; j < d_model; ++j) {
+        const double want = double(stepped(i, j)) * factor;
+        if (eta == 1.0)
+          CHECK(w(i, j) == stepped(i, j));  // a head at or below tau: the same bits
+        else
+          CHECK(std::abs(double(w(i, j)) - want) <= 2 * ulp * std::abs(want));
+      }
+  }
+  for (int i = (heads + key_heads) * dh; i < rows; ++i)  // the values: untouched
+    CHECK(w.row(i) == stepped.row(i));
+  for (double m : group) clipped += m > tau ? 1 : 0;
+  CHECK(r.clipped == clipped);
+  CHECK(clipped > 0);
+  CHECK(clipped < group.size());
+  CHECK(r.max_logit == *std::max_element(s.begin(), s.end()));
+  // The same tokens now give at most tau, the clipped groups exactly tau.
+  const std::vector<double> after = max_logits(w, x, heads, key_heads, dh);
+  for (int h = 0; h < heads; ++h) {
+    const int grp = h / (heads / key_heads);
+    if (group[grp] > tau && s[h] == group[grp])
+      CHECK(after[h] == Approx(tau).epsilon(tol));
+    CHECK(after[h] <= tau * (1 + tol));
+  }
+  // The optimizer's state is not the clip's business.
+  CHECK(same_bits(Mat<T>(muon::reference::to_double(opt.momentum_buffer(id)).template cast<T>()), momentum));
+}
+
+TEST_CASE("QK-clip refuses a bad registration or bad logits by name and changes nothing",
+          "[qk_clip][errors]") {
+  Mat<float> q = gaussian<float>(8, 6, 1), k = gaussian<float>(8, 6, 2), gq = q, gk = k;
+  Opt<float> opt;
+  const auto iq = opt.add_muon("attn.q", q, gq), ik = opt.add_muon("attn.k", k, gk);
+  const auto heads = muon::AttentionHeads::contiguous(2, 4, 0, 0);
+  CHECK_THROWS_WITH(opt.add_qk_clip(iq, ik, heads, {0.0}), Contains("threshold"));
+  CHECK_THROWS_WITH(opt.add_qk_clip(iq, ik, heads, {10, 1.5}), Contains("alpha"));
+  CHECK_THROWS_WITH(opt.add_qk_clip(iq, ik, muon::AttentionHeads::contiguous(3, 4, 0, 0)),
+                    Contains("'attn.q' (8x6)") && Contains("outside"));
+  CHECK_THROWS_WITH(opt.add_qk_clip(iq, iq, heads), Contains("overlap"));  // K on top of Q
+  CHECK_THROWS_WITH(opt.add_qk_clip(iq, ik, muon::AttentionHeads::contiguous(2, 4, 0, 0, 3)),
+                    Contains("divide"));
+  auto no_keys = heads;
+  no_keys.key.clear();
+  CHECK_THROWS_WITH(opt.add_qk_clip(iq, ik, no_keys), Contains("alpha to 1"));
+  CHECK(opt.num_qk_clips() == 0);
+  const auto id = opt.add_qk_clip(iq, ik, heads, {1.0});
+  const Mat<float> q0 = q, k0 = k;
+  const std::vector<double> one{50.0}, nan{50.0, std::nan("")};
+  CHECK_THROWS_WITH(opt.clip_qk(id, std::span<const double>(one)), Contains("1 logits for 2 query heads"));
+  CHECK_THROWS_WITH(opt.clip_qk(id, std::span<const double>(nan)), Contains("query head 1"));
+  CHECK_THROWS_WITH(opt.clip_qk(muon::QkClipId{7}, std::span<const double>(one)), Contains("no QK-clip with id 7"));
+  CHECK(same_bits(q, q0));
+  CHECK(same_bits(k, k0));
+  // MLA's rotary queries: query rows only, all of eta.
+  CHECK_NOTHROW(opt.add_qk_clip(iq, iq, no_keys, {1.0, 1.0}));
+}
+
+TEST_CASE("attention logits that Muon drives up explode without QK-clip and stay near tau "
+          "with it", "[qk_clip]") {
+  // One head (dh = 8) of a fused q/k weight, trained to raise one token pair's logit
+  // s = q.k / sqrt(dh) (loss -s): Muon's steps grow both matrices every step, so the
+  // logits grow without bound. With QK-clip at tau, each step's clip takes the forward
+  // pass's maxima, so a forward pass can exceed tau by one step's growth at most.
+  const int dh = 8, d_model = 16, steps = 60;
+  const double tau = 20;
+  const Eigen::MatrixXd x = gaussian<double>(6, d_model, 5);
+  const auto run = [&](bool clip) {
+    Mat<double> w = gaussian<double>(2 * dh, d_model, 6) * 0.1, g(2 * dh, d_model);
+    muon::GroupOptions o;
+    o.muon.lr = 0.2;
+    o.muon.weight_decay = 0;
+    Opt<double> opt(o);
+    const auto id = opt.add_muon("qk", w, g);
+    const auto c = opt.add_qk_clip(id, id, muon::AttentionHeads::contiguous(1, dh, 0, dh), {tau});
+    double worst = 0;
+    for (int s = 0; s < steps; ++s) {
+      const std::vector<double> m = max_logits(w, x, 1, 1, dh);
+      if (s > 1) worst = std::max(worst, m[0]);  // after the first clip has had its effect
+      const Eigen::VectorXd q = w.topRows(dh) * x.row(0).transpose(), k = w.bottomRows(dh) * x.row(1).transpose();
+      g.topRows(dh) = -k * x.row(0) / std::sqrt(double(dh));
+      g.bottomRows(dh) = -q * x.row(1) / std::sqrt(double(dh));
+      opt.step();
+      if (clip) opt.clip_qk(c, std::span<const double>(m));
+    }
+    return worst;
+  };
+  const double without = run(false), with = run(true);
+  INFO("largest logit: " << without << " without QK-clip, " << with << " with it (tau " << tau << ")");
+  CHECK(without > 10 * tau);
+  CHECK(with <= 1.5 * tau);
 }

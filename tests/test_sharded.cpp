@@ -5,6 +5,7 @@
 #include <catch2/catch.hpp>
 #include <limits>
 #include <random>
+#include <span>
 #include <sstream>
 #include <stdexcept>
 #include <utility>
@@ -693,4 +694,66 @@ TEMPLATE_LIST_TEST_CASE("every rule: a saved state resumes bit for bit, a refuse
     CHECK(same_bits(w16[i], RowMat<bf16>(wide.w[i].cast<bf16>())));
   }
   CHECK(state_bytes(masters) == state_bytes(plain));
+}
+
+TEST_CASE("QK-clip on the sharded placement takes the largest logit over the ranks and leaves "
+          "every replica equal to the single-process result", "[sharded][qk_clip]") {
+  const int dh = 4, heads = 3;
+  const Mat<float> w0 = gaussian<float>(3 * heads * dh, 10, 1), g = gaussian<float>(3 * heads * dh, 10, 2);
+  const auto heads_of = muon::AttentionHeads::contiguous(heads, dh, 0, heads * dh);
+  const auto logits = [](int rank) {  // rank r's maxima; the largest over the ranks is the last's
+    return std::vector<double>{30.0 + rank, 5.0, 120.0 + 3 * rank};
+  };
+  for (const auto strategy : {muon::ShardingStrategy::owner_compute, muon::ShardingStrategy::zero1}) {
+    for (int world : {1, 2, 4}) {  // the average of equal gradients is exact at these sizes
+      INFO(muon::to_string(strategy) << " on " << world << " ranks");
+      Mat<float> reference = w0;
+      muon::Optimizer<muon::EigenBackend, float> single;
+      const auto id = single.add_muon("qkv", reference, g);
+      single.step();
+      const auto c = single.add_qk_clip(id, id, heads_of, {25.0});
+      const std::vector<double> largest = logits(world - 1);
+      const muon::QkClipReport expected = single.clip_qk(c, std::span<const double>(largest));
+      REQUIRE(expected.clipped == 2);
+
+      std::vector<Mat<float>> replicas(static_cast<std::size_t>(world), w0);
+      std::vector<muon::QkClipReport> reports(static_cast<std::size_t>(world));
+      std::vector<char> refused(static_cast<std::size_t>(world), 0);  // refused, nothing moved
+      std::vector<char> differ(static_cast<std::size_t>(world), 0);
+      muon::ThreadGroup::run(world, [&](muon::ThreadCommunicator comm) {
+        Mat<float>& w = replicas[static_cast<std::size_t>(comm.rank())];
+        Sharded<float> opt(comm, strategy);
+        const auto pid = opt.add_muon("qkv", w, g);
+        opt.step();
+        const auto clip = opt.add_qk_clip(pid, pid, heads_of, {25.0});
+        const std::vector<double> mine = logits(comm.rank());
+        reports[static_cast<std::size_t>(comm.rank())] = opt.clip_qk(clip, std::span<const double>(mine));
+        // A NaN on one rank is refused on every rank, and nothing moves.
+        std::vector<double> bad = mine;
+        if (comm.rank() == world - 1) bad[1] = std::nan("");
+        const Mat<float> before = w;
+        try {
+          opt.clip_qk(clip, std::span<const double>(bad));
+        } catch (const muon::InvalidArgument&) {
+          refused[static_cast<std::size_t>(comm.rank())] = same_bits(w, before);
+        }
+        // Clips registered differently (here the threshold) are refused on every rank.
+        if (comm.size() == 1) return;
+        const auto odd = opt.add_qk_clip(pid, pid, heads_of, {25.0 + comm.rank()});
+        try {
+          opt.clip_qk(odd, std::span<const double>(mine));
+        } catch (const muon::InvalidArgument& e) {
+          differ[static_cast<std::size_t>(comm.rank())] =
+              std::string(e.what()).find("different QK-clips") != std::string::npos && same_bits(w, before);
+        }
+      });
+      for (int r = 0; r < world; ++r) {
+        CHECK(same_bits(replicas[static_cast<std::size_t>(r)], reference));
+        CHECK(reports[static_cast<std::size_t>(r)].clipped == expected.clipped);
+        CHECK(reports[static_cast<std::size_t>(r)].max_logit == expected.max_logit);
+        CHECK(refused[static_cast<std::size_t>(r)] == 1);
+        if (world > 1) CHECK(differ[static_cast<std::size_t>(r)] == 1);
+      }
+    }
+  }
 }

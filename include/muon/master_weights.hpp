@@ -17,6 +17,7 @@
 // Checkpoints: the optimizer's save_state() holds the momenta, not the masters. To resume
 // bit-exactly save the masters too (master(id)); otherwise sync_masters() after loading the
 // 16-bit parameters restarts the masters from them, losing only what L cannot hold.
+#include <span>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -101,9 +102,6 @@ class MasterWeights {
   StepReport step() {
     B& b = opt_.backend();
     for (Entry& e : entries_) b.copy(e.grad, wide(e.grad_copy, e));
-    const auto round_masters = [&] {
-      for (Entry& e : entries_) b.copy(MatrixView<const T, Space>(wide(e.master, e)), e.param);
-    };
     StepReport report;
     try {
       report = opt_.step();
@@ -112,6 +110,15 @@ class MasterWeights {
       throw;
     }
     if (report.applied) round_masters();
+    return report;
+  }
+
+  /// QK-clip (the optimizer's add_qk_clip, given the ids add() returned here) on the masters,
+  /// rounded into the 16-bit parameters when a head was rescaled.
+  template <class Logit>
+  QkClipReport clip_qk(QkClipId id, std::span<const Logit> max_logits) {
+    const QkClipReport report = opt_.clip_qk(id, max_logits);
+    if (report.clipped != 0) round_masters();
     return report;
   }
 
@@ -136,6 +143,10 @@ class MasterWeights {
     Buffer master, grad_copy;
   };
 
+  void round_masters() {
+    for (Entry& e : entries_)
+      opt_.backend().copy(MatrixView<const T, Space>(wide(e.master, e)), e.param);
+  }
   MatrixView<T, Space> wide(Buffer& buf, const Entry& e) {
     return opt_.backend().view(buf, e.param.rows(), e.param.cols());
   }

@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <ostream>
+#include <span>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -106,6 +107,7 @@ class Optimizer : public detail::OptimizerCore<Optimizer<B, T>, B, T, detail::Wh
   static bool orthogonalizes_here(const Param&) { return true; }
   static void publish(const Param&, const detail::Part*) {}
   static detail::Tally exchange(detail::Tally t) { return t; }
+  static bool agree_on_maxima(std::span<double>, bool bad, std::uint64_t) { return bad; }
 
   // ---- the state file's hooks (driver/state_file.hpp): no header fields, no collectives ----
   static constexpr bool slices_state = false;

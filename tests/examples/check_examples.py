@@ -8,6 +8,9 @@
     check_examples.py loss_falls     EXE FACTOR     the last printed loss < first / FACTOR
     check_examples.py gpt            EXE [ARGS...]  every run's validation loss falls, the
                                                     target is AdamW's best, resume is exact
+                                                    (and with --qk-clip, logits held near it)
+    check_examples.py gpt_parallel   MPIEXEC NP_FLAG EXE [ARGS...]
+                                                    2 processes equal 2 micro-batches bit for bit
 """
 import csv
 import math
@@ -133,6 +136,38 @@ def gpt(exe, args):
         sys.exit(f"the printed target is not AdamW's best final loss {target:.4f}")
     if "the same weights, bit for bit" not in out:
         sys.exit("the resumed Muon run did not end on the same weights")
+    if "--qk-clip" in args:  # each Muon step's clip holds the logits near tau
+        tau = float(args[args.index("--qk-clip") + 1])
+        rows = re.findall(r"^Muon +\S+ +[\d.]+ +[\d.]+ +[\d.]+ +[\d.]+ +([\d.]+)$", out, re.M)
+        if not rows or any(float(m) > 2 * tau for m in rows):
+            sys.exit(f"Muon's largest attention logits {rows} pass 2 x the QK-clip threshold {tau}")
+
+
+def gpt_parallel(mpiexec, np_flag, exe, args):
+    """`mpiexec -n 2` against one process with 2 micro-batches: each process (each micro-batch)
+    backpropagates the mean loss of the same half of every batch, and the halves' gradients are
+    summed (a + b, whichever order) and halved (exact), so both runs take the same steps: their
+    validation curves (printed to 17 digits) must be identical, and the processes' replicas and
+    the sharded checkpoint's resume exact."""
+    if not os.path.isdir(FORTUNES):
+        print(f"{FORTUNES} is missing (Debian: fortunes): skipped")
+        sys.exit(SKIP)
+    curves = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, launch in enumerate(([exe, "--micro-batches", "2"], [mpiexec, np_flag, "2", exe])):
+            path = os.path.join(tmp, f"curves{i}.csv")
+            out = run([*launch, *args, "--csv", path, "--check-resume"])
+            if "the same weights, bit for bit" not in out:
+                sys.exit(f"{launch}: the resumed Muon run did not end on the same weights")
+            with open(path, newline="") as f:
+                curves.append([(r["optimizer"], r["lr"], r["step"], r["validation_loss"])
+                               for r in csv.DictReader(f)])
+    if "replicas: every run ended on the same weights on 2 processes" not in out:
+        sys.exit("the 2 processes did not end on the same weights")
+    if not curves[0] or curves[0] != curves[1]:
+        diff = [(a, b) for a, b in zip(*curves) if a != b][:3]
+        sys.exit(f"the 2-process curves differ from the 2-micro-batch ones, first: {diff}")
+    print(f"{len(curves[0])} validation losses identical in both runs")
 
 
 def main():
@@ -147,6 +182,8 @@ def main():
         entropy(exe, args)
     elif check == "gpt":
         gpt(exe, args)
+    elif check == "gpt_parallel":
+        gpt_parallel(exe, args[0], args[1], args[2:])
     elif check == "loss_falls":
         loss_falls(exe, float(args[0]))
     else:

@@ -790,3 +790,30 @@ TEST_CASE("ShardedMuon on every rank steps as muon::libtorch::Muon and resumes f
   CHECK_THROWS_WITH(muon::libtorch::Muon<float>(groups(params, start), {}, {}, {}, std::move(used)),
                     Contains("the engine handed over already holds 1 parameters"));
 }
+
+TEST_CASE("QK-clip through muon::libtorch::Muon rescales a fused QKV's offending heads from a "
+          "tensor of logits", "[frameworks][libtorch][qk_clip]") {
+  torch::manual_seed(3);
+  const int64_t width = 8, heads = 2, dh = width / heads;
+  torch::nn::Linear qkv(torch::nn::LinearOptions(width, 3 * width).bias(false));
+  auto& w = qkv->weight;
+  muon::libtorch::RoutingOptions r;
+  r.layouts["weight"].split = muon::Split{0, {width, width, width}};
+  muon::libtorch::Muon<float> opt(muon::libtorch::route(qkv->named_parameters(), r));
+  w.mutable_grad() = torch::randn_like(w);
+  opt.step();
+  const auto clip = opt.add_qk_clip(w, w, muon::AttentionHeads::contiguous(heads, dh, 0, width), {10.0});
+  const torch::Tensor before = w.detach().clone();
+  const auto version = w._version();
+  const muon::QkClipReport report = opt.clip_qk(clip, torch::tensor({40.0f, 2.0f}));
+  CHECK(report.clipped == 1);
+  CHECK(w._version() > version);  // autograd sees the in-place change
+  const float half = static_cast<float>(std::sqrt(10.0 / 40.0));
+  CHECK(torch::equal(w.detach().slice(0, 0, dh), before.slice(0, 0, dh) * half));  // head 0's Q
+  CHECK(torch::equal(w.detach().slice(0, width, width + dh), before.slice(0, width, width + dh) * half));  // and K
+  CHECK(torch::equal(w.detach().slice(0, dh, width), before.slice(0, dh, width)));  // head 1's Q
+  CHECK(torch::equal(w.detach().slice(0, 2 * width), before.slice(0, 2 * width)));  // V
+  CHECK_THROWS_WITH(opt.add_qk_clip(torch::zeros({3, 3}), w, muon::AttentionHeads::contiguous(1, 1, 0, 0)),
+                    Contains("query tensor is not a parameter"));
+  CHECK_THROWS_WITH(opt.clip_qk(clip, torch::zeros({2, 1})), Contains("2 dimensions"));
+}

@@ -49,6 +49,7 @@
 #include <memory>
 #include <optional>
 #include <regex>
+#include <span>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -402,6 +403,31 @@ class Muon : public torch::optim::Optimizer {
     return loss;
   }
 
+  /// QK-clip (muon/core/qk_clip.hpp) of one attention layer: its query and key weights (one
+  /// tensor for a fused QKV), parameters of this optimizer, and where their heads lie.
+  QkClipId add_qk_clip(const torch::Tensor& query, const torch::Tensor& key, AttentionHeads heads,
+                       QkClipOptions options = {}) {
+    sync();
+    const QkClipId id = engine_.add_qk_clip(id_of(query, "query"), id_of(key, "key"), std::move(heads), options);
+    clipped_.emplace_back(query, key);
+    return id;
+  }
+  /// After step(): rescales the heads whose largest logit in the last forward pass (a 1-D
+  /// tensor, one value per query head, any floating dtype and device) exceeded the threshold.
+  QkClipReport clip_qk(QkClipId id, const torch::Tensor& max_logits) {
+    if (max_logits.dim() != 1)
+      throw InvalidArgument("muon::libtorch::Muon::clip_qk: max_logits has " +
+                            std::to_string(max_logits.dim()) +
+                            " dimensions; expected one value per query head");
+    const torch::Tensor host = max_logits.detach().to(torch::kCPU, torch::kDouble).contiguous();
+    const QkClipReport report = engine_.clip_qk(
+        id, std::span<const double>(host.data_ptr<double>(), static_cast<std::size_t>(host.numel())));
+    if (report.clipped != 0)
+      for (const torch::Tensor& t : {clipped_[id.value].first, clipped_[id.value].second})
+        t.unsafeGetTensorImpl()->bump_version();
+    return report;
+  }
+
   /// What the last step() did (parameters updated, refusals, telemetry).
   [[nodiscard]] const StepReport& last_report() const noexcept { return last_; }
   /// The placement underneath (its state, backend and introspection).
@@ -458,6 +484,13 @@ class Muon : public torch::optim::Optimizer {
     const void* grad = nullptr;  // the gradient memory the engine reads, or null if none
     std::vector<int64_t> grad_strides;
   };
+
+  ParamId id_of(const torch::Tensor& t, const char* which) const {
+    for (const Entry& e : entries_)
+      if (e.param.unsafeGetTensorImpl() == t.unsafeGetTensorImpl()) return e.id;
+    throw InvalidArgument(std::string("muon::libtorch::Muon::add_qk_clip: the ") + which +
+                          " tensor is not a parameter of this optimizer");
+  }
 
   Options& as_options(std::size_t g) {
     if (!param_groups_[g].has_options())
@@ -567,6 +600,7 @@ class Muon : public torch::optim::Optimizer {
   std::vector<Options> seen_;     // the options the engine has of each
   std::vector<std::size_t> registered_;       // parameters registered of each param group
   std::vector<Entry> entries_;
+  std::vector<std::pair<torch::Tensor, torch::Tensor>> clipped_;  // each QK-clip's query and key
   StepReport last_;
 };
 

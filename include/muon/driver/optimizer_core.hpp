@@ -23,6 +23,7 @@
 #include <istream>
 #include <limits>
 #include <ostream>
+#include <span>
 #include <string>
 #include <utility>
 #include <vector>
@@ -32,6 +33,7 @@
 #include "muon/core/backend.hpp"
 #include "muon/core/options.hpp"
 #include "muon/core/parts.hpp"
+#include "muon/core/qk_clip.hpp"
 #include "muon/core/registration.hpp"
 #include "muon/core/serialize.hpp"
 #include "muon/driver/placement.hpp"
@@ -149,6 +151,7 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
   template <class F>
   void add_all_or_nothing(F&& add_some) {
     const std::size_t before = params_.size();
+    const std::size_t clips = clips_.size();
     auto units = units_;  // the plan as it is (copied first: restoring it cannot fail)
     auto order = order_;
     auto outcomes = outcomes_;
@@ -159,6 +162,7 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
     } catch (...) {
       params_.erase(params_.begin() + static_cast<std::ptrdiff_t>(before), params_.end());
       std::erase_if(watches_, [&](const Watch& w) { return w.param >= before; });
+      clips_.resize(clips);
       units_.swap(units), order_.swap(order), outcomes_.swap(outcomes);
       batches_.swap(batches), batched_.swap(batched);
       throw;
@@ -197,6 +201,74 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
   /// One optimizer step over every parameter that has a gradient. Gradients are checked for
   /// NaN/Inf first; if one is found nothing is modified (see NonFinitePolicy).
   StepReport step();  // defined below the class: see there
+
+  // ---- QK-clip (core/qk_clip.hpp says what it does) ---------------------------------------
+  /// Registers one attention layer's query and key heads (the same parameter for a fused QKV)
+  /// for clip_qk(). Sharded: on every rank, in the same order.
+  QkClipId add_qk_clip(ParamId query, ParamId key, AttentionHeads heads, QkClipOptions options = {}) {
+    const auto entered = enter("add_qk_clip");
+    const std::string what = "muon: add_qk_clip (clip " + std::to_string(clips_.size()) + ")";
+    check_qk_clip(heads, options, what);
+    const Param& q = param(query);
+    const Param& k = param(key);
+    const auto extent = [&](const Param& p) { return heads.axis == 0 ? p.value.rows() : p.value.cols(); };
+    std::vector<std::pair<index_t, index_t>> in_q, in_k;
+    for (index_t first : heads.query) in_q.emplace_back(first, first + heads.head_dim);
+    for (index_t first : heads.key) (query.value == key.value ? in_q : in_k).emplace_back(first, first + heads.head_dim);
+    check_head_blocks(std::move(in_q), extent(q), what + ", heads of '" + q.name + "' (" + shape_string(q.shape) + ")");
+    check_head_blocks(std::move(in_k), extent(k), what + ", key heads of '" + k.name + "' (" + shape_string(k.shape) + ")");
+    clips_.push_back({query.value, key.value, std::move(heads), options});
+    return {clips_.size() - 1};
+  }
+  /// Rescales the heads of clip `id` whose largest pre-softmax logit in the last forward pass
+  /// (one per query head, `max_logits`) exceeded the threshold; call it after step(). Sharded:
+  /// collective; each rank hands its own maxima and the largest over the ranks counts. A
+  /// wrong count or a NaN or +Inf logit (on any rank) is refused and nothing changes.
+  QkClipReport clip_qk(QkClipId id, std::span<const double> max_logits) {
+    const auto entered = enter("clip_qk");
+    std::string error;
+    if (id.value >= clips_.size())
+      error = "muon: clip_qk: no QK-clip with id " + std::to_string(id.value) + " (have " +
+              std::to_string(clips_.size()) + ")";
+    const Clip* c = error.empty() ? &clips_[id.value] : nullptr;
+    std::vector<double> group_max(c ? c->heads.groups() : 0, -std::numeric_limits<double>::infinity());
+    if (c && max_logits.size() != c->heads.query.size())
+      error = "muon: clip_qk (clip " + std::to_string(id.value) + "): " +
+              std::to_string(max_logits.size()) + " logits for " +
+              std::to_string(c->heads.query.size()) + " query heads";
+    for (std::size_t h = 0; error.empty() && h < max_logits.size(); ++h) {
+      const double s = max_logits[h];
+      if (std::isnan(s) || s == std::numeric_limits<double>::infinity())
+        error = "muon: clip_qk (clip " + std::to_string(id.value) + "): the logit of query head " +
+                std::to_string(h) + " is " + std::to_string(s) + "; nothing was rescaled";
+      else
+        group_max[c->heads.group_of(h)] = std::max(group_max[c->heads.group_of(h)], s);
+    }
+    if (self().agree_on_maxima(group_max, !error.empty(), c ? clip_fingerprint(*c) : 0))
+      throw InvalidArgument(error.empty() ? "muon: clip_qk: another rank refused it; nothing was rescaled" : error);
+    QkClipReport report;
+    const double tau = c->options.threshold;
+    for (std::size_t g = 0; g < group_max.size(); ++g) {
+      report.max_logit = std::max(report.max_logit, group_max[g]);
+      if (!(group_max[g] > tau)) continue;
+      const double eta = tau / group_max[g];
+      ++report.clipped;
+      report.min_eta = std::min(report.min_eta, eta);
+      const T on_query = static_cast<T>(clip_factor(eta, c->options.alpha));
+      for (std::size_t h = 0; h < c->heads.query.size(); ++h)
+        if (c->heads.group_of(h) == g) backend_.scale(head_block(c->query, c->heads, c->heads.query[h]), on_query);
+      if (!c->heads.key.empty())
+        backend_.scale(head_block(c->key, c->heads, c->heads.key[g]),
+                       static_cast<T>(clip_factor(eta, 1 - c->options.alpha)));
+    }
+    return report;
+  }
+  /// The same for single-precision logits.
+  QkClipReport clip_qk(QkClipId id, std::span<const float> max_logits) {
+    const std::vector<double> wide(max_logits.begin(), max_logits.end());
+    return clip_qk(id, std::span<const double>(wide));
+  }
+  [[nodiscard]] std::size_t num_qk_clips() const noexcept { return clips_.size(); }
 
   // ---- state files (driver/state_file.hpp: the layout) -----------------------------------
   /// Writes the state: the step counts and each rule's buffers over the part of every
@@ -482,6 +554,36 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
     }
   }
 
+  /// One registered QK-clip: its parameters (by index) and heads.
+  struct Clip {
+    std::size_t query, key;
+    AttentionHeads heads;
+    QkClipOptions options;
+  };
+  /// What the ranks must agree on before a sharded clip_qk: the clip's registration.
+  static std::uint64_t clip_fingerprint(const Clip& c) {
+    StateWriter w;
+    const auto heads = [&w](const std::vector<index_t>& firsts) {
+      w.put<std::uint64_t>(firsts.size());
+      for (index_t first : firsts) w.put<std::int64_t>(first);
+    };
+    w.put<std::uint64_t>(c.query);
+    w.put<std::uint64_t>(c.key);
+    heads(c.heads.query);
+    heads(c.heads.key);
+    w.put<std::int64_t>(c.heads.head_dim);
+    w.put<std::int32_t>(c.heads.axis);
+    w.put<double>(c.options.threshold);
+    w.put<double>(c.options.alpha);
+    return fnv1a64(w.finish());
+  }
+  /// A head's head_dim rows (or columns) from `first` of a parameter's flattened matrix.
+  View head_block(std::size_t param, const AttentionHeads& heads, index_t first) const {
+    const View v = params_[param].value;
+    return heads.axis == 0 ? v.block(first, 0, heads.head_dim, v.cols())
+                           : v.block(0, first, v.rows(), heads.head_dim);
+  }
+
   const Part& part_of(const Unit& u) const { return params_[u.param].parts[u.part]; }
 
   /// Batching backends: the matrices this process runs, by shape and group, in stacks of two
@@ -555,6 +657,7 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
   StepReport finish(std::size_t updated, const Tally& tally);
 
   std::vector<Watch> watches_;        // OptimizerOptions::watch_storage
+  std::vector<Clip> clips_;           // add_qk_clip
   std::vector<Unit> units_;           // every matrix of the orthogonalizing rules, in order
   std::vector<std::size_t> order_;    // units_, costliest first
   std::vector<Outcome> outcomes_;     // per unit, this step

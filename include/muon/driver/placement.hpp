@@ -8,7 +8,9 @@
 // placement, so a missing or misspelt hook is one error that names it.
 #include <concepts>
 #include <cstddef>
+#include <cstdint>
 #include <limits>
+#include <span>
 #include <string>
 #include <string_view>
 
@@ -47,6 +49,12 @@ struct PlacementAccess {
     { d.orthogonalizes_here(p) } -> std::same_as<bool>;  // this process runs its matrices
     d.publish(p, part);   // the piece (or one matrix) was updated here
     { d.exchange(t) } -> std::same_as<Tally>;  // the ranks' updates and tallies meet
+  };
+  // QK-clip's: each value becomes its largest over the ranks; true if any rank is `bad`
+  // (InvalidArgument on every rank if their clips' fingerprints differ).
+  template <class D>
+  static constexpr bool clips = requires(D& d, std::span<double> maxima, std::uint64_t fingerprint) {
+    { d.agree_on_maxima(maxima, true, fingerprint) } -> std::same_as<bool>;
   };
   // With an exchange, the hooks of the strategy that moves Newton-Schulz inputs (zero1).
   template <class D, class Param = typename D::Param>

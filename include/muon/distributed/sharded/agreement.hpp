@@ -5,6 +5,7 @@
 // non-finite flag) in two all_reduce_max of one word.
 #include <array>
 #include <cstdint>
+#include <span>
 #include <vector>
 
 #include "muon/distributed/sharded/placement.hpp"
@@ -50,6 +51,22 @@ bool ShardedOptimizer<B, T, C>::agree(bool nonfinite) {
                           "rules, order, options or gradients present differ); nothing was "
                           "changed");
   agreed_ = laid_out_;
+  return false;
+}
+
+template <class B, class T, class C>
+bool ShardedOptimizer<B, T, C>::agree_on_maxima(std::span<double> maxima, bool bad,
+                                                std::uint64_t fingerprint) {
+  constexpr std::uint64_t kFlag = std::uint64_t(1) << 63;
+  const std::uint64_t flag = bad ? kFlag : 0, low = fingerprint & ~kFlag, high = ~fingerprint & ~kFlag;
+  const std::uint64_t first = comm_.all_reduce_max(flag | low);
+  const std::uint64_t second = comm_.all_reduce_max(flag | high);
+  if ((first & kFlag) != 0) return true;
+  if (first != low || second != high)
+    throw InvalidArgument("muon: clip_qk: the ranks registered different QK-clips (parameters, "
+                          "heads or options), or called clip_qk with different ids; nothing was "
+                          "rescaled");
+  for (double& m : maxima) m = detail::from_ordered_bits(comm_.all_reduce_max(detail::ordered_bits(m)));
   return false;
 }
 

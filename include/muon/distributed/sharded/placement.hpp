@@ -10,6 +10,7 @@
 #include <istream>
 #include <numeric>
 #include <ostream>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -240,6 +241,10 @@ class ShardedOptimizer
   /// in the second, so every rank sees it.
   bool agree(bool nonfinite);
   std::uint64_t fingerprint() const;
+  /// Collective, for QK-clip: two all_reduce_max for `bad` and the clip's fingerprint (as
+  /// agree() does), then one per value (each rank holds every parameter whole, so each
+  /// rescales its own copy by the same factors).
+  bool agree_on_maxima(std::span<double> maxima, bool bad, std::uint64_t fingerprint);
 
   /// Lays out the parameters registered since the last call (local, deterministic). Those laid
   /// out before keep their pieces, offsets and state; the new ones go after them.
