@@ -537,10 +537,11 @@ int first_below(const Run& run, double target) {
 
 void write_csv(const std::string& path, const std::vector<Run>& runs) {
   std::ofstream out(path);
-  out << "optimizer,lr,step,validation_loss,seconds\n" << std::setprecision(17);
+  out << "optimizer,lr,step,validation_loss,seconds\n";
   for (const Run& r : runs)
     for (std::size_t i = 0; i < r.steps.size(); ++i)
-      out << r.optimizer << ',' << r.lr << ',' << r.steps[i] << ',' << r.validation[i] << ','
+      out << r.optimizer << ',' << r.lr << ',' << r.steps[i] << ',' << std::setprecision(17)
+          << r.validation[i] << std::setprecision(6) << ','
           << r.seconds[i] << '\n';
   if (!out) throw std::runtime_error("--csv: cannot write '" + path + "'");
 }

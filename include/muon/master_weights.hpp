@@ -113,12 +113,16 @@ class MasterWeights {
     return report;
   }
 
-  /// QK-clip (the optimizer's add_qk_clip, given the ids add() returned here) on the masters,
-  /// rounded into the 16-bit parameters when a head was rescaled.
+  /// QK-clip (the optimizer's add_qk_clip, given the ids add() returned here) on the masters;
+  /// the clip's two parameters are rounded into their 16-bit copies when a head was rescaled.
   template <class Logit>
   QkClipReport clip_qk(QkClipId id, std::span<const Logit> max_logits) {
     const QkClipReport report = opt_.clip_qk(id, max_logits);
-    if (report.clipped != 0) round_masters();
+    if (report.clipped != 0) {
+      const auto [query, key] = opt_.qk_clip_params(id);
+      for (Entry& e : entries_)
+        if (e.id.value == query.value || e.id.value == key.value) round_master(e);
+    }
     return report;
   }
 
@@ -143,9 +147,11 @@ class MasterWeights {
     Buffer master, grad_copy;
   };
 
+  void round_master(Entry& e) {
+    opt_.backend().copy(MatrixView<const T, Space>(wide(e.master, e)), e.param);
+  }
   void round_masters() {
-    for (Entry& e : entries_)
-      opt_.backend().copy(MatrixView<const T, Space>(wide(e.master, e)), e.param);
+    for (Entry& e : entries_) round_master(e);
   }
   MatrixView<T, Space> wide(Buffer& buf, const Entry& e) {
     return opt_.backend().view(buf, e.param.rows(), e.param.cols());

@@ -408,9 +408,7 @@ class Muon : public torch::optim::Optimizer {
   QkClipId add_qk_clip(const torch::Tensor& query, const torch::Tensor& key, AttentionHeads heads,
                        QkClipOptions options = {}) {
     sync();
-    const QkClipId id = engine_.add_qk_clip(id_of(query, "query"), id_of(key, "key"), std::move(heads), options);
-    clipped_.emplace_back(query, key);
-    return id;
+    return engine_.add_qk_clip(id_of(query, "query"), id_of(key, "key"), std::move(heads), options);
   }
   /// After step(): rescales the heads whose largest logit in the last forward pass (a 1-D
   /// tensor, one value per query head, any floating dtype and device) exceeded the threshold.
@@ -422,9 +420,11 @@ class Muon : public torch::optim::Optimizer {
     const torch::Tensor host = max_logits.detach().to(torch::kCPU, torch::kDouble).contiguous();
     const QkClipReport report = engine_.clip_qk(
         id, std::span<const double>(host.data_ptr<double>(), static_cast<std::size_t>(host.numel())));
-    if (report.clipped != 0)
-      for (const torch::Tensor& t : {clipped_[id.value].first, clipped_[id.value].second})
-        t.unsafeGetTensorImpl()->bump_version();
+    if (report.clipped != 0) {
+      const auto [query, key] = engine_.qk_clip_params(id);
+      for (const Entry& e : entries_)
+        if (e.id.value == query.value || e.id.value == key.value) e.param.unsafeGetTensorImpl()->bump_version();
+    }
     return report;
   }
 
@@ -600,7 +600,6 @@ class Muon : public torch::optim::Optimizer {
   std::vector<Options> seen_;     // the options the engine has of each
   std::vector<std::size_t> registered_;       // parameters registered of each param group
   std::vector<Entry> entries_;
-  std::vector<std::pair<torch::Tensor, torch::Tensor>> clipped_;  // each QK-clip's query and key
   StepReport last_;
 };
 

@@ -217,7 +217,8 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
     for (index_t first : heads.key) (query.value == key.value ? in_q : in_k).emplace_back(first, first + heads.head_dim);
     check_head_blocks(std::move(in_q), extent(q), what + ", heads of '" + q.name + "' (" + shape_string(q.shape) + ")");
     check_head_blocks(std::move(in_k), extent(k), what + ", key heads of '" + k.name + "' (" + shape_string(k.shape) + ")");
-    clips_.push_back({query.value, key.value, std::move(heads), options});
+    clips_.push_back({query.value, key.value, std::move(heads), options, 0});
+    clips_.back().fingerprint = clip_fingerprint(clips_.back());
     return {clips_.size() - 1};
   }
   /// Rescales the heads of clip `id` whose largest pre-softmax logit in the last forward pass
@@ -244,7 +245,7 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
       else
         group_max[c->heads.group_of(h)] = std::max(group_max[c->heads.group_of(h)], s);
     }
-    if (self().agree_on_maxima(group_max, !error.empty(), c ? clip_fingerprint(*c) : 0))
+    if (self().agree_on_maxima(group_max, !error.empty(), c ? c->fingerprint : 0))
       throw InvalidArgument(error.empty() ? "muon: clip_qk: another rank refused it; nothing was rescaled" : error);
     QkClipReport report;
     const double tau = c->options.threshold;
@@ -269,6 +270,13 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
     return clip_qk(id, std::span<const double>(wide));
   }
   [[nodiscard]] std::size_t num_qk_clips() const noexcept { return clips_.size(); }
+  /// The query and key parameters a clip rescales.
+  [[nodiscard]] std::pair<ParamId, ParamId> qk_clip_params(QkClipId id) const {
+    if (id.value >= clips_.size())
+      throw InvalidArgument("muon: no QK-clip with id " + std::to_string(id.value) + " (have " +
+                            std::to_string(clips_.size()) + ")");
+    return {ParamId{clips_[id.value].query}, ParamId{clips_[id.value].key}};
+  }
 
   // ---- state files (driver/state_file.hpp: the layout) -----------------------------------
   /// Writes the state: the step counts and each rule's buffers over the part of every
@@ -559,6 +567,7 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
     std::size_t query, key;
     AttentionHeads heads;
     QkClipOptions options;
+    std::uint64_t fingerprint;  // what the ranks compare before a sharded clip_qk
   };
   /// What the ranks must agree on before a sharded clip_qk: the clip's registration.
   static std::uint64_t clip_fingerprint(const Clip& c) {
