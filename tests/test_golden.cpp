@@ -2,8 +2,8 @@
 // muon_reference.py generate tests/golden): Newton-Schulz outputs and whole Muon and AdamW
 // trajectories; and from the public implementations of the other rules, run by
 // tests/reference/peer_reference.py (peer_cases.txt: Muon, AdamW, Lion and NorMuon with and
-// without cautious weight decay against microsoft/dion; PolarGrad, AdaMuon and the Newton-Schulz
-// coefficient sets against NVIDIA's Emerging-Optimizers). Float runs
+// without cautious weight decay against microsoft/dion; PolarGrad, AdaMuon, NorMuon under its
+// convention and the Newton-Schulz coefficient sets against NVIDIA's Emerging-Optimizers). Float runs
 // start from the same float64 inputs rounded to float.
 #include <catch2/catch.hpp>
 
@@ -221,23 +221,47 @@ TEMPLATE_TEST_CASE("PolarGrad trajectories match Emerging-Optimizers' PolarGrad"
       });
 }
 
+namespace {
+/// The options of a case run by Emerging-Optimizers' AdaptiveMuon: its scale modes as muon's,
+/// its extra_scale_factor as rms_factor.
+void adaptive_options(const GoldenCase& c, muon::MuonOptions& o) {
+  eo_options(c, o);
+  const std::string mode = c.opt.at("mode");
+  o.scale = mode == "spectral"        ? muon::ScaleMode::match_rms_adamw
+            : mode == "shape_scaling" ? muon::ScaleMode::original
+                                      : muon::ScaleMode::spectral;
+  o.rms_factor = c.num("extra");
+}
+}  // namespace
+
 TEMPLATE_TEST_CASE("AdaMuon trajectories match Emerging-Optimizers' AdaptiveMuon", "[golden]",
                    float, double) {
+  const auto moments = [](const GoldenCase& c, muon::AdaMuonOptions& o) {
+    adaptive_options(c, o);
+    o.beta2 = c.num("beta2");
+    o.moment_eps = c.num("eps");
+  };
   replay_cases<TestType>(
       "adamuon", "peer_cases.txt", 3,
-      [](const GoldenCase& c, muon::GroupOptions& g) {
-        muon::AdaMuonOptions& o = g.adamuon;
-        eo_options(c, o);
-        o.beta2 = c.num("beta2");
-        o.moment_eps = c.num("eps");
-        // the peer's scale modes as muon's; its extra_scale_factor is rms_factor
-        const std::string mode = c.opt.at("mode");
-        o.scale = mode == "spectral"        ? muon::ScaleMode::match_rms_adamw
-                  : mode == "shape_scaling" ? muon::ScaleMode::original
-                                            : muon::ScaleMode::spectral;
-        o.rms_factor = c.num("extra");
-      },
+      [&](const GoldenCase& c, muon::GroupOptions& g) { moments(c, g.adamuon); },
       [](const GoldenCase& c, auto& opt, auto w, auto grad) {
         opt.add(muon::rules::AdaMuon{}, c.name, w, grad);
+      });
+}
+
+TEMPLATE_TEST_CASE("NorMuon under Emerging-Optimizers' convention matches its AdaptiveMuon "
+                   "(a wide matrix per column)", "[golden]", float, double) {
+  replay_cases<TestType>(
+      "normuon_eo", "peer_cases.txt", 4,
+      [](const GoldenCase& c, muon::GroupOptions& g) {
+        muon::NorMuonOptions& o = g.normuon;
+        adaptive_options(c, o);
+        o.momentum_form = muon::MomentumForm::ema;
+        o.beta2 = c.num("beta2");
+        o.row_eps = c.num("eps");
+        o.convention = muon::NorMuonConvention::emerging_optimizers;
+      },
+      [](const GoldenCase& c, auto& opt, auto w, auto grad) {
+        opt.add(muon::rules::NorMuon{}, c.name, w, grad);
       });
 }

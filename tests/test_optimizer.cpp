@@ -341,6 +341,33 @@ TEST_CASE("bad registrations name the parameter and its shape and change nothing
   CHECK_NOTHROW(opt.step());
 }
 
+TEST_CASE("NorMuon's convention is refused a change that would resize a registered matrix's "
+          "state, and allowed where it does not", "[optimizer][errors]") {
+  Mat<float> tall = gaussian<float>(6, 4, 1), wide = gaussian<float>(3, 7, 2);
+  const Mat<float> g_tall = gaussian<float>(6, 4, 3), g_wide = gaussian<float>(3, 7, 4);
+  muon::GroupOptions eo;
+  eo.normuon.convention = muon::NorMuonConvention::emerging_optimizers;
+  Opt<float> opt;
+  const muon::GroupId second = opt.add_group({});
+  opt.add(muon::rules::NorMuon{}, "tall", tall, g_tall);            // per row either way
+  opt.add(muon::rules::NorMuon{}, "wide", wide, g_wide, second);  // per row, or per column
+  CHECK_NOTHROW(opt.set_group_options({}, eo));
+  CHECK_THROWS_WITH(opt.set_group_options(second, eo),
+                    Contains("'wide' (3x7)") && Contains("convention") && Contains("nothing was changed"));
+  CHECK(opt.group_options(second).normuon.convention == muon::NorMuonConvention::dion);
+  opt.step();
+  std::ostringstream saved;
+  opt.save_state(saved);
+  // A state saved under one convention does not load where the wide matrix keeps its state per
+  // column: one value per column (7), not per row (3).
+  Mat<float> tall2 = tall, wide2 = wide;
+  Opt<float> other(eo);
+  other.add(muon::rules::NorMuon{}, "tall", tall2, g_tall);
+  other.add(muon::rules::NorMuon{}, "wide", wide2, g_wide);
+  std::istringstream in(saved.str());
+  CHECK_THROWS_AS(other.load_state(in), muon::StateError);
+}
+
 TEMPLATE_TEST_CASE("empty matrices are a no-op", "[optimizer]", float, double) {
   Opt<TestType> opt;
   Mat<TestType> w(0, 5), b(3, 0);
@@ -854,6 +881,8 @@ TEST_CASE("enumerators outside their enum are refused where given, naming the fi
   expect_refused(
       [](auto& g) { g.muon.newton_schulz.method = static_cast<muon::NewtonSchulzMethod>(9); },
       "newton_schulz.method");
+  expect_refused([](auto& g) { g.normuon.convention = static_cast<muon::NorMuonConvention>(2); },
+                 "normuon.convention");
   muon::OptimizerOptions o;
   o.non_finite = static_cast<muon::NonFinitePolicy>(5);
   CHECK_THROWS_WITH(Opt<float>({}, o), Contains("non_finite"));

@@ -563,6 +563,9 @@ muon::GroupOptions every_rule_options() {
   muon::GroupOptions g = sharded_options();
   g.lion.lr = 0.003;
   g.lion.weight_decay = 0.1;
+  // NorMuon's state per column of a wide matrix (dion's per row is NorMuon's default, checked
+  // in test_golden.cpp)
+  g.normuon.convention = muon::NorMuonConvention::emerging_optimizers;
   return g;
 }
 

@@ -11,8 +11,10 @@ Peers (fetched, never vendored; nothing here runs in CI):
         fd7729267109a8848709e9406bf19e53e970c3f4): its _COEFFICIENT_SETS, its step
         newton_schulz_step and its coefficient iterator, in float64 (its newton_schulz() takes
         float32 only; the script checks that it agrees with the float64 run to float32 rounding).
-        PolarGrad and AdaMuon: the same repository, orthogonalized_optimizers/polargrad.py and
-        adaptive_muon.py (moment2_method="adamuon"), the optimizers themselves, in float64 with its newton_schulz() replaced by the float64 iteration above.
+        PolarGrad, AdaMuon and its NorMuon: the same repository, orthogonalized_
+        optimizers/polargrad.py and adaptive_muon.py (moment2_method "adamuon" and
+        "normuon"), the optimizers themselves, in float64 with its newton_schulz() replaced
+        by the float64 iteration above.
         It needs Python >= 3.12.
   NorMuon and Muon (cautious weight decay): microsoft/dion, dion/normuon.py and dion/muon.py,
         the NorMuon and Muon optimizers themselves (same commit), single
@@ -33,8 +35,9 @@ Set-up, once (PyPI's torch; Debian's python3-torch is too old):
         tests/golden/peer_cases.txt;
     /tmp/peers/venv/bin/python tests/reference/peer_reference.py check-cli path/to/muon-cli --dion /tmp/peers/dion [--eo /tmp/peers/eo] [--seed N]
         draws fresh random trajectories (a new seed each run unless given), runs
-        `muon-cli step --rule NAME` for lion, adamw, muon and normuon (and polargrad and
-        adamuon with --eo) on them and compares with the peer;
+        `muon-cli step --rule NAME` for lion, adamw, muon and normuon (and polargrad,
+        adamuon and normuon --convention emerging_optimizers with --eo) on them and
+        compares with the peer;
         exit status 1 on a mismatch.
 
 The peer runs eagerly (TORCHDYNAMO_DISABLE=1: its torch.compile decorator is then a no-op, the
@@ -162,15 +165,16 @@ def polargrad_trajectory(eo_path, w0, grads, lr, mu, wd, nesterov, coefficients,
         coefficient_type=coefficients, extra_scale_factor=extra), w0, grads)
 
 
-def adamuon_trajectory(eo_path, w0, grads, lr, mu, wd, nesterov, coefficients, mode, extra,
-                       beta2, eps):
+def adaptive_trajectory(eo_path, method, w0, grads, lr, mu, wd, nesterov, coefficients, mode,
+                        extra, beta2, eps):
+    """Emerging-Optimizers' AdaptiveMuon with moment2_method `method`."""
     sys.path.insert(0, eo_path)
     from emerging_optimizers.orthogonalized_optimizers import adaptive_muon, muon_utils
     eo_float64(muon_utils)
     return optimizer_trajectory(lambda params: adaptive_muon.AdaptiveMuon(
         params, lr=lr, momentum=mu, weight_decay=wd, nesterov=bool(nesterov),
         coefficient_type=coefficients, scale_mode=mode, extra_scale_factor=extra,
-        moment2_method="adamuon", beta2=beta2, eps=eps), w0, grads)
+        moment2_method=method, beta2=beta2, eps=eps), w0, grads)
 
 
 # Emerging-Optimizers' scale modes as muon's (with the peer's extra_scale_factor as rms_factor
@@ -196,6 +200,15 @@ EO_CASES = [
                                              extra=1.0, beta2=0.99, eps=1e-6)),
 ]
 EO_SCHEDULES = {"quintic": "quintic", "simple": "simple", "cans": "cans"}
+
+# AdaptiveMuon's NorMuon on AdaMuon's cases, under the peer's convention (a wide matrix per
+# column), and one more wide case whose eps floors V
+EO_ADAPTIVE_CASES = [("normuon_eo", name, shape, kw) for kind, name, shape, kw in EO_CASES
+                     if kind == "adamuon"] + [
+    ("normuon_eo", "wide_floor", (4, 9), dict(lr=0.005, mu=0.8, wd=0.05, nesterov=0,
+                                              coefficients="cans", mode="shape_scaling",
+                                              extra=1.0, beta2=0.99, eps=0.05)),
+]
 
 
 def newton_schulz_f64(x, epsilon=None):
@@ -345,7 +358,8 @@ def generate(outdir, dion, dion_path, muon_utils, eo_path):
                  lion=lambda w, g, **kw: lion_trajectory(dion, w, g, **kw),
                  adamw=lambda w, g, **kw: adamw_trajectory(dion, w, g, **kw),
                  polargrad=lambda w, g, **kw: polargrad_trajectory(eo_path, w, g, **kw),
-                 adamuon=lambda w, g, **kw: adamuon_trajectory(eo_path, w, g, **kw))
+                 adamuon=lambda w, g, **kw: adaptive_trajectory(eo_path, "adamuon", w, g, **kw),
+                 normuon_eo=lambda w, g, **kw: adaptive_trajectory(eo_path, "normuon", w, g, **kw))
     rng = np.random.default_rng(20261204)
     write_trajectories(outdir, lines, rng, [("lion",) + c for c in LION_CASES], peers, 5)
     write_trajectories(outdir, lines, rng, [("normuon",) + c for c in NORMUON_CASES], peers, 5)
@@ -358,6 +372,7 @@ def generate(outdir, dion, dion_path, muon_utils, eo_path):
         lines.append(f"nsset {case} {','.join(map(str, shape))} schedule={schedule} steps={steps}")
     write_trajectories(outdir, lines, np.random.default_rng(20261206), CAUTIOUS_CASES, peers, 4)
     write_trajectories(outdir, lines, np.random.default_rng(20261207), EO_CASES, peers, 4)
+    write_trajectories(outdir, lines, np.random.default_rng(20261208), EO_ADAPTIVE_CASES, peers, 4)
     with open(os.path.join(outdir, "peer_cases.txt"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -429,20 +444,27 @@ def polargrad_trial(eo_path, rng, trial):
     return shape, kw, flags, lambda w, g: polargrad_trajectory(eo_path, w, g, **kw)
 
 
-def adamuon_trial(eo_path, rng, trial):
-    """A random AdaMuon case (Emerging-Optimizers' AdaptiveMuon, moment2_method="adamuon")."""
+def adaptive_trial(eo_path, method, rng, trial):
+    """A random case of Emerging-Optimizers' AdaptiveMuon with moment2_method `method`
+    (adamuon, normuon: muon's rule of that name, normuon under the peer's convention)."""
     shape = [(6, 4), (3, 7), (5, 5)][trial % 3]
     mode = ["spectral", "shape_scaling", "unit_rms_norm"][int(rng.integers(0, 3))]
     kw = dict(lr=float(rng.uniform(1e-4, 1e-2)), mu=float(rng.uniform(0.5, 0.99)),
               wd=float(rng.uniform(0, 0.2)), nesterov=int(rng.integers(0, 2)),
               coefficients=["quintic", "simple", "cans"][int(rng.integers(0, 3))], mode=mode,
               extra=float(rng.uniform(0.1, 1)) if mode == "spectral" else 1.0,
-              beta2=float(rng.uniform(0.5, 0.999)), eps=1e-8)
+              beta2=float(rng.uniform(0.5, 0.999)),
+              eps=float(10 ** rng.uniform(-8, -1)) if method == "normuon" else 1e-8)
     flags = ["--lr", repr(kw["lr"]), "--momentum", repr(kw["mu"]), "--weight-decay",
              repr(kw["wd"]), "--nesterov", "on" if kw["nesterov"] else "off", "--schedule",
              EO_SCHEDULES[kw["coefficients"]], "--scale", EO_SCALES[mode], "--rms-factor",
-             repr(kw["extra"]), "--beta2", repr(kw["beta2"]), "--moment-eps", repr(kw["eps"])]
-    return shape, kw, flags, lambda w, g: adamuon_trajectory(eo_path, w, g, **kw)
+             repr(kw["extra"]), "--beta2", repr(kw["beta2"])]
+    if method == "normuon":  # muon's NorMuon has dion's defaults: set what differs
+        flags += ["--convention", "emerging_optimizers", "--row-eps", repr(kw["eps"]),
+                  "--momentum-form", "ema"]
+    else:
+        flags += ["--moment-eps", repr(kw["eps"])]
+    return shape, kw, flags, lambda w, g: adaptive_trajectory(eo_path, method, w, g, **kw)
 
 
 def check_cli(cli, rules, seed):
@@ -503,8 +525,10 @@ def main():
         muon = load_dion_muon(args[args.index("--dion") + 1])
         eo = [("polargrad", 6, lambda rng, t: polargrad_trial(args[args.index("--eo") + 1], rng, t),
                "Emerging-Optimizers' PolarGrad", 1e-10),
-              ("adamuon", 6, lambda rng, t: adamuon_trial(args[args.index("--eo") + 1], rng, t),
-               "Emerging-Optimizers' AdaptiveMuon", 1e-10)] if "--eo" in args else []
+              ("adamuon", 6, lambda rng, t: adaptive_trial(args[args.index("--eo") + 1], "adamuon", rng, t),
+               "Emerging-Optimizers' AdaptiveMuon", 1e-10),
+              ("normuon", 6, lambda rng, t: adaptive_trial(args[args.index("--eo") + 1], "normuon", rng, t),
+               "Emerging-Optimizers' AdaptiveMuon (normuon)", 1e-10)] if "--eo" in args else []
         return check_cli(args[1], eo + [
             ("lion", 8, lambda rng, t: lion_trial(dion, rng, t), "dion's lion_update", 1e-12),
             ("adamw", 6, lambda rng, t: adamw_trial(dion, rng, t), "dion's adamw_update", 1e-12),

@@ -87,7 +87,7 @@ void OptimizerCore<Derived, B, T, ParamExtra>::run_batch(const Batch& b) {
     }
   const View scratch = this->scratch<R>(workers_[0].scratch, part_of(units_[present_[0]]));
   for (std::size_t i = 0; i < present_.size(); ++i) {
-    observe_input<R>(params_[units_[present_[i]].param], ConstView(slot(batch_in_, i)), scratch);
+    observe<R>(present_[i], ConstView(slot(batch_in_, i)), scratch);
     finish_matrix<R>(present_[i], ConstView(slot(batch_out_, i)), slot(batch_saved_, i), scratch,
                      all_finite);
   }

@@ -122,6 +122,14 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
     const auto entered = enter("set_group_options");
     check_group(id);
     Group group = make_group(options, id.value);
+    for (const Param& p : params_)
+      if (p.group == id.value && matrix_state_size(p, options) != matrix_state_size(p))
+        throw InvalidArgument("muon: set_group_options (group " + std::to_string(id.value) +
+                              "): the new " + rules::All::describe(static_cast<std::uint8_t>(p.rule)) +
+                              " options would resize the state of parameter '" + p.name + "' (" +
+                              shape_string(p.shape) +
+                              "), which is fixed once it is registered (NorMuonOptions::"
+                              "convention: per row or per column); nothing was changed");
     bool replan = false;
     rules::All::for_each([&](auto rule) {
       using R = decltype(rule);
@@ -157,6 +165,8 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
     auto outcomes = outcomes_;
     auto batches = batches_;
     auto batched = batched_;
+    auto norm_slot = norm_slot_;
+    const std::size_t norm_slots = norm_slots_;
     try {
       std::forward<F>(add_some)();
     } catch (...) {
@@ -164,7 +174,8 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
       std::erase_if(watches_, [&](const Watch& w) { return w.param >= before; });
       clips_.resize(clips);
       units_.swap(units), order_.swap(order), outcomes_.swap(outcomes);
-      batches_.swap(batches), batched_.swap(batched);
+      batches_.swap(batches), batched_.swap(batched), norm_slot_.swap(norm_slot);
+      norm_slots_ = norm_slots;
       throw;
     }
   }
@@ -415,10 +426,12 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
   }
   /// The length of each of p's buffers per matrix held here: all its matrices' elements where
   /// they are orthogonalized, else 0.
-  index_t matrix_state_size(const Param& p) {
+  index_t matrix_state_size(const Param& p) { return matrix_state_size(p, groups_[p.group].options); }
+  index_t matrix_state_size(const Param& p, const GroupOptions& options) {
     if (rules::All::matrix_buffers(p.rule) == 0 || !self().orthogonalizes_here(p)) return 0;
     index_t n = 0;
-    for (const Part& part : p.parts) n += rules::All::matrix_state_elements(p.rule, part.rows, part.cols);
+    for (const Part& part : p.parts)
+      n += rules::All::matrix_state_elements(p.rule, part.rows, part.cols, options);
     return n;
   }
   /// A matrix's elements of rule R's buffers per matrix, each as a column (elements x 1).
@@ -428,7 +441,8 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
     std::size_t i = 0;  // (a range-for: no comparison with a size that may be 0)
     for (View& buffer : v) {
       const View all = backend_.view(p.matrix_state[i], 1, static_cast<index_t>(p.matrix_state[i].size()));
-      buffer = View(all.data() + part.state_at, matrix_state_of<R>(part.rows, part.cols), 1, 1, 1);
+      buffer = View(all.data() + part.state_at,
+                    matrix_state_of<R>(part.rows, part.cols, R::options(groups_[p.group].options)), 1, 1, 1);
       ++i;
     }
     return v;
@@ -438,12 +452,28 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
   View scratch(Buffer& buf, const Part& part) {
     return backend_.view(buf, 1, muon::detail::scratch_of<R>(part.rows, part.cols));
   }
-  /// Hands a matrix's Newton-Schulz input to its rule, for a rule that reads it in apply()
-  /// (observe_input; it writes only its scratch).
+  /// Whether rule R reads each matrix's ||G||_F^2 (observe_gradient_norm: NAMO).
   template <class R>
-  void observe_input(const Param& p, ConstView in, View scratch) {
-    if constexpr (requires { R::observe_input(backend_, in, scratch, R::options(groups_[0].options)); })
-      R::observe_input(backend_, in, scratch, R::options(groups_[p.group].options));
+  static constexpr bool reads_gradient_norm =
+      requires(B& b, ConstView c, View v, const typename R::Options& o) {
+        R::observe_gradient_norm(b, c, v, o);
+      };
+  /// Hands matrix u's Newton-Schulz input, and its gradient's squared norm, to its rule, for a
+  /// rule that reads them in apply() (observe_input, observe_gradient_norm: each writes only
+  /// the rule's scratch).
+  template <class R>
+  void observe(std::size_t u, ConstView in, View scratch) {
+    const auto& options = R::options(groups_[params_[units_[u].param].group].options);
+    if constexpr (reads_gradient_norm<R>)
+      R::observe_gradient_norm(backend_, gradient_norm(u), scratch, options);
+    if constexpr (requires { R::observe_input(backend_, in, scratch, options); })
+      R::observe_input(backend_, in, scratch, options);
+  }
+  /// Matrix u's ||G||_F^2 as measured this step (1 x 1, in the backend's memory).
+  ConstView gradient_norm(std::size_t u) {
+    return ConstView(backend_.view(gradient_norms_, 1, static_cast<index_t>(gradient_norms_.size())).data() +
+                         norm_slot_[u],
+                     1, 1, 1, 1);
   }
   /// Grows a scratch buffer to what the rule of parameter p needs for `part`.
   void reserve_scratch(Buffer& buf, const Param& p, const Part& part) {
@@ -522,7 +552,7 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
       index_t at = 0;
       for (Part& part : p.parts) {
         part.state_at = at;
-        at += rules::All::matrix_state_elements(rule, part.rows, part.cols);
+        at += rules::All::matrix_state_elements(rule, part.rows, part.cols, groups_[group.value].options);
       }
     }
     params_.push_back(std::move(p));
@@ -663,6 +693,10 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
   /// The refusals of the matrices run here (units_ lists a parameter's matrices together).
   Tally local_tally() const;
 
+  /// ||G||_F^2 of every matrix whose rule reads it (reads_gradient_norm), into its slot of
+  /// gradient_norms_: over the block of it held here, then, zero1, summed over the ranks.
+  void measure_gradient_norms();
+
   StepReport finish(std::size_t updated, const Tally& tally);
 
   std::vector<Watch> watches_;        // OptimizerOptions::watch_storage
@@ -677,6 +711,11 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
   std::vector<char> batched_;             // per unit: runs in a batch
   std::vector<std::size_t> present_;      // a batch's units taking part this step (reserved)
   Buffer batch_in_, batch_out_, batch_saved_;
+  /// Per unit whose rule reads ||G||_F^2: its slot in gradient_norms_ (the others: none), then
+  /// room for a block's row sums.
+  std::vector<std::size_t> norm_slot_;
+  std::size_t norm_slots_ = 0;
+  Buffer gradient_norms_;
 };
 
 }  // namespace detail

@@ -65,6 +65,7 @@ struct PlacementAccess {
     { d.saved_piece(p) } -> std::same_as<typename D::View>;
     d.gathered_input(p, part, v);
     d.restore_momentum(p, part);
+    d.sum_over_ranks(v);  // each value becomes its sum over the ranks (NAMO's ||G||_F^2)
   };
   // The state file's (driver/state_file.hpp).
   template <class D>

@@ -37,6 +37,20 @@ void OptimizerCore<Derived, B, T, ParamExtra>::plan() {
       reserve_scratch(workers_[w].scratch, p, part);
     }
   }
+  std::vector<std::size_t> norm_slot(units.size(), 0);
+  std::size_t slots = 0;
+  index_t block_rows = 0;
+  for (std::size_t u = 0; u < units.size(); ++u) {
+    const Param& p = params_[units[u].param];
+    rules::All::visit(p.rule, [&](auto rule) {
+      if constexpr (reads_gradient_norm<decltype(rule)>) {
+        norm_slot[u] = slots++;
+        block_rows = std::max(block_rows, p.parts[units[u].part].block_rows);
+      }
+    });
+  }
+  if (slots > 0 && static_cast<index_t>(gradient_norms_.size()) < static_cast<index_t>(slots) + block_rows)
+    backend_.resize(gradient_norms_, static_cast<index_t>(slots) + block_rows);
   outcomes_.assign(units.size(), Outcome{});
   std::size_t chunks = 0;  // when every parameter takes part
   for (const Param& p : params_)
@@ -50,6 +64,39 @@ void OptimizerCore<Derived, B, T, ParamExtra>::plan() {
   spread_.reserve(units.size() + chunks);
   units_ = std::move(units);
   order_ = std::move(order);
+  norm_slot_ = std::move(norm_slot);
+  norm_slots_ = slots;
+}
+
+template <class Derived, class B, class T, class ParamExtra>
+void OptimizerCore<Derived, B, T, ParamExtra>::measure_gradient_norms() {
+  if (norm_slots_ == 0) return;
+  Derived& d = self();
+  T* const slots = backend_.view(gradient_norms_, 1, static_cast<index_t>(gradient_norms_.size())).data();
+  const View row_sums(slots + norm_slots_, static_cast<index_t>(gradient_norms_.size() - norm_slots_), 1, 1, 1);
+  static constexpr T zero = 0;
+  for (std::size_t u = 0; u < units_.size(); ++u) {
+    const Param& p = params_[units_[u].param];
+    bool reads = false;
+    rules::All::visit(p.rule, [&](auto rule) { reads = reads_gradient_norm<decltype(rule)>; });
+    if (!reads) continue;
+    const View slot(slots + norm_slot_[u], 1, 1, 1, 1);
+    // the part's block of the flattened matrix, where it meets the piece held here
+    const Part& part = part_of(units_[u]);
+    const Piece mine = d.piece(p);
+    const index_t r0 = std::max(part.row0, mine.row0), c0 = std::max(part.col0, mine.col0),
+                  r1 = std::min(part.row0 + part.block_rows, mine.row0 + mine.rows),
+                  c1 = std::min(part.col0 + part.block_cols, mine.col0 + mine.cols);
+    if (!p.takes_part() || r1 <= r0 || c1 <= c0) {
+      backend_.copy_from_host(&zero, slot);
+      continue;
+    }
+    const View sums = row_sums.block(0, 0, r1 - r0, 1);
+    backend_.reduce_rows(stage::Square{}, sums, d.gradient(p).block(r0 - mine.row0, c0 - mine.col0, r1 - r0, c1 - c0));
+    backend_.reduce_rows(stage::Identity{}, slot, ConstView(sums).transposed());
+  }
+  if constexpr (Derived::exchanges)
+    d.sum_over_ranks(View(slots, 1, static_cast<index_t>(norm_slots_), static_cast<index_t>(norm_slots_), 1));
 }
 
 template <class Derived, class B, class T, class ParamExtra>

@@ -27,6 +27,7 @@ StepReport OptimizerCore<Derived, B, T, ParamExtra>::step() {
   const Param* bad = first_nonfinite_grad();
   if (d.refused_together(bad)) return d.refuse(bad);
   d.reduce_gradients();
+  measure_gradient_norms();
   std::size_t updated = 0;
   chunks_.clear();
   for (std::size_t i = 0; i < params_.size(); ++i) {
@@ -141,7 +142,7 @@ void OptimizerCore<Derived, B, T, ParamExtra>::run_matrix(std::size_t u, Worker&
       const View saved = backend_.view(w.saved, part.rows, part.cols);
       prepare_input<R>(u, in, saved);
       const View scratch = this->scratch<R>(w.scratch, part);
-      observe_input<R>(p, ConstView(in), scratch);
+      observe<R>(u, ConstView(in), scratch);
       const ConstView o = w.ns.run(backend_, part.rows, part.cols, schedule<R>(p),
                                    R::options(groups_[p.group].options).newton_schulz,
                                    options_.telemetry ? &outcomes_[u].ns : nullptr);

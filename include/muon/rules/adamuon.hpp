@@ -71,7 +71,7 @@ struct AdaMuon {
     return Muon::update_scale(o, rows, cols);
   }
   /// V's elements for a rows x cols matrix.
-  static index_t matrix_state_elements(index_t rows, index_t cols) { return rows * cols; }
+  static index_t matrix_state_elements(index_t rows, index_t cols, const Options&) { return rows * cols; }
 
   template <class B, class T, class S>
   static void accumulate(B& backend, MatrixView<T, S> m, MatrixView<const T, S> g,

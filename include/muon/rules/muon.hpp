@@ -132,8 +132,12 @@ struct Muon {
     bool cautious;
   };
   static Step step(const Options& o, index_t rows, index_t cols) {
-    return {1 - o.lr * o.weight_decay, o.lr * update_scale(o, rows, cols),
-            o.lr * o.weight_decay, o.cautious_weight_decay && o.weight_decay != 0};
+    return step(o, update_scale(o, rows, cols));
+  }
+  /// The same with the factor s given (a rule whose update_scale() is not Muon's).
+  static Step step(const Options& o, double scale) {
+    return {1 - o.lr * o.weight_decay, o.lr * scale, o.lr * o.weight_decay,
+            o.cautious_weight_decay && o.weight_decay != 0};
   }
   /// The update stage on (W, O).
   template <class T>
@@ -149,6 +153,18 @@ struct Muon {
         w = stage::cautious_decay(w, o, coeff) - alpha * o;
       else
         w = w * decay - alpha * o;
+    }
+  };
+  /// The update stage on (W, O) of a rule whose step is O times a factor that an earlier
+  /// stage computed, read where that stage wrote it (PolarGrad's nu, NAMO's alpha).
+  template <class T>
+  struct ScaledApply {
+    Apply<T> muon;
+    const T* factor;
+    ScaledApply(Step s, const T* factor) : muon(s), factor(factor) {}
+    template <class W, class O>
+    MUON_HOST_DEVICE void operator()(W&& w, const O& o) const {
+      muon(w, o * *factor);
     }
   };
   /// `state` (buffers per matrix) and `scratch` are for other rules (none here).

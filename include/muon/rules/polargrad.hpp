@@ -85,18 +85,6 @@ struct PolarGrad {
       a = a * b;
     }
   };
-  /// The update stage on (W, O); nu is read where the reduction wrote it.
-  template <class T>
-  struct Apply {
-    Muon::Apply<T> muon;
-    const T* nu;
-    Apply(Muon::Step s, const T* nu) : muon(s), nu(nu) {}
-    template <class W, class O>
-    MUON_HOST_DEVICE void operator()(W&& w, const O& o) const {
-      muon(w, o * *nu);
-    }
-  };
-
   template <class B, class T, class S>
   static void apply(B& backend, MatrixView<T, S> w, MatrixView<const T, S> o,
                     const MatrixView<T, S>* /*state*/, MatrixView<T, S> scratch,
@@ -109,9 +97,7 @@ struct PolarGrad {
     backend.each(Multiply{}, u, o);  // U .* O
     backend.reduce_rows(stage::Identity{}, r, ConstView(u));
     backend.reduce_rows(stage::Identity{}, nu, ConstView(r).transposed());
-    Muon::Step step = Muon::step(options, m, n);
-    step.alpha *= options.extra_scale;
-    backend.each(Apply<T>(step, nu.data()), w, o);
+    backend.each(Muon::ScaledApply<T>(Muon::step(options, update_scale(options, m, n)), nu.data()), w, o);
   }
 };
 

@@ -40,7 +40,7 @@ constexpr bool distinct_ids() {
 
 /// A rule's optional members, 0 when it has none: its buffers kept with each of its matrices
 /// where the matrix is orthogonalized (matrix_buffers, each of matrix_state_elements(rows,
-/// cols)), and apply()'s scratch elements for a rows x cols matrix.
+/// cols, options)), and apply()'s scratch elements for a rows x cols matrix.
 template <class R>
 constexpr std::size_t matrix_buffers_of() {
   if constexpr (requires { R::matrix_buffers; })
@@ -49,9 +49,9 @@ constexpr std::size_t matrix_buffers_of() {
     return 0;
 }
 template <class R>
-index_t matrix_state_of(index_t rows, index_t cols) {
-  if constexpr (requires { R::matrix_state_elements(rows, cols); })
-    return R::matrix_state_elements(rows, cols);
+index_t matrix_state_of(index_t rows, index_t cols, const typename R::Options& o) {
+  if constexpr (requires { R::matrix_state_elements(rows, cols, o); })
+    return R::matrix_state_elements(rows, cols, o);
   else
     return 0;
 }
@@ -114,10 +114,14 @@ struct RuleList {
     visit(id, [&](auto rule) { n = muon::detail::matrix_buffers_of<decltype(rule)>(); });
     return n;
   }
-  /// Elements of each such buffer for a rows x cols matrix.
-  static index_t matrix_state_elements(UpdateRule id, index_t rows, index_t cols) {
+  /// Elements of each such buffer for a rows x cols matrix under a group's options.
+  template <class Group>
+  static index_t matrix_state_elements(UpdateRule id, index_t rows, index_t cols, const Group& g) {
     index_t n = 0;
-    visit(id, [&](auto rule) { n = muon::detail::matrix_state_of<decltype(rule)>(rows, cols); });
+    visit(id, [&](auto rule) {
+      using Rule = decltype(rule);
+      n = muon::detail::matrix_state_of<Rule>(rows, cols, Rule::options(g));
+    });
     return n;
   }
   /// A listed rule's position in the list, at compile time.

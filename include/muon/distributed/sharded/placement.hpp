@@ -225,6 +225,11 @@ class ShardedOptimizer
   void gathered_input(const Param& p, const Part& part, View in);
   /// zero1: puts back this rank's slice of a refused matrix's momentum.
   void restore_momentum(Param& p, const Part& part);
+  /// zero1: each value becomes its sum over the ranks (a matrix's ||G||_F^2 from the slices
+  /// of its gradient); owner_compute's owner holds the whole gradient already.
+  void sum_over_ranks(View v) {
+    if (strategy_ == ShardingStrategy::zero1) comm_.all_reduce_sum(v.data(), static_cast<std::size_t>(v.size()));
+  }
   bool carries_status() const {
     return strategy_ == ShardingStrategy::owner_compute &&
            options_.non_finite != NonFinitePolicy::unchecked && comm_.size() > 1;
