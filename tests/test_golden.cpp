@@ -2,8 +2,8 @@
 // muon_reference.py generate tests/golden): Newton-Schulz outputs and whole Muon and AdamW
 // trajectories; and from the public implementations of the other rules, run by
 // tests/reference/peer_reference.py (peer_cases.txt: Muon, AdamW, Lion and NorMuon with and
-// without cautious weight decay against microsoft/dion; PolarGrad, AdaMuon, NorMuon under its
-// convention and the Newton-Schulz coefficient sets against NVIDIA's Emerging-Optimizers). Float runs
+// without cautious weight decay against microsoft/dion; PolarGrad, AdaMuon, NAMO, NorMuon under
+// its convention and the Newton-Schulz coefficient sets against NVIDIA's Emerging-Optimizers). Float runs
 // start from the same float64 inputs rounded to float.
 #include <catch2/catch.hpp>
 
@@ -234,8 +234,8 @@ void adaptive_options(const GoldenCase& c, muon::MuonOptions& o) {
 }
 }  // namespace
 
-TEMPLATE_TEST_CASE("AdaMuon trajectories match Emerging-Optimizers' AdaptiveMuon", "[golden]",
-                   float, double) {
+TEMPLATE_TEST_CASE("AdaMuon and NAMO trajectories match Emerging-Optimizers' AdaptiveMuon",
+                   "[golden]", float, double) {
   const auto moments = [](const GoldenCase& c, muon::AdaMuonOptions& o) {
     adaptive_options(c, o);
     o.beta2 = c.num("beta2");
@@ -246,6 +246,12 @@ TEMPLATE_TEST_CASE("AdaMuon trajectories match Emerging-Optimizers' AdaptiveMuon
       [&](const GoldenCase& c, muon::GroupOptions& g) { moments(c, g.adamuon); },
       [](const GoldenCase& c, auto& opt, auto w, auto grad) {
         opt.add(muon::rules::AdaMuon{}, c.name, w, grad);
+      });
+  replay_cases<TestType>(
+      "namo", "peer_cases.txt", 3,
+      [&](const GoldenCase& c, muon::GroupOptions& g) { moments(c, g.namo); },
+      [](const GoldenCase& c, auto& opt, auto w, auto grad) {
+        opt.add(muon::rules::Namo{}, c.name, w, grad);
       });
 }
 

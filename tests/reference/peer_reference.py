@@ -11,8 +11,8 @@ Peers (fetched, never vendored; nothing here runs in CI):
         fd7729267109a8848709e9406bf19e53e970c3f4): its _COEFFICIENT_SETS, its step
         newton_schulz_step and its coefficient iterator, in float64 (its newton_schulz() takes
         float32 only; the script checks that it agrees with the float64 run to float32 rounding).
-        PolarGrad, AdaMuon and its NorMuon: the same repository, orthogonalized_
-        optimizers/polargrad.py and adaptive_muon.py (moment2_method "adamuon" and
+        PolarGrad, AdaMuon, NAMO and its NorMuon: the same repository, orthogonalized_
+        optimizers/polargrad.py and adaptive_muon.py (moment2_method "adamuon", "namo" and
         "normuon"), the optimizers themselves, in float64 with its newton_schulz() replaced
         by the float64 iteration above.
         It needs Python >= 3.12.
@@ -36,7 +36,7 @@ Set-up, once (PyPI's torch; Debian's python3-torch is too old):
     /tmp/peers/venv/bin/python tests/reference/peer_reference.py check-cli path/to/muon-cli --dion /tmp/peers/dion [--eo /tmp/peers/eo] [--seed N]
         draws fresh random trajectories (a new seed each run unless given), runs
         `muon-cli step --rule NAME` for lion, adamw, muon and normuon (and polargrad,
-        adamuon and normuon --convention emerging_optimizers with --eo) on them and
+        adamuon, namo and normuon --convention emerging_optimizers with --eo) on them and
         compares with the peer;
         exit status 1 on a mismatch.
 
@@ -201,14 +201,14 @@ EO_CASES = [
 ]
 EO_SCHEDULES = {"quintic": "quintic", "simple": "simple", "cans": "cans"}
 
-# AdaptiveMuon's NorMuon on AdaMuon's cases, under the peer's convention (a wide matrix per
-# column), and one more wide case whose eps floors V
+# AdaptiveMuon's other two methods on AdaMuon's cases: NorMuon under the peer's convention (a
+# wide matrix per column, and one more wide case whose eps floors V), then NAMO
 EO_ADAPTIVE_CASES = [("normuon_eo", name, shape, kw) for kind, name, shape, kw in EO_CASES
                      if kind == "adamuon"] + [
     ("normuon_eo", "wide_floor", (4, 9), dict(lr=0.005, mu=0.8, wd=0.05, nesterov=0,
                                               coefficients="cans", mode="shape_scaling",
                                               extra=1.0, beta2=0.99, eps=0.05)),
-]
+] + [("namo", name, shape, kw) for kind, name, shape, kw in EO_CASES if kind == "adamuon"]
 
 
 def newton_schulz_f64(x, epsilon=None):
@@ -359,6 +359,7 @@ def generate(outdir, dion, dion_path, muon_utils, eo_path):
                  adamw=lambda w, g, **kw: adamw_trajectory(dion, w, g, **kw),
                  polargrad=lambda w, g, **kw: polargrad_trajectory(eo_path, w, g, **kw),
                  adamuon=lambda w, g, **kw: adaptive_trajectory(eo_path, "adamuon", w, g, **kw),
+                 namo=lambda w, g, **kw: adaptive_trajectory(eo_path, "namo", w, g, **kw),
                  normuon_eo=lambda w, g, **kw: adaptive_trajectory(eo_path, "normuon", w, g, **kw))
     rng = np.random.default_rng(20261204)
     write_trajectories(outdir, lines, rng, [("lion",) + c for c in LION_CASES], peers, 5)
@@ -446,7 +447,7 @@ def polargrad_trial(eo_path, rng, trial):
 
 def adaptive_trial(eo_path, method, rng, trial):
     """A random case of Emerging-Optimizers' AdaptiveMuon with moment2_method `method`
-    (adamuon, normuon: muon's rule of that name, normuon under the peer's convention)."""
+    (adamuon, namo, normuon: muon's rule of that name, normuon under the peer's convention)."""
     shape = [(6, 4), (3, 7), (5, 5)][trial % 3]
     mode = ["spectral", "shape_scaling", "unit_rms_norm"][int(rng.integers(0, 3))]
     kw = dict(lr=float(rng.uniform(1e-4, 1e-2)), mu=float(rng.uniform(0.5, 0.99)),
@@ -527,6 +528,8 @@ def main():
                "Emerging-Optimizers' PolarGrad", 1e-10),
               ("adamuon", 6, lambda rng, t: adaptive_trial(args[args.index("--eo") + 1], "adamuon", rng, t),
                "Emerging-Optimizers' AdaptiveMuon", 1e-10),
+              ("namo", 6, lambda rng, t: adaptive_trial(args[args.index("--eo") + 1], "namo", rng, t),
+               "Emerging-Optimizers' AdaptiveMuon (namo)", 1e-10),
               ("normuon", 6, lambda rng, t: adaptive_trial(args[args.index("--eo") + 1], "normuon", rng, t),
                "Emerging-Optimizers' AdaptiveMuon (normuon)", 1e-10)] if "--eo" in args else []
         return check_cli(args[1], eo + [

@@ -24,6 +24,7 @@
 #include "muon/rules/adamw.hpp"
 #include "muon/rules/lion.hpp"
 #include "muon/rules/muon.hpp"
+#include "muon/rules/namo.hpp"
 #include "muon/rules/normuon.hpp"
 #include "muon/rules/polargrad.hpp"
 
@@ -177,7 +178,7 @@ struct RuleList {
   }
 };
 
-using All = RuleList<Muon, AdamW, Lion, NorMuon, PolarGrad, AdaMuon>;
+using All = RuleList<Muon, AdamW, Lion, NorMuon, PolarGrad, AdaMuon, Namo>;
 
 }  // namespace muon::rules
 
