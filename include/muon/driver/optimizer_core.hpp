@@ -711,11 +711,13 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
   std::vector<char> batched_;             // per unit: runs in a batch
   std::vector<std::size_t> present_;      // a batch's units taking part this step (reserved)
   Buffer batch_in_, batch_out_, batch_saved_;
-  /// Per unit whose rule reads ||G||_F^2: its slot in gradient_norms_ (the others: none), then
-  /// room for a block's row sums.
+  /// Per unit whose rule reads ||G||_F^2, its slot in gradient_norms_ (the others: kNoSlot);
+  /// after the slots, room for a block's row sums; zeros for the slots, on the host.
+  static constexpr std::size_t kNoSlot = std::numeric_limits<std::size_t>::max();
   std::vector<std::size_t> norm_slot_;
   std::size_t norm_slots_ = 0;
   Buffer gradient_norms_;
+  std::vector<T> zero_slots_;
 };
 
 }  // namespace detail

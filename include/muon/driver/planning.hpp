@@ -37,7 +37,7 @@ void OptimizerCore<Derived, B, T, ParamExtra>::plan() {
       reserve_scratch(workers_[w].scratch, p, part);
     }
   }
-  std::vector<std::size_t> norm_slot(units.size(), 0);
+  std::vector<std::size_t> norm_slot(units.size(), kNoSlot);
   std::size_t slots = 0;
   index_t block_rows = 0;
   for (std::size_t u = 0; u < units.size(); ++u) {
@@ -51,6 +51,7 @@ void OptimizerCore<Derived, B, T, ParamExtra>::plan() {
   }
   if (slots > 0 && static_cast<index_t>(gradient_norms_.size()) < static_cast<index_t>(slots) + block_rows)
     backend_.resize(gradient_norms_, static_cast<index_t>(slots) + block_rows);
+  zero_slots_.assign(slots, T(0));
   outcomes_.assign(units.size(), Outcome{});
   std::size_t chunks = 0;  // when every parameter takes part
   for (const Param& p : params_)
@@ -74,12 +75,11 @@ void OptimizerCore<Derived, B, T, ParamExtra>::measure_gradient_norms() {
   Derived& d = self();
   T* const slots = backend_.view(gradient_norms_, 1, static_cast<index_t>(gradient_norms_.size())).data();
   const View row_sums(slots + norm_slots_, static_cast<index_t>(gradient_norms_.size() - norm_slots_), 1, 1, 1);
-  static constexpr T zero = 0;
+  const View all(slots, 1, static_cast<index_t>(norm_slots_), static_cast<index_t>(norm_slots_), 1);
+  backend_.copy_from_host(zero_slots_.data(), all);  // one transfer; a block held elsewhere adds 0
   for (std::size_t u = 0; u < units_.size(); ++u) {
+    if (norm_slot_[u] == kNoSlot) continue;  // its rule reads no gradient norm
     const Param& p = params_[units_[u].param];
-    bool reads = false;
-    rules::All::visit(p.rule, [&](auto rule) { reads = reads_gradient_norm<decltype(rule)>; });
-    if (!reads) continue;
     const View slot(slots + norm_slot_[u], 1, 1, 1, 1);
     // the part's block of the flattened matrix, where it meets the piece held here
     const Part& part = part_of(units_[u]);
@@ -87,16 +87,12 @@ void OptimizerCore<Derived, B, T, ParamExtra>::measure_gradient_norms() {
     const index_t r0 = std::max(part.row0, mine.row0), c0 = std::max(part.col0, mine.col0),
                   r1 = std::min(part.row0 + part.block_rows, mine.row0 + mine.rows),
                   c1 = std::min(part.col0 + part.block_cols, mine.col0 + mine.cols);
-    if (!p.takes_part() || r1 <= r0 || c1 <= c0) {
-      backend_.copy_from_host(&zero, slot);
-      continue;
-    }
+    if (!p.takes_part() || r1 <= r0 || c1 <= c0) continue;
     const View sums = row_sums.block(0, 0, r1 - r0, 1);
     backend_.reduce_rows(stage::Square{}, sums, d.gradient(p).block(r0 - mine.row0, c0 - mine.col0, r1 - r0, c1 - c0));
     backend_.reduce_rows(stage::Identity{}, slot, ConstView(sums).transposed());
   }
-  if constexpr (Derived::exchanges)
-    d.sum_over_ranks(View(slots, 1, static_cast<index_t>(norm_slots_), static_cast<index_t>(norm_slots_), 1));
+  if constexpr (Derived::exchanges) d.sum_over_ranks(all);
 }
 
 template <class Derived, class B, class T, class ParamExtra>
