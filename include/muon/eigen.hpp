@@ -9,11 +9,15 @@
 
 // The compiled mode (CMake target muon::compiled, which defines MUON_COMPILED): the CPU
 // optimizer for float and double is compiled once, in that library; a program including this
-// header leaves step(), save_state() and load_state() (and all they call) to it and compiles
-// the rest (about a quarter of the header-only time; docs/building.md). Same headers and
-// flags, so the same code runs.
+// header leaves step(), save_state() and load_state() (and all they call) and every rule's
+// step to it, and compiles the rest (docs/building.md). Same headers and flags, so the same
+// code runs.
 #if defined(MUON_COMPILED) && MUON_COMPILED
 namespace muon {
+template <>
+inline constexpr bool detail::compiled_elsewhere<Optimizer<EigenBackend, float>> = true;
+template <>
+inline constexpr bool detail::compiled_elsewhere<Optimizer<EigenBackend, double>> = true;
 extern template class detail::OptimizerCore<Optimizer<EigenBackend, float>, EigenBackend, float,
                                             detail::WholeMatrix>;
 extern template class detail::OptimizerCore<Optimizer<EigenBackend, double>, EigenBackend, double,

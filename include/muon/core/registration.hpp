@@ -124,6 +124,7 @@ void check_new_param(const Params& params, const std::string& name,
 }
 
 /// The registration overloads of an optimizer; Derived provides
+///   template <UpdateRule Id> void use_rule(): readies (and so compiles) rule Id's step
 ///   ParamId add_param(std::string name, UpdateRule, std::vector<index_t> shape, View, ConstView,
 ///               GroupId, std::vector<Part> matrices)
 /// (befriending this class) and does the common checks there with check_new_param.
@@ -153,38 +154,38 @@ class Registrar {
   // The short forms of the two rules every model uses.
   /// A weight matrix updated by Muon.
   ParamId add_muon(std::string name, View param, ConstView grad, GroupId group = {}) {
-    return matrix(UpdateRule::muon, std::move(name), param, grad, group);
+    return matrix<UpdateRule::muon>(std::move(name), param, grad, group);
   }
   /// A fused weight matrix (QKV rows, attention heads) whose blocks along split.axis Muon
   /// orthogonalizes and scales as matrices of their own.
   ParamId add_muon(std::string name, View param, ConstView grad, const Split& split,
                    GroupId group = {}) {
-    return matrix(UpdateRule::muon, std::move(name), param, grad, split, group);
+    return matrix<UpdateRule::muon>(std::move(name), param, grad, split, group);
   }
   /// A stack of experts (E x m x n seen flattened as E x (m n)): E matrices of m x n, one
   /// momentum buffer and one state record.
   ParamId add_muon(std::string name, View param, ConstView grad, Experts experts,
                    GroupId group = {}) {
-    return matrix(UpdateRule::muon, std::move(name), param, grad, experts, group);
+    return matrix<UpdateRule::muon>(std::move(name), param, grad, experts, group);
   }
   /// An N-D weight (N >= 2, dense row-major, e.g. a conv kernel out x in x kh x kw), updated
   /// by Muon as the (shape[0], product of the rest) matrix.
   ParamId add_muon(std::string name, TensorView<T, Space> param, TensorView<const T, Space> grad,
                    GroupId group = {}) {
-    return matrix(UpdateRule::muon, std::move(name), param, grad, group);
+    return matrix<UpdateRule::muon>(std::move(name), param, grad, group);
   }
   /// An expert stack E x m x n (x ...): E matrices of m x (product of the rest).
   ParamId add_muon(std::string name, TensorView<T, Space> param, TensorView<const T, Space> grad,
                    Experts experts, GroupId group = {}) {
-    return matrix(UpdateRule::muon, std::move(name), param, grad, experts, group);
+    return matrix<UpdateRule::muon>(std::move(name), param, grad, experts, group);
   }
   /// A parameter updated by AdamW (any shape; vectors are 1 x n or n x 1 views).
   ParamId add_adamw(std::string name, View param, ConstView grad, GroupId group = {}) {
-    return elementwise(UpdateRule::adamw, std::move(name), param, grad, group);
+    return elementwise<UpdateRule::adamw>(std::move(name), param, grad, group);
   }
   ParamId add_adamw(std::string name, TensorView<T, Space> param,
                     TensorView<const T, Space> grad, GroupId group = {}) {
-    return elementwise(UpdateRule::adamw, std::move(name), param, grad, group);
+    return elementwise<UpdateRule::adamw>(std::move(name), param, grad, group);
   }
   /// Any adapted tensor types (Eigen objects, your own through muon::view), optionally with
   /// a Split or Experts. Named objects, or temporaries that only view memory owned elsewhere
@@ -205,57 +206,69 @@ class Registrar {
 
  private:
   Derived& self() { return static_cast<Derived&>(*this); }
+  /// add_param, after the optimizer has readied (and so compiled) the step of rule Id.
+  template <UpdateRule Id>
+  ParamId add_with_rule(std::string name, std::vector<index_t> shape, View param, ConstView grad,
+                        GroupId group, const std::vector<Part>& parts) {
+    self().template use_rule<Id>();
+    return self().add_param(std::move(name), Id, std::move(shape), param, grad, group, parts);
+  }
 
   // ---- one registration path per kind of rule, the rule's id given ------------------------
-  ParamId matrix(UpdateRule id, std::string name, View param, ConstView grad,
-                 GroupId group = {}) {
-    return self().add_param(std::move(name), id, {param.rows(), param.cols()}, param, grad,
-                            group, whole(param.rows(), param.cols()));
+  template <UpdateRule Id>
+  ParamId matrix(std::string name, View param, ConstView grad, GroupId group = {}) {
+    return add_with_rule<Id>(std::move(name), {param.rows(), param.cols()}, param, grad,
+                             group, whole(param.rows(), param.cols()));
   }
-  ParamId matrix(UpdateRule id, std::string name, View param, ConstView grad, const Split& split,
+  template <UpdateRule Id>
+  ParamId matrix(std::string name, View param, ConstView grad, const Split& split,
                  GroupId group = {}) {
-    return self().add_param(name, id, {param.rows(), param.cols()}, param, grad, group,
-                            detail::split(param.rows(), param.cols(), split,
-                                          describe_param(name, {param.rows(), param.cols()})));
+    return add_with_rule<Id>(name, {param.rows(), param.cols()}, param, grad, group,
+                             detail::split(param.rows(), param.cols(), split,
+                                           describe_param(name, {param.rows(), param.cols()})));
   }
-  ParamId matrix(UpdateRule id, std::string name, View param, ConstView grad, Experts experts,
+  template <UpdateRule Id>
+  ParamId matrix(std::string name, View param, ConstView grad, Experts experts,
                  GroupId group = {}) {
-    return add_experts(id, std::move(name), {param.rows(), param.cols()}, param, grad,
-                       experts.rows, group);
+    return add_experts<Id>(std::move(name), {param.rows(), param.cols()}, param, grad,
+                           experts.rows, group);
   }
-  ParamId matrix(UpdateRule id, std::string name, TensorView<T, Space> param,
+  template <UpdateRule Id>
+  ParamId matrix(std::string name, TensorView<T, Space> param,
                  TensorView<const T, Space> grad, GroupId group = {}) {
     check_tensor(name, param, grad, 2);
     const View flat = param.flattened();
-    return self().add_param(std::move(name), id, param.shape, flat, grad.flattened(), group,
-                            whole(flat.rows(), flat.cols()));
+    return add_with_rule<Id>(std::move(name), param.shape, flat, grad.flattened(), group,
+                             whole(flat.rows(), flat.cols()));
   }
-  ParamId matrix(UpdateRule id, std::string name, TensorView<T, Space> param,
+  template <UpdateRule Id>
+  ParamId matrix(std::string name, TensorView<T, Space> param,
                  TensorView<const T, Space> grad, Experts experts, GroupId group = {}) {
     check_tensor(name, param, grad, 3);
     if (experts.rows == 0) experts.rows = param.shape[1];
-    return add_experts(id, std::move(name), param.shape, param.flattened(), grad.flattened(),
-                       experts.rows, group);
+    return add_experts<Id>(std::move(name), param.shape, param.flattened(), grad.flattened(),
+                           experts.rows, group);
   }
-  ParamId elementwise(UpdateRule id, std::string name, View param, ConstView grad,
-                      GroupId group = {}) {
-    return self().add_param(std::move(name), id, {param.rows(), param.cols()}, param, grad,
-                            group, {});
+  template <UpdateRule Id>
+  ParamId elementwise(std::string name, View param, ConstView grad, GroupId group = {}) {
+    return add_with_rule<Id>(std::move(name), {param.rows(), param.cols()}, param, grad,
+                             group, {});
   }
-  ParamId elementwise(UpdateRule id, std::string name, TensorView<T, Space> param,
+  template <UpdateRule Id>
+  ParamId elementwise(std::string name, TensorView<T, Space> param,
                       TensorView<const T, Space> grad, GroupId group = {}) {
     check_tensor(name, param, grad, 0);
-    return self().add_param(std::move(name), id, param.shape, param.flattened(),
-                            grad.flattened(), group, {});
+    return add_with_rule<Id>(std::move(name), param.shape, param.flattened(),
+                             grad.flattened(), group, {});
   }
   /// Either kind, from views or adapted types (checked for lifetimes and watched).
   template <UpdateRule Id, bool Orthogonalizes, class P, class G, class... Layout>
   ParamId add_as(std::string name, P&& param, G&& grad, Layout&&... layout_and_group) {
     const auto place = [&](auto&& p, auto&& g) {
       if constexpr (Orthogonalizes)
-        return matrix(Id, std::move(name), p, g, std::forward<Layout>(layout_and_group)...);
+        return matrix<Id>(std::move(name), p, g, std::forward<Layout>(layout_and_group)...);
       else
-        return elementwise(Id, std::move(name), p, g, std::forward<Layout>(layout_and_group)...);
+        return elementwise<Id>(std::move(name), p, g, std::forward<Layout>(layout_and_group)...);
     };
     if constexpr (Adapted<P, G>) {
       check_lifetimes<P, G>();
@@ -303,12 +316,13 @@ class Registrar {
                                              "add_adamw()"
                                            : "an expert stack is experts x rows x cols"));
   }
-  ParamId add_experts(UpdateRule id, std::string name, std::vector<index_t> shape, View param,
+  template <UpdateRule Id>
+  ParamId add_experts(std::string name, std::vector<index_t> shape, View param,
                       ConstView grad, index_t rows, GroupId group) {
     std::vector<Part> parts =
         experts(param.rows(), param.cols(), rows, describe_param(name, shape));
-    return self().add_param(std::move(name), id, std::move(shape), param, grad, group,
-                            std::move(parts));
+    return add_with_rule<Id>(std::move(name), std::move(shape), param, grad, group,
+                             std::move(parts));
   }
 };
 

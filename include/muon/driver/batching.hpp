@@ -49,10 +49,7 @@ void OptimizerCore<Derived, B, T, ParamExtra>::plan_batches(const std::vector<Un
 template <class Derived, class B, class T, class ParamExtra>
 void OptimizerCore<Derived, B, T, ParamExtra>::run_batches() {
   if constexpr (RunsBatched<B, T>) {
-    for (const Batch& b : batches_)
-      rules::All::visit(b.rule, [&](auto rule) {
-        if constexpr (decltype(rule)::orthogonalizes) run_batch<decltype(rule)>(b);
-      });
+    for (const Batch& b : batches_) (this->*work_[rules::All::index(b.rule)].batch)(b);
   }
 }
 

@@ -68,6 +68,11 @@ namespace detail {
 /// The per-parameter placement data of an optimizer that updates every parameter whole: none.
 struct WholeMatrix {};
 
+/// True for an optimizer a library compiles (the compiled mode, muon/eigen.hpp): registering a
+/// parameter there compiles no rule's step, the library has every rule's.
+template <class Derived>
+inline constexpr bool compiled_elsewhere = false;
+
 /// Catches a second thread entering a busy optimizer (optimizers are not thread-safe): enter()
 /// holds the flag for the call's duration, and a call that finds it held throws ConcurrentUse
 /// before touching anything. One atomic exchange per call. Copies start free.
@@ -535,9 +540,39 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
     return static_cast<Derived&>(*this);
   }
 
+  /// Makes the step of rule Id's parameters ready: called by every registration before
+  /// add_param, so that a program compiles the steps of the rules it registers and no other.
+  template <UpdateRule Id, bool Elsewhere = compiled_elsewhere<Derived>>
+  void use_rule() {
+    if constexpr (Elsewhere) {
+      use_every_rule();
+    } else {
+      rules::All::for_each([&](auto rule) {
+        if constexpr (decltype(rule)::id == Id) use<decltype(rule)>();
+      });
+    }
+  }
+  /// Every listed rule's step (the compiled mode's library compiles this one; defined out of
+  /// the class, so not inline, which g++ would compile again where it is declared extern).
+  void use_every_rule();
+  template <class R>
+  void use() {
+    RuleWork& w = work_[rules::All::index_of<R>()];
+    if constexpr (R::orthogonalizes) {
+      w.matrix = &OptimizerCore::run_matrix_of<R>;
+      if constexpr (RunsBatched<B, T>) w.batch = &OptimizerCore::run_batch<R>;
+      if constexpr (Derived::exchanges) w.exchange_input = &OptimizerCore::exchange_input_of<R>;
+    } else {
+      w.chunk = &OptimizerCore::run_chunk_of<R>;
+    }
+  }
+
   ParamId add_param(std::string name, UpdateRule rule, std::vector<index_t> shape, View value,
                     ConstView grad, GroupId group, const std::vector<Part>& parts) {
     const auto entered = enter("add");
+    if (const RuleWork& w = work_[rules::All::index(rule)]; !w.matrix && !w.chunk)
+      throw std::logic_error("muon: internal: a registration did not call use_rule() for " +
+                             rules::All::describe(static_cast<std::uint8_t>(rule)));
     check_group(group);
     check_new_param(params_, name, shape, value, grad);
     Param p;
@@ -669,9 +704,17 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
   /// it.
   void run_tasks(bool matrices);
 
-  /// One matrix through its rule, resolved once here: the Newton-Schulz input, Newton-Schulz,
-  /// the finiteness check, apply.
+  /// One matrix through its rule (run_matrix_of, found once here): the Newton-Schulz input,
+  /// Newton-Schulz, the finiteness check, apply.
   void run_matrix(std::size_t u, Worker& w);
+  template <class R>
+  void run_matrix_of(std::size_t u, Worker& w);
+  template <class R>
+  void run_chunk_of(const Chunk& c);
+  /// Zero1, before the exchange: p's momentum step on this rank's slice, into the exchange's
+  /// input (the momentum kept while the step is checked).
+  template <class R>
+  void exchange_input_of(Param& p);
 
   /// Writes matrix u's Newton-Schulz input into `in`: its momentum step here (its momentum
   /// kept in `saved` while the step is checked), or what the exchange gathered (zero1).
@@ -698,6 +741,18 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
   void measure_gradient_norms();
 
   StepReport finish(std::size_t updated, const Tally& tally);
+
+  /// The step's work of each rule, by its place in rules::All; use_rule() fills a rule's
+  /// entry, so only the steps of registered rules are compiled (a parameter's rule is a
+  /// run-time id: a switch over the list would compile all of them).
+  struct RuleWork {
+    void (OptimizerCore::*matrix)(std::size_t, Worker&) = nullptr;  // orthogonalizing rules
+    void (OptimizerCore::*batch)(const Batch&) = nullptr;           // RunsBatched backends
+    void (OptimizerCore::*exchange_input)(Param&) = nullptr;        // zero1
+    void (OptimizerCore::*chunk)(const Chunk&) = nullptr;           // elementwise rules
+  };
+  const RuleWork& work_of(const Param& p) const { return work_[rules::All::index(p.rule)]; }
+  std::array<RuleWork, rules::All::count> work_{};
 
   std::vector<Watch> watches_;        // OptimizerOptions::watch_storage
   std::vector<Clip> clips_;           // add_qk_clip

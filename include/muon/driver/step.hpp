@@ -39,17 +39,8 @@ StepReport OptimizerCore<Derived, B, T, ParamExtra>::step() {
       continue;
     }
     if constexpr (Derived::exchanges) {  // zero1: this rank's slice of U goes to the others
-      const Piece mine = d.piece(p);
-      if (!d.orthogonalizes_after_exchange() || mine.empty()) continue;
-      rules::All::visit(p.rule, [&](auto rule) {
-        using R = decltype(rule);
-        if constexpr (R::orthogonalizes) {
-          const View m = state_views<R>(p, mine)[0];
-          if (checked()) backend_.copy(ConstView(m), d.saved_piece(p));
-          R::accumulate(backend_, m, d.gradient(p), d.exchange_input(p),
-                        R::options(groups_[p.group].options));
-        }
-      });
+      if (d.orthogonalizes_after_exchange() && !d.piece(p).empty())
+        (this->*work_of(p).exchange_input)(p);
     }
   }
   // The elementwise pieces, and the matrices whose inputs are here (not zero1's), together.
@@ -71,6 +62,11 @@ StepReport OptimizerCore<Derived, B, T, ParamExtra>::step() {
 }
 
 template <class Derived, class B, class T, class ParamExtra>
+void OptimizerCore<Derived, B, T, ParamExtra>::use_every_rule() {
+  rules::All::for_each([&](auto rule) { use<decltype(rule)>(); });
+}
+
+template <class Derived, class B, class T, class ParamExtra>
 auto OptimizerCore<Derived, B, T, ParamExtra>::first_nonfinite_grad() -> const Param* {
   if (!checked()) return nullptr;
   if constexpr (ScansFiniteTogether<B, T>) {
@@ -85,19 +81,29 @@ auto OptimizerCore<Derived, B, T, ParamExtra>::first_nonfinite_grad() -> const P
 }
 
 template <class Derived, class B, class T, class ParamExtra>
+template <class R>
+void OptimizerCore<Derived, B, T, ParamExtra>::exchange_input_of(Param& p) {
+  Derived& d = self();
+  const View m = state_views<R>(p, d.piece(p))[0];
+  if (checked()) backend_.copy(ConstView(m), d.saved_piece(p));
+  R::accumulate(backend_, m, d.gradient(p), d.exchange_input(p), R::options(groups_[p.group].options));
+}
+
+template <class Derived, class B, class T, class ParamExtra>
 void OptimizerCore<Derived, B, T, ParamExtra>::run_chunk(const Chunk& c) {
+  (this->*work_of(params_[c.param]).chunk)(c);
+}
+
+template <class Derived, class B, class T, class ParamExtra>
+template <class R>
+void OptimizerCore<Derived, B, T, ParamExtra>::run_chunk_of(const Chunk& c) {
   Param& p = params_[c.param];
-  rules::All::visit(p.rule, [&](auto rule) {
-    using R = decltype(rule);
-    if constexpr (!R::orthogonalizes) {
-      const Piece mine = self().piece(p);
-      auto state = state_views<R>(p, mine);
-      for (View& v : state) v = v.block(c.row0, 0, c.rows, mine.cols);
-      R::update(backend_, block(p.value, mine).block(c.row0, 0, c.rows, mine.cols),
-                self().gradient(p).block(c.row0, 0, c.rows, mine.cols), state.data(),
-                R::options(groups_[p.group].options), p.updates + 1);
-    }
-  });
+  const Piece mine = self().piece(p);
+  auto state = state_views<R>(p, mine);
+  for (View& v : state) v = v.block(c.row0, 0, c.rows, mine.cols);
+  R::update(backend_, block(p.value, mine).block(c.row0, 0, c.rows, mine.cols),
+            self().gradient(p).block(c.row0, 0, c.rows, mine.cols), state.data(),
+            R::options(groups_[p.group].options), p.updates + 1);
 }
 
 template <class Derived, class B, class T, class ParamExtra>
@@ -133,22 +139,23 @@ void OptimizerCore<Derived, B, T, ParamExtra>::run_tasks(bool matrices) {
 
 template <class Derived, class B, class T, class ParamExtra>
 void OptimizerCore<Derived, B, T, ParamExtra>::run_matrix(std::size_t u, Worker& w) {
-  rules::All::visit(params_[units_[u].param].rule, [&](auto rule) {
-    using R = decltype(rule);
-    if constexpr (R::orthogonalizes) {
-      const Param& p = params_[units_[u].param];
-      const Part& part = part_of(units_[u]);
-      const View in = w.ns.input(backend_, part.rows, part.cols);
-      const View saved = backend_.view(w.saved, part.rows, part.cols);
-      prepare_input<R>(u, in, saved);
-      const View scratch = this->scratch<R>(w.scratch, part);
-      observe<R>(u, ConstView(in), scratch);
-      const ConstView o = w.ns.run(backend_, part.rows, part.cols, schedule<R>(p),
-                                   R::options(groups_[p.group].options).newton_schulz,
-                                   options_.telemetry ? &outcomes_[u].ns : nullptr);
-      finish_matrix<R>(u, o, saved, scratch);
-    }
-  });
+  (this->*work_of(params_[units_[u].param]).matrix)(u, w);
+}
+
+template <class Derived, class B, class T, class ParamExtra>
+template <class R>
+void OptimizerCore<Derived, B, T, ParamExtra>::run_matrix_of(std::size_t u, Worker& w) {
+  const Param& p = params_[units_[u].param];
+  const Part& part = part_of(units_[u]);
+  const View in = w.ns.input(backend_, part.rows, part.cols);
+  const View saved = backend_.view(w.saved, part.rows, part.cols);
+  prepare_input<R>(u, in, saved);
+  const View scratch = this->scratch<R>(w.scratch, part);
+  observe<R>(u, ConstView(in), scratch);
+  const ConstView o = w.ns.run(backend_, part.rows, part.cols, schedule<R>(p),
+                               R::options(groups_[p.group].options).newton_schulz,
+                               options_.telemetry ? &outcomes_[u].ns : nullptr);
+  finish_matrix<R>(u, o, saved, scratch);
 }
 
 template <class Derived, class B, class T, class ParamExtra>
