@@ -35,21 +35,28 @@ inline std::uint64_t options_fingerprint(
 }  // namespace detail
 
 template <class B, class T, class C>
+bool ShardedOptimizer<B, T, C>::handshake(bool refused, std::uint64_t fingerprint,
+                                          const char* disagreement) {
+  constexpr std::uint64_t kFlag = std::uint64_t(1) << 63;
+  const std::uint64_t flag = refused ? kFlag : 0, low = fingerprint & ~kFlag,
+                      high = ~fingerprint & ~kFlag;
+  const std::uint64_t first = comm_.all_reduce_max(flag | low);
+  const std::uint64_t second = comm_.all_reduce_max(flag | high);
+  if ((first & kFlag) != 0) return true;  // refused on every rank; agreement checked next time
+  if (first != low || second != high) throw InvalidArgument(disagreement);
+  return false;
+}
+
+template <class B, class T, class C>
 bool ShardedOptimizer<B, T, C>::agree(bool nonfinite) {
   lay_out();
   if (fingerprint_stale_) fingerprint_ = fingerprint();
   fingerprint_stale_ = false;
-  constexpr std::uint64_t kFlag = std::uint64_t(1) << 63;
-  const std::uint64_t flag = nonfinite ? kFlag : 0, low = fingerprint_ & ~kFlag,
-                      high = ~fingerprint_ & ~kFlag;
-  const std::uint64_t first = comm_.all_reduce_max(flag | low);
-  const std::uint64_t second = comm_.all_reduce_max(flag | high);
-  if ((first & kFlag) != 0) return true;  // refused on every rank; agreement checked next time
-  if (first != low || second != high)
-    throw InvalidArgument("muon: ShardedOptimizer: the ranks registered different parameters "
-                          "or group options, or cleared different gradients (names, shapes, "
-                          "rules, order, options or gradients present differ); nothing was "
-                          "changed");
+  if (handshake(nonfinite, fingerprint_,
+                "muon: ShardedOptimizer: the ranks registered different parameters or group "
+                "options, or cleared different gradients (names, shapes, rules, order, options "
+                "or gradients present differ); nothing was changed"))
+    return true;
   agreed_ = laid_out_;
   return false;
 }
@@ -57,15 +64,10 @@ bool ShardedOptimizer<B, T, C>::agree(bool nonfinite) {
 template <class B, class T, class C>
 bool ShardedOptimizer<B, T, C>::agree_on_maxima(std::span<double> maxima, bool bad,
                                                 std::uint64_t fingerprint) {
-  constexpr std::uint64_t kFlag = std::uint64_t(1) << 63;
-  const std::uint64_t flag = bad ? kFlag : 0, low = fingerprint & ~kFlag, high = ~fingerprint & ~kFlag;
-  const std::uint64_t first = comm_.all_reduce_max(flag | low);
-  const std::uint64_t second = comm_.all_reduce_max(flag | high);
-  if ((first & kFlag) != 0) return true;
-  if (first != low || second != high)
-    throw InvalidArgument("muon: clip_qk: the ranks registered different QK-clips (parameters, "
-                          "heads or options), or called clip_qk with different ids; nothing was "
-                          "rescaled");
+  if (handshake(bad, fingerprint,
+                "muon: clip_qk: the ranks registered different QK-clips (parameters, heads or "
+                "options), or called clip_qk with different ids; nothing was rescaled"))
+    return true;
   for (double& m : maxima) m = detail::from_ordered_bits(comm_.all_reduce_max(detail::ordered_bits(m)));
   return false;
 }

@@ -239,16 +239,19 @@ class ShardedOptimizer
     return packed(buf, r, Piece{0, 0, 1, 2, segment_ - 2});
   }
 
-  /// Collective, two all_reduce_max of one word: whether any rank's `nonfinite` is true
-  /// (returned), and otherwise whether every rank has the same fingerprint (registration, group
-  /// options, gradients present); InvalidArgument on every rank if not. A rank whose word is not
-  /// the largest sees the difference in the first maximum, one whose word is not the smallest
-  /// in the second, so every rank sees it.
+  /// Collective, two all_reduce_max of one word: whether any rank's `refused` is true
+  /// (returned), and otherwise whether every rank has the same `fingerprint`; InvalidArgument
+  /// with `disagreement` on every rank if not. A rank whose word is not the largest sees the
+  /// difference in the first maximum, one whose word is not the smallest in the second, so
+  /// every rank sees it.
+  bool handshake(bool refused, std::uint64_t fingerprint, const char* disagreement);
+  /// The handshake before a step or a state file changes anything, on `nonfinite` and the
+  /// fingerprint of the registration, the group options and the gradients present.
   bool agree(bool nonfinite);
   std::uint64_t fingerprint() const;
-  /// Collective, for QK-clip: two all_reduce_max for `bad` and the clip's fingerprint (as
-  /// agree() does), then one per value (each rank holds every parameter whole, so each
-  /// rescales its own copy by the same factors).
+  /// Collective, for QK-clip: the handshake on `bad` and the clip's fingerprint, then one
+  /// all_reduce_max per value (each rank holds every parameter whole, so each rescales its own
+  /// copy by the same factors).
   bool agree_on_maxima(std::span<double> maxima, bool bad, std::uint64_t fingerprint);
 
   /// Lays out the parameters registered since the last call (local, deterministic). Those laid
