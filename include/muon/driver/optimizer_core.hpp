@@ -171,7 +171,7 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
     auto batches = batches_;
     auto batched = batched_;
     auto norm_slot = norm_slot_;
-    const std::size_t norm_slots = norm_slots_;
+    auto zero_slots = zero_slots_;
     try {
       std::forward<F>(add_some)();
     } catch (...) {
@@ -180,7 +180,7 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
       clips_.resize(clips);
       units_.swap(units), order_.swap(order), outcomes_.swap(outcomes);
       batches_.swap(batches), batched_.swap(batched), norm_slot_.swap(norm_slot);
-      norm_slots_ = norm_slots;
+      zero_slots_.swap(zero_slots);
       throw;
     }
   }
@@ -767,10 +767,10 @@ class OptimizerCore : public Registrar<Derived, T, typename B::memory_space> {
   std::vector<std::size_t> present_;      // a batch's units taking part this step (reserved)
   Buffer batch_in_, batch_out_, batch_saved_;
   /// Per unit whose rule reads ||G||_F^2, its slot in gradient_norms_ (the others: kNoSlot);
-  /// after the slots, room for a block's row sums; zeros for the slots, on the host.
+  /// after the slots, room for a block's row sums; zeros for the slots, on the host (one per
+  /// slot: their count).
   static constexpr std::size_t kNoSlot = std::numeric_limits<std::size_t>::max();
   std::vector<std::size_t> norm_slot_;
-  std::size_t norm_slots_ = 0;
   Buffer gradient_norms_;
   std::vector<T> zero_slots_;
 };

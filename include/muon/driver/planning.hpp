@@ -51,7 +51,7 @@ void OptimizerCore<Derived, B, T, ParamExtra>::plan() {
   }
   if (slots > 0 && static_cast<index_t>(gradient_norms_.size()) < static_cast<index_t>(slots) + block_rows)
     backend_.resize(gradient_norms_, static_cast<index_t>(slots) + block_rows);
-  zero_slots_.assign(slots, T(0));
+  std::vector<T> zeros(slots, T(0));
   outcomes_.assign(units.size(), Outcome{});
   std::size_t chunks = 0;  // when every parameter takes part
   for (const Param& p : params_)
@@ -66,16 +66,17 @@ void OptimizerCore<Derived, B, T, ParamExtra>::plan() {
   units_ = std::move(units);
   order_ = std::move(order);
   norm_slot_ = std::move(norm_slot);
-  norm_slots_ = slots;
+  zero_slots_ = std::move(zeros);
 }
 
 template <class Derived, class B, class T, class ParamExtra>
 void OptimizerCore<Derived, B, T, ParamExtra>::measure_gradient_norms() {
-  if (norm_slots_ == 0) return;
+  const std::size_t count = zero_slots_.size();  // one slot per matrix whose rule reads it
+  if (count == 0) return;
   Derived& d = self();
   T* const slots = backend_.view(gradient_norms_, 1, static_cast<index_t>(gradient_norms_.size())).data();
-  const View row_sums(slots + norm_slots_, static_cast<index_t>(gradient_norms_.size() - norm_slots_), 1, 1, 1);
-  const View all(slots, 1, static_cast<index_t>(norm_slots_), static_cast<index_t>(norm_slots_), 1);
+  const View row_sums(slots + count, static_cast<index_t>(gradient_norms_.size() - count), 1, 1, 1);
+  const View all(slots, 1, static_cast<index_t>(count), static_cast<index_t>(count), 1);
   backend_.copy_from_host(zero_slots_.data(), all);  // one transfer; a block held elsewhere adds 0
   for (std::size_t u = 0; u < units_.size(); ++u) {
     if (norm_slot_[u] == kNoSlot) continue;  // its rule reads no gradient norm
