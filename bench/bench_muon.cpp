@@ -316,6 +316,7 @@ BENCHMARK_TEMPLATE(SideBySideNewtonSchulz, float)
     ->Iterations(3);
 
 int main(int argc, char** argv) {
+  muon::EigenBackend::link_eigen_products();  // so that MUON_PRODUCTS=eigen can compare engines
   // The header names what the products ran on, so a slow table explains itself.
   // (float Newton-Schulz: bf16 or float32 products; MUON_NS_PRECISION=float32 pins float32)
   benchmark::AddCustomContext("muon_products", muon::EigenBackend().engine());

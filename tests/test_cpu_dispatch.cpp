@@ -10,10 +10,16 @@
 #include <string>
 
 #include "muon/backend/cpu_dispatch.hpp"
+#include "muon/backend/eigen.hpp"
 
 using muon::cpu::Isa;
 
 namespace {
+
+// This binary links Eigen's product kernels before main, as a program must before its first
+// backend when MUON_PRODUCTS=eigen is set (the kernels.eigen_products run); a CBLAS build
+// leaves them out otherwise (the header_only.* tests check a program that does not link them).
+const bool eigen_products_linked = (muon::EigenBackend::link_eigen_products(), true);
 
 /// The level /proc/cpuinfo's flags imply (the kernel lists only what it has enabled); none
 /// when there is no /proc/cpuinfo.
@@ -110,6 +116,8 @@ TEST_CASE("the products run at the CPU's level unless the user chose otherwise",
 }
 
 TEST_CASE("set_products switches the engine and the report with it", "[dispatch]") {
+  REQUIRE(eigen_products_linked);
+  CHECK(muon::cpu::detail::eigen_products_linked());
   const muon::cpu::Products before = muon::cpu::products();
   muon::cpu::set_products(muon::cpu::Products::eigen);
   CHECK(muon::cpu::products() == muon::cpu::Products::eigen);

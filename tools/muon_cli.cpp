@@ -534,6 +534,7 @@ void add_schedule_options(CLI::App& cmd, std::string& schedule, int& steps) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  muon::EigenBackend::link_eigen_products();  // so that MUON_PRODUCTS=eigen can compare engines
   CLI::App app{"muon-cli: the Muon optimizer's Newton-Schulz orthogonalization and update step "
                "on .npy files.\nAn N-D array (N > 2) is treated as the (shape[0], product of "
                "the rest) matrix.",

@@ -14,7 +14,8 @@
 //   MUON_BLAS_DISPATCH=keep   leave the BLAS's own choice (the warning still tells); `auto`
 //                             (the default) redoes it;
 //   MUON_PRODUCTS=eigen       run the products on Eigen's kernels instead of the BLAS (`blas`,
-//                             the default, where the build has one);
+//                             the default, where the build has one; a CBLAS build must have
+//                             called EigenBackend::link_eigen_products() first);
 //   MUON_NS_PRECISION=<p>     what CpuOptions' automatic Newton-Schulz precision means:
 //                             `auto` (the default: bfloat16 where the CPU multiplies bf16 in
 //                             hardware, float32 elsewhere), `float32` or `bfloat16`.
@@ -287,6 +288,13 @@ inline std::atomic<int>& products_setting() {
   return p;
 }
 
+/// Whether the program has Eigen's product kernels: always without a CBLAS; with one, once
+/// EigenBackend::link_eigen_products() ran.
+inline std::atomic<bool>& eigen_products_linked() {
+  static std::atomic<bool> linked{!blas_linked};
+  return linked;
+}
+
 inline Report& the_report() {
   static Report r;
   return r;
@@ -336,6 +344,10 @@ inline const Report& configure() {
   static std::once_flag once;
   std::call_once(once, [] {
     const bool eigen = detail::env_choice("MUON_PRODUCTS", {"blas", "eigen"}) == "eigen";
+    if (eigen && !detail::eigen_products_linked())
+      throw std::invalid_argument(
+          "MUON_PRODUCTS=eigen: this program has not linked Eigen's product kernels; call "
+          "muon::EigenBackend::link_eigen_products() before making the first backend");
     (void)detail::env_choice("MUON_BLAS_DISPATCH", {"auto", "keep"});
     const std::string_view ns = detail::env_choice("MUON_NS_PRECISION", {"auto", "float32", "bfloat16"});
     Report r = detail::inspect_and_redispatch();
@@ -365,11 +377,16 @@ inline Products products() {
 
 /// Chooses the engine of the products for the whole process (MUON_PRODUCTS=eigen does it from
 /// the environment). Not to be called while another thread runs a product. `blas` needs a
-/// build with a CBLAS (MUON_USE_CBLAS).
+/// build with a CBLAS (MUON_USE_CBLAS); `eigen`, in a build with one, a program that linked
+/// Eigen's kernels (EigenBackend::link_eigen_products()).
 inline void set_products(Products p) {
   if (p == Products::blas && !detail::blas_linked)
     throw std::invalid_argument(
         "muon::cpu::set_products(blas): this build has no CBLAS (configure with MUON_BLAS)");
+  if (p == Products::eigen && !detail::eigen_products_linked())
+    throw std::invalid_argument(
+        "muon::cpu::set_products(eigen): this program has not linked Eigen's product kernels; "
+        "call muon::EigenBackend::link_eigen_products() first");
   configure();
   detail::products_setting() = static_cast<int>(p);
   detail::set_engine(detail::the_report(), p);

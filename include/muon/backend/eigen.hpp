@@ -2,7 +2,9 @@
 // CPU backend on Eigen 3.4. The symmetric products of Newton–Schulz are triangle-only (SYRK,
 // SYMM); matrix products run on a CBLAS such as OpenBLAS when MUON_USE_CBLAS is defined (CMake
 // does this when it finds one) and on Eigen's own kernels otherwise (or when
-// muon::cpu::set_products / MUON_PRODUCTS=eigen asks); making a backend runs
+// muon::cpu::set_products / MUON_PRODUCTS=eigen asks, in a program that linked them with
+// EigenBackend::link_eigen_products(): a CBLAS build leaves them out unless asked, since they
+// are most of its compile time); making a backend runs
 // muon::cpu::configure() once, which checks that the BLAS's kernels match the CPU's instruction
 // set (cpu_dispatch.hpp). Newton-Schulz on float matrices runs its products in bfloat16 on
 // CPUs that multiply bf16 in hardware, unless CpuOptions::newton_schulz says float32
@@ -11,6 +13,7 @@
 // std::vectors.
 #include <Eigen/Core>
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <limits>
 #include <optional>
@@ -69,6 +72,21 @@ class EigenBackend {
   [[nodiscard]] std::string engine() const {
     return cpu::report().summary(newton_schulz_precision());
   }
+  /// Compiles Eigen's product kernels (float and double) into the program that calls it and
+  /// lets cpu::set_products(eigen) and MUON_PRODUCTS=eigen choose them. A build with a CBLAS
+  /// leaves them out otherwise (products the BLAS cannot take then run as plain loops, which
+  /// Newton-Schulz never needs); a build without one always has them. Call it before any
+  /// product runs (like set_products). A template only so that a program that never calls it
+  /// never compiles the kernels.
+  template <class = void>
+  static void link_eigen_products() {
+#if MUON_USE_CBLAS
+    off_blas<float>() = eigen_kernels<float>();
+    off_blas<double>() = eigen_kernels<double>();
+    cpu::detail::eigen_products_linked() = true;
+#endif
+  }
+
   /// float32, bfloat16, or automatic (bf16 CPU: bf16 unless the Gram form is asked for; see
   /// use_bf16): CpuOptions::newton_schulz as this process resolves it.
   [[nodiscard]] cpu::Precision newton_schulz_precision() const { return precision_; }
@@ -163,8 +181,7 @@ class EigenBackend {
       return;
     }
 #endif
-    eigen_product(alpha, a, b, beta, c, Operand::general,
-                  [](const auto& A, const auto& B) { return A * B; });
+    off_blas<T>().gemm(alpha, a, b, beta, c);
   }
 
   /// Lower triangle of C = alpha A A^T + beta C (square C; the strict upper triangle is left
@@ -174,25 +191,19 @@ class EigenBackend {
     if (c.empty()) return;
 #if MUON_USE_CBLAS
     Blas ba, bc;
-    if (on_blas() && a.cols() > 0 && blas_operand(a, ba) && blas_output(c, bc)) {
+    if (on_blas() && a.cols() > 0 && blas_operand(a, ba)) {
       const cpu::detail::BlasMode mode(cpu::detail::single_threaded_products);
-      cblas::syrk(CblasRowMajor, CblasLower, ba.trans, blas_int(c.rows()), blas_int(a.cols()),
-                  alpha, a.data(), ba.ld, beta, c.data(), bc.ld);
-      return;
+      // A column-major C's lower triangle is the upper one of the row-major C^T = A A^T.
+      const bool row_major = blas_output(c, bc);
+      if (row_major || blas_output(c.transposed(), bc)) {
+        cblas::syrk(CblasRowMajor, row_major ? CblasLower : CblasUpper, ba.trans,
+                    blas_int(c.rows()), blas_int(a.cols()), alpha, a.data(), ba.ld, beta,
+                    c.data(), bc.ld);
+        return;
+      }
     }
 #endif
-    if (!has_unit_stride(a) || !has_unit_stride(c))
-      return loop_product(alpha, a, a.transposed(), beta, c, Operand::general, true);
-    with_dense(c, [&](auto C) {
-      if (beta == T(0))
-        C.template triangularView<Eigen::Lower>().setZero();
-      else if (beta != T(1))
-        C.template triangularView<Eigen::Lower>() *= beta;
-      if (a.cols() > 0)
-        with_dense(a, [&](auto A) {
-          C.template selfadjointView<Eigen::Lower>().rankUpdate(A, alpha);
-        });
-    });
+    off_blas<T>().syrk(alpha, a, beta, c);
   }
 
   /// C = alpha A B + beta C for symmetric A, read from its lower triangle only.
@@ -217,9 +228,7 @@ class EigenBackend {
       }
     }
 #endif
-    eigen_product(alpha, a, b, beta, c, Operand::symmetric_lower, [](const auto& A, const auto& B) {
-      return A.template selfadjointView<Eigen::Lower>() * B;
-    });
+    off_blas<T>().symm(alpha, a, b, beta, c);
   }
 
   /// Copies the lower triangle of square C onto its upper triangle, in cache-sized tiles.
@@ -256,26 +265,25 @@ class EigenBackend {
   // ---- elementwise -----------------------------------------------------------------------
   template <class T>
   void copy(MatrixView<const T> src, MatrixView<T> dst) const {
-    if (same_dense_order(src, MatrixView<const T>(dst))) {
+    if (same_dense_order(src, MatrixView<const T>(dst)))
       std::copy_n(src.data(), src.size(), dst.data());
-    } else {
-      strided(dst) = strided(src);
-    }
+    else
+      each([](auto D, const auto& S) { D = S; }, dst, src);
   }
   /// Converting copy (float <-> Eigen::bfloat16 / Eigen::half for MasterWeights), rounding
   /// to nearest even.
   template <class S, class D>
     requires(!std::is_same_v<S, D>)
   void copy(MatrixView<const S> src, MatrixView<D> dst) const {
-    strided(dst) = strided(src).template cast<D>();
+    each([](auto To, const auto& From) { To = From.template cast<D>(); }, dst, src);
   }
   template <class T>
   void flush_tiny(MatrixView<T> x, T threshold) const {
-    elementwise([&](auto X) { X = (X.abs() < threshold).select(T(0), X); }, x);
+    each([&](auto X) { X = (X.abs() < threshold).select(T(0), X); }, x);
   }
   template <class T>
   void scale(MatrixView<T> x, T factor) const {
-    elementwise([&](auto X) { X *= factor; }, x);
+    each([&](auto X) { X *= factor; }, x);
   }
   template <class T>
   void add_diagonal(MatrixView<T> x, T value) const {
@@ -292,7 +300,10 @@ class EigenBackend {
     const double ss = sum_of_squares(x, 1.0);
     if (std::isfinite(ss) && ss >= std::numeric_limits<double>::min()) return std::sqrt(ss);
     double amax = 0;
-    elementwise([&](auto X) { amax = static_cast<double>(X.abs().maxCoeff()); }, x);
+    each([&](const auto& X) {  // NaN wins, as it would over the whole matrix
+      const auto m = static_cast<double>(X.abs().template maxCoeff<Eigen::PropagateNaN>());
+      if (!(m <= amax) && !std::isnan(amax)) amax = m;
+    }, x);
     if (amax == 0 || !std::isfinite(amax)) return amax;
     return amax * std::sqrt(sum_of_squares(x, 1.0 / amax));
   }
@@ -304,37 +315,38 @@ class EigenBackend {
     const double denom = std::max(norm_scale * frobenius_norm(MatrixView<const T>(x)), eps);
     const double inverse = 1.0 / denom;
     if (inverse >= std::numeric_limits<double>::min())  // a normal reciprocal: multiply
-      elementwise([&](auto X) { X = (X.template cast<double>() * inverse).template cast<T>(); }, x);
+      each([&](auto X) { X = (X.template cast<double>() * inverse).template cast<T>(); }, x);
     else  // a norm beyond 1/DBL_MIN (double entries near DBL_MAX): divide
-      elementwise([&](auto X) { X = (X.template cast<double>() / denom).template cast<T>(); }, x);
+      each([&](auto X) { X = (X.template cast<double>() / denom).template cast<T>(); }, x);
   }
 
   template <class T>
   bool all_finite(MatrixView<const T> x) const {
     bool ok = true;
-    elementwise([&](auto X) { ok = X.allFinite(); }, x);
+    each([&](const auto& X) { ok = ok && X.allFinite(); }, x);
     return ok;
   }
 
   /// The generic elementwise primitive: f on corresponding elements of same-shape views,
-  /// handed over as array blocks of a few thousand elements (one vectorized pass per stage,
-  /// the blocks small enough that a stage of several statements reads memory once).
+  /// handed over as flat array blocks of a few thousand elements (one vectorized pass per
+  /// stage, the blocks small enough that a stage of several statements reads memory once).
+  /// Views that are not all dense in one order are walked in row-major order, a view that is
+  /// not dense row-major being copied block by block into a buffer (and back, if written): f
+  /// sees flat arrays either way, so a stage is compiled for one kind of block only.
   template <class F, class... T>
   void each(F f, MatrixView<T>... v) const {
-    constexpr index_t piece = 8192;  // elements: a few arrays of it stay in L1/L2
-    const auto first = std::get<0>(std::tuple<MatrixView<T>...>(v...));
+    const index_t size = std::get<0>(std::tuple<MatrixView<T>...>(v...)).size();
     if (same_dense_order(v...)) {
-      for (index_t at = 0; at < first.size(); at += piece) {
-        const index_t len = std::min(piece, first.size() - at);
-        f(Eigen::Map<MaybeConst<Eigen::Array<std::remove_const_t<T>, Eigen::Dynamic, 1>, T>>(
-            v.data() + at, len)...);
-      }
-    } else {
-      const index_t rows = std::max<index_t>(1, piece / std::max<index_t>(1, first.cols()));
-      for (index_t r = 0; r < first.rows(); r += rows) {
-        const index_t n = std::min(rows, first.rows() - r);
-        f(strided(v.block(r, 0, n, v.cols())).array()...);
-      }
+      constexpr index_t piece = 8192;  // elements: a few arrays of it stay in L1/L2
+      for (index_t at = 0; at < size; at += piece)
+        f(flat(v.data() + at, std::min(piece, size - at))...);
+      return;
+    }
+    std::tuple<Gathered<T>...> blocks{Gathered<T>(v)...};
+    for (index_t at = 0; at < size; at += kGatheredPiece) {
+      const index_t len = std::min(kGatheredPiece, size - at);
+      std::apply([&](auto&... b) { f(flat(b.load(at, len), len)...); }, blocks);
+      std::apply([&](auto&... b) { (b.store(at, len), ...); }, blocks);
     }
   }
 
@@ -473,13 +485,109 @@ class EigenBackend {
   template <class M, class T>
   using MaybeConst = std::conditional_t<std::is_const_v<T>, const M, M>;
 
-  /// A strided Eigen map of any view.
+  /// A flat array map of n elements at p: the one kind of block each() hands a stage.
   template <class T>
-  static auto strided(MatrixView<T> v) {
-    using Map = Eigen::Map<MaybeConst<RowMajor<T>, T>, Eigen::Unaligned,
-                           Eigen::Stride<Eigen::Dynamic, Eigen::Dynamic>>;
-    return Map(v.data(), v.rows(), v.cols(),
-               Eigen::Stride<Eigen::Dynamic, Eigen::Dynamic>(v.row_stride(), v.col_stride()));
+  static auto flat(T* p, index_t n) {
+    return Eigen::Map<MaybeConst<Eigen::Array<std::remove_const_t<T>, Eigen::Dynamic, 1>, T>>(p, n);
+  }
+
+  static constexpr index_t kGatheredPiece = 1024;  // elements: each()'s buffers are on the stack
+  /// One view's elements [at, at + len) in row-major order, for each(): in place where the view
+  /// is dense row-major, else copied into a buffer by load() and, for a writable view, back by
+  /// store().
+  template <class T>
+  class Gathered {
+   public:
+    explicit Gathered(MatrixView<T> v) : v_(v), in_place_(v.is_row_major_contiguous()) {}
+    T* load(index_t at, index_t len) {
+      if (in_place_) return v_.data() + at;
+      walk(at, len, [&](index_t k, T& e) { buffer_[k] = e; });
+      return buffer_.data();
+    }
+    void store(index_t at, index_t len) {
+      if constexpr (!std::is_const_v<T>)
+        if (!in_place_) walk(at, len, [&](index_t k, T& e) { e = buffer_[k]; });
+    }
+
+   private:
+    template <class F>
+    void walk(index_t at, index_t len, F f) const {
+      const index_t cols = v_.cols();
+      index_t i = at / cols, j = at % cols;
+      for (index_t k = 0; k < len; ++k) {
+        f(k, v_(i, j));
+        if (++j == cols) j = 0, ++i;
+      }
+    }
+    MatrixView<T> v_;
+    bool in_place_;
+    std::array<std::remove_const_t<T>, kGatheredPiece> buffer_;
+  };
+
+  /// The kernels of the products a CBLAS does not run (all of them in a build without one):
+  /// Eigen's, or plain loops in a CBLAS build that did not link Eigen's (link_eigen_products).
+  template <class T>
+  struct Kernels {
+    void (*gemm)(T, MatrixView<const T>, MatrixView<const T>, T, MatrixView<T>);
+    void (*syrk)(T, MatrixView<const T>, T, MatrixView<T>);
+    void (*symm)(T, MatrixView<const T>, MatrixView<const T>, T, MatrixView<T>);
+  };
+  template <class T>
+  static Kernels<T> eigen_kernels() {
+    return {&eigen_gemm<T>, &eigen_syrk<T>, &eigen_symm<T>};
+  }
+#if MUON_USE_CBLAS
+  template <class T>
+  static Kernels<T>& off_blas() {
+    static Kernels<T> kernels{&loop_gemm<T>, &loop_syrk<T>, &loop_symm<T>};
+    return kernels;
+  }
+#else
+  template <class T>
+  static Kernels<T> off_blas() {
+    return eigen_kernels<T>();
+  }
+#endif
+  template <class T>
+  static void loop_gemm(T alpha, MatrixView<const T> a, MatrixView<const T> b, T beta,
+                        MatrixView<T> c) {
+    loop_product(alpha, a, b, beta, c, Operand::general, false);
+  }
+  template <class T>
+  static void loop_syrk(T alpha, MatrixView<const T> a, T beta, MatrixView<T> c) {
+    loop_product(alpha, a, a.transposed(), beta, c, Operand::general, true);
+  }
+  template <class T>
+  static void loop_symm(T alpha, MatrixView<const T> a, MatrixView<const T> b, T beta,
+                        MatrixView<T> c) {
+    loop_product(alpha, a, b, beta, c, Operand::symmetric_lower, false);
+  }
+  template <class T>
+  static void eigen_gemm(T alpha, MatrixView<const T> a, MatrixView<const T> b, T beta,
+                         MatrixView<T> c) {
+    eigen_product(alpha, a, b, beta, c, Operand::general,
+                  [](const auto& A, const auto& B) { return A * B; });
+  }
+  template <class T>
+  static void eigen_symm(T alpha, MatrixView<const T> a, MatrixView<const T> b, T beta,
+                         MatrixView<T> c) {
+    eigen_product(alpha, a, b, beta, c, Operand::symmetric_lower, [](const auto& A, const auto& B) {
+      return A.template selfadjointView<Eigen::Lower>() * B;
+    });
+  }
+  template <class T>
+  static void eigen_syrk(T alpha, MatrixView<const T> a, T beta, MatrixView<T> c) {
+    if (!has_unit_stride(a) || !has_unit_stride(c)) return loop_syrk(alpha, a, beta, c);
+    with_dense(c, [&](auto C) {
+      if (beta == T(0))
+        C.template triangularView<Eigen::Lower>().setZero();
+      else if (beta != T(1))
+        C.template triangularView<Eigen::Lower>() *= beta;
+      if (a.cols() > 0)
+        with_dense(a, [&](auto A) {
+          C.template selfadjointView<Eigen::Lower>().rankUpdate(A, alpha);
+        });
+    });
   }
 
   /// Whether a view is row- or column-major with a unit inner stride, as Eigen's GEMM kernels
@@ -523,19 +631,6 @@ class EigenBackend {
   static bool same_dense_order(MatrixView<T>... v) {
     return (v.is_row_major_contiguous() && ...) ||
            (v.transposed().is_row_major_contiguous() && ...);
-  }
-
-
-  /// Calls f with array maps of same-shape views: flat 1-D arrays when every view is dense in
-  /// the same order (vectorizes), else strided 2-D arrays.
-  template <class F, class... T>
-  static void elementwise(F&& f, MatrixView<T>... v) {
-    if (same_dense_order(v...)) {
-      f(Eigen::Map<MaybeConst<Eigen::Array<std::remove_const_t<T>, Eigen::Dynamic, 1>, T>>(
-          v.data(), v.size())...);
-    } else {
-      f(strided(v).array()...);
-    }
   }
 
   // CpuOptions::newton_schulz as resolved (newton_schulz_precision())
