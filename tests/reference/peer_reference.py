@@ -473,6 +473,7 @@ def check_cli(cli, rules, seed):
     make_trial, peer, float64 tolerance) in float64 and float32 and compares its last weights
     with the peer's."""
     rng = np.random.default_rng(seed)
+    float32_products = {**os.environ, "MUON_NS_PRECISION": "float32"}
     with tempfile.TemporaryDirectory() as tmp:
         for rule, trials, make_trial, peer, tol64 in rules:
             worst, checks, largest = 0.0, 0, {"float64": 0.0, "float32": 0.0}
@@ -491,7 +492,9 @@ def check_cli(cli, rules, seed):
                         path = os.path.join(tmp, f"g{i}.npy")
                         np.save(path, g.astype(dtype))
                         args += ["--grad", path]
-                    subprocess.run(args, check=True)
+                    # float32 Newton-Schulz products, as the peers multiply: on a CPU with
+                    # AVX512-BF16 muon's automatic precision would run them in bf16
+                    subprocess.run(args, check=True, env=float32_products)
                     got = np.load(os.path.join(tmp, "out.npy")).astype(np.float64)
                     err = np.abs(got - want).max() / max(1.0, np.abs(want).max())
                     worst = max(worst, err / tol)
