@@ -294,6 +294,14 @@ inline std::atomic<bool>& eigen_products_linked() {
   static std::atomic<bool> linked{!blas_linked};
   return linked;
 }
+/// Refuses `asked` (what chose Eigen's kernels) when the program has not linked them.
+inline void require_eigen_products(const std::string& asked) {
+  if (!eigen_products_linked())
+    throw std::invalid_argument(asked +
+                                ": this program has not linked Eigen's product kernels; call "
+                                "muon::EigenBackend::link_eigen_products() before making the "
+                                "first backend");
+}
 
 inline Report& the_report() {
   static Report r;
@@ -344,10 +352,7 @@ inline const Report& configure() {
   static std::once_flag once;
   std::call_once(once, [] {
     const bool eigen = detail::env_choice("MUON_PRODUCTS", {"blas", "eigen"}) == "eigen";
-    if (eigen && !detail::eigen_products_linked())
-      throw std::invalid_argument(
-          "MUON_PRODUCTS=eigen: this program has not linked Eigen's product kernels; call "
-          "muon::EigenBackend::link_eigen_products() before making the first backend");
+    if (eigen) detail::require_eigen_products("MUON_PRODUCTS=eigen");
     (void)detail::env_choice("MUON_BLAS_DISPATCH", {"auto", "keep"});
     const std::string_view ns = detail::env_choice("MUON_NS_PRECISION", {"auto", "float32", "bfloat16"});
     Report r = detail::inspect_and_redispatch();
@@ -383,10 +388,7 @@ inline void set_products(Products p) {
   if (p == Products::blas && !detail::blas_linked)
     throw std::invalid_argument(
         "muon::cpu::set_products(blas): this build has no CBLAS (configure with MUON_BLAS)");
-  if (p == Products::eigen && !detail::eigen_products_linked())
-    throw std::invalid_argument(
-        "muon::cpu::set_products(eigen): this program has not linked Eigen's product kernels; "
-        "call muon::EigenBackend::link_eigen_products() first");
+  if (p == Products::eigen) detail::require_eigen_products("muon::cpu::set_products(eigen)");
   configure();
   detail::products_setting() = static_cast<int>(p);
   detail::set_engine(detail::the_report(), p);
